@@ -1,0 +1,221 @@
+"""GradCache: exact large-batch contrastive steps whose activation memory grows with the chunk size.
+
+After Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
+(cached-representation backprop). A contrastive loss couples every example of the batch, so plain
+gradient accumulation changes the loss; GradCache keeps it exact:
+
+    (a) embed every chunk under ``torch.no_grad`` (no activations kept), recording the RNG state
+        before each chunk (`RandContext`) so dropout can be replayed identically;
+    (b) turn the representations into leaf tensors, compute the loss on the whole batch (this is
+        where cross-device negatives are gathered) and get d loss / d reps;
+    (c) re-embed each chunk *with* grad under its recorded RNG state and backpropagate the cached
+        gradient through it: ``torch.autograd.backward(reps_chunk, grad_chunk)``, or
+        ``backward_fn((reps_chunk * grad_chunk).sum())`` so an engine's own backward
+        (DeepSpeed ``engine.backward``) can be used. Both give d loss / d theta for that chunk.
+
+Peak activation memory is one chunk's encoder graph (plus the [B, d] representations and the loss
+graph), at the cost of a second forward pass. `full_batch_step` is the plain step with the same
+signature (kept graphs, one backward) for small batches and for testing.
+
+Inputs are grouped by role::
+
+    roles = {"query":    {"input_ids": LongTensor[B, L], "attention_mask": LongTensor[B, L]},
+             "positive": {...  [B, L] ...},
+             "negative": {...  [B*K, L] ...}}        # any number of roles, any field names
+
+Each role's fields are tensors or lists sharing their first dimension (roles may differ in
+length). ``embed_fn(chunk) -> Tensor[n, d]`` embeds one chunk (a dict with the same fields, sliced
+along dim 0); ``loss_fn(reps) -> (loss, metrics)`` gets ``{role: Tensor[n_role, d]}``.
+
+This module imports torch only (no ray).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["RandContext", "grad_cache_step", "full_batch_step", "iter_chunks"]
+
+Field = torch.Tensor | Sequence[Any]
+Chunk = dict[str, Field]
+Roles = Mapping[str, Mapping[str, Field]]
+EmbedFn = Callable[[Chunk], torch.Tensor]
+LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
+BackwardFn = Callable[[torch.Tensor], Any]
+
+
+class RandContext:
+    """Snapshot of the RNG state at construction; `with ctx:` replays it without side effects.
+
+    Captures the CPU generator and, when CUDA is initialised, the generators of the current CUDA
+    device and of every CUDA device holding one of `tensors`. Entering forks the RNG (so the
+    surrounding random stream is left untouched on exit) and restores the snapshot, so a forward
+    pass run inside draws the same dropout masks as the forward pass that followed the snapshot.
+    """
+
+    def __init__(self, *tensors: Any) -> None:
+        self.cpu_state = torch.get_rng_state()
+        devices: list[int] = []
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            devices.append(torch.cuda.current_device())
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.is_cuda and t.get_device() not in devices:
+                    devices.append(t.get_device())
+        self.cuda_devices = devices
+        self.cuda_states = [torch.cuda.get_rng_state(dev) for dev in devices]
+        self._fork = None
+
+    def __enter__(self) -> "RandContext":
+        self._fork = torch.random.fork_rng(devices=self.cuda_devices, enabled=True)
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu_state)
+        for dev, state in zip(self.cuda_devices, self.cuda_states):
+            torch.cuda.set_rng_state(state, dev)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._fork is not None
+        self._fork.__exit__(*exc)
+        self._fork = None
+
+
+def _role_length(role: str, fields: Mapping[str, Field]) -> int:
+    if not fields:
+        raise ValueError(f"role {role!r} has no fields")
+    lengths = {name: (v.shape[0] if isinstance(v, torch.Tensor) else len(v)) for name, v in fields.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"fields of role {role!r} must share their first dimension, got lengths {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise ValueError(f"role {role!r} is empty")
+    return n
+
+
+def iter_chunks(fields: Mapping[str, Field], chunk_size: int | None, role: str = "?") -> list[Chunk]:
+    """Split one role's fields into consecutive chunks of `chunk_size` rows (None: one chunk)."""
+    n = _role_length(role, fields)
+    size = n if chunk_size is None else chunk_size
+    return [{k: v[i:i + size] for k, v in fields.items()} for i in range(0, n, size)]
+
+
+def _validate(roles: Roles, chunk_size: int | None) -> None:
+    if not roles:
+        raise ValueError("roles is empty: pass e.g. {'query': {...}, 'positive': {...}}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for role, fields in roles.items():
+        _role_length(role, fields)
+
+
+def _check_reps(role: str, reps: Any, n: int) -> torch.Tensor:
+    if not isinstance(reps, torch.Tensor) or reps.dim() != 2 or reps.shape[0] != n:
+        got = tuple(reps.shape) if isinstance(reps, torch.Tensor) else type(reps).__name__
+        raise ValueError(f"embed_fn must return a Tensor[n, d]; for a {role!r} chunk of {n} rows got {got}")
+    return reps
+
+
+def grad_cache_step(
+    embed_fn: EmbedFn,
+    roles: Roles,
+    loss_fn: LossFn,
+    chunk_size: int | None,
+    backward_fn: BackwardFn | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One GradCache forward/backward: accumulates exact full-batch gradients into the parameters.
+
+    Args:
+        embed_fn: maps a chunk ``{field: rows}`` to embeddings ``Tensor[n, d]``. It is called twice
+            per chunk (no-grad, then with grad under the replayed RNG state); it must be a pure
+            function of the chunk, the parameters and the RNG (e.g. model in train mode is fine).
+        roles: ``{role: {field: Tensor | list}}``, see the module docstring. Roles are embedded in
+            dict order, each in chunks of `chunk_size` rows (None: the whole role at once).
+        loss_fn: ``{role: Tensor[n_role, d]} -> (loss, metrics)``; may all-gather across ranks
+            (it runs exactly once per step on every rank). It must not own trainable parameters:
+            only d loss / d reps is propagated (a learnable temperature would get no gradient).
+        chunk_size: rows per chunk; peak activation memory scales with it.
+        backward_fn: optional ``fn(surrogate)`` used for the per-chunk backward instead of
+            ``torch.autograd.backward``; ``surrogate = (reps_chunk * grad_chunk).sum()`` has the
+            same parameter gradient as the loss restricted to that chunk. Use it for an engine's
+            backward, e.g. ``lambda s: engine.backward(s)`` with DeepSpeed -- note that it is
+            then called once per chunk within one optimizer step (configure the engine so that
+            several backward calls accumulate, and that gradient-accumulation loss scaling is not
+            applied per chunk), and with DDP wrap all but the last call in ``no_sync()``.
+
+    Returns:
+        (loss detached, metrics from loss_fn). Parameter ``.grad`` holds d loss / d theta
+        (accumulated onto any existing grads, as ``loss.backward()`` would).
+    """
+    _validate(roles, chunk_size)
+    chunks = {role: iter_chunks(fields, chunk_size, role) for role, fields in roles.items()}
+
+    # (a) representations without a graph; one RNG snapshot per chunk
+    rand_states: dict[str, list[RandContext]] = {}
+    reps: dict[str, torch.Tensor] = {}
+    for role, role_chunks in chunks.items():
+        rand_states[role] = []
+        parts = []
+        for chunk in role_chunks:
+            rand_states[role].append(RandContext(*chunk.values()))
+            with torch.no_grad():
+                n = _role_length(role, chunk)
+                parts.append(_check_reps(role, embed_fn(chunk), n))
+        reps[role] = torch.cat(parts, dim=0).detach().requires_grad_(True)
+
+    # (b) loss on the whole (possibly gathered) batch; gradient w.r.t. the cached representations
+    loss, metrics = loss_fn(reps)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError("loss_fn must return (scalar loss tensor, metrics)")
+    role_names = list(reps)
+    grads = torch.autograd.grad(loss, [reps[r] for r in role_names], allow_unused=True)
+    cached = {r: (g if g is not None else torch.zeros_like(reps[r])) for r, g in zip(role_names, grads)}
+    loss = loss.detach()
+    del reps, grads
+
+    # (c) re-embed each chunk with grad under its saved RNG state, backprop the cached gradient
+    for role, role_chunks in chunks.items():
+        start = 0
+        for chunk, rand in zip(role_chunks, rand_states[role]):
+            n = _role_length(role, chunk)
+            grad_chunk = cached[role][start:start + n]
+            start += n
+            with rand:
+                reps_chunk = _check_reps(role, embed_fn(chunk), n)
+            if backward_fn is None:
+                torch.autograd.backward(reps_chunk, grad_tensors=grad_chunk)
+            else:
+                backward_fn((reps_chunk * grad_chunk.detach()).sum())
+            del reps_chunk
+    return loss, metrics
+
+
+def full_batch_step(
+    embed_fn: EmbedFn,
+    roles: Roles,
+    loss_fn: LossFn,
+    chunk_size: int | None = None,
+    backward_fn: BackwardFn | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The plain step, same signature as `grad_cache_step`: embed with grad, loss, one backward.
+
+    Embeds each role in chunks of `chunk_size` rows (None: one call per role) and keeps every
+    chunk's graph, so memory grows with the whole batch; with the same `chunk_size` it consumes the
+    RNG exactly like `grad_cache_step`, hence equal dropout masks and equal results. The backward is
+    ``backward_fn(loss)`` if given, else ``loss.backward()``. Returns (loss detached, metrics).
+    """
+    _validate(roles, chunk_size)
+    reps: dict[str, torch.Tensor] = {}
+    for role, fields in roles.items():
+        parts = [
+            _check_reps(role, embed_fn(c), _role_length(role, c)) for c in iter_chunks(fields, chunk_size, role)
+        ]
+        reps[role] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    loss, metrics = loss_fn(reps)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError("loss_fn must return (scalar loss tensor, metrics)")
+    if backward_fn is None:
+        loss.backward()
+    else:
+        backward_fn(loss)
+    return loss.detach(), metrics
