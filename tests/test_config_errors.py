@@ -1,0 +1,95 @@
+"""Bad input fails fast with a message that names the fix, before any weights are loaded."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import pytest
+
+from embed_core import backbone as bb
+from embed_core.config import EmbedConfig
+from embed_core.errors import ConfigError
+from embed_core.model import EmbeddingModel
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("pooling", "max", "choose one of eos_last, mean, last_layer_trainable, multi_layer_trainable"),
+    ("attention", "sideways", "choose one of causal, bidirectional"),
+    ("attn_implementation", "flash_attention_3", "choose one of sdpa, eager"),
+    ("lora_r", -1, "lora_r must be >= 0"),
+    ("lora_target_modules", "q_proj", "must be a list"),
+    ("max_length", 1, "max_length must be >= 2"),
+    ("query_template", "{text}", "'{instruction}'"),
+])
+def test_bad_names_and_values(field, value, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        EmbedConfig(**{field: value})
+    assert needle in str(e.value)
+
+
+def test_unknown_config_field():
+    with pytest.raises(ConfigError, match="unknown EmbedConfig field"):
+        EmbedConfig.from_dict({"pooling": "mean", "poolling": "mean"})
+
+
+def test_missing_path_and_non_model_dir(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        bb.preflight(EmbedConfig(base_model=str(tmp_path / "nope")))
+    with pytest.raises(ConfigError, match="does not exist"):
+        bb.preflight(EmbedConfig(base_model="./models/missing.gguf"))
+    with pytest.raises(ConfigError, match="no config.json"):
+        bb.preflight(EmbedConfig(base_model=str(tmp_path)))
+
+
+def test_unknown_hub_id_is_clear_and_fast():
+    t = time.time()
+    with pytest.raises(ConfigError, match="cannot load the config of base_model 'no-such-org/no-such-model'"):
+        bb.preflight(EmbedConfig(base_model="no-such-org/no-such-model"))
+    assert time.time() - t < 60  # offline: no retries loop (generous bound; not a speed test)
+
+
+def test_gguf_without_gguf_package(monkeypatch, tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install gguf"):
+        bb.preflight(EmbedConfig(base_model=str(f)))
+
+
+def test_lora_target_matching_nothing_fails_before_weights(tiny_dirs, monkeypatch):
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the config was checked")
+
+    monkeypatch.setattr(bb, "load_backbone", no_weights)
+    monkeypatch.setattr("embed_core.model.load_backbone", no_weights)
+    with pytest.raises(ConfigError, match=r"\['qkv'\] match no Linear layer.*choose among \[.*'q_proj'"):
+        EmbeddingModel.from_config(EmbedConfig(base_model=str(tiny_dirs["llama"]), lora_target_modules=["q_proj", "qkv"]))
+    with pytest.raises(ConfigError, match="not divisible by num_heads"):
+        EmbeddingModel.from_config(EmbedConfig(base_model=str(tiny_dirs["llama"]), pooling="last_layer_trainable",
+                                               inner_dim=60, num_heads=8))
+
+
+def test_tokenizer_without_eos(tiny_dirs, tmp_path):
+    import shutil
+
+    d = tmp_path / "noeos"
+    shutil.copytree(tiny_dirs["llama"], d)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["eos_token"] = None
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(ConfigError, match="no EOS token.*tokenizer_config.json"):
+        EmbeddingModel.from_config(EmbedConfig(base_model=str(d)))
+
+
+def test_pad_token_override_and_fallback(tiny_dirs):
+    with pytest.raises(ConfigError, match="not in the tokenizer's vocabulary"):
+        EmbeddingModel.from_config(EmbedConfig(base_model=str(tiny_dirs["llama"]), pad_token="<<nope>>"))
+    m = EmbeddingModel.from_config(EmbedConfig(base_model=str(tiny_dirs["llama"]), pad_token="<|endoftext|>"))
+    assert m.tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="not a saved embedding model"):
+        EmbeddingModel.load(tmp_path)
