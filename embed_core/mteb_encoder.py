@@ -1,0 +1,99 @@
+"""mteb 2.x encoder for a saved (or in-memory) EmbeddingModel.
+
+Each checkpoint gets a unique `mteb_model_meta.revision` (the content fingerprint of its weights and config),
+because mteb caches results by (model name, revision): two checkpoints of one sweep must never share one.
+Queries (and both sides of symmetric tasks) get the task's instruction; retrieval documents get none.
+Encoding is batched and sorted by length, fp32 on CPU / bf16 on GPU, output L2-normalised.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .model import EmbeddingModel
+
+# E5-mistral / LLM2Vec style instructions for the tasks this project evaluates; others fall back by type.
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "STSBenchmark": "Retrieve semantically similar text.",
+    "SICK-R": "Retrieve semantically similar text.",
+    "Banking77Classification": "Given a online banking query, find the corresponding intents",
+    "EmotionClassification": "Classify the emotion expressed in the given Twitter message into one of the six "
+                             "emotions: anger, fear, joy, love, sadness, and surprise",
+    "AmazonCounterfactualClassification": "Classify a given Amazon customer review text as either counterfactual "
+                                          "or not-counterfactual",
+    "SciFact": "Given a scientific claim, retrieve documents that support or refute the claim",
+}
+TYPE_INSTRUCTIONS: dict[str, str] = {
+    "STS": "Retrieve semantically similar text.",
+    "Classification": "Classify the given text",
+    "Clustering": "Identify the topic or theme of the given text",
+    "Retrieval": "Given a query, retrieve relevant documents",
+    "Reranking": "Given a query, retrieve relevant documents",
+    "PairClassification": "Retrieve text that is semantically similar to the given text",
+    "Summarization": "Given a news summary, retrieve other semantically similar summaries",
+}
+
+
+def task_instruction(task_name: str, task_type: str | None) -> str | None:
+    return TASK_INSTRUCTIONS.get(task_name) or TYPE_INSTRUCTIONS.get(task_type or "")
+
+
+def _abs_encoder_base():
+    from mteb.models.abs_encoder import AbsEncoder  # lazily: embed_core.model does not need mteb
+    return AbsEncoder
+
+
+def make_encoder(model: EmbeddingModel, name: str = "embed-sweeps/checkpoint", revision: str | None = None,
+                 batch_size: int = 32, instructions: dict[str, str] | None = None, show_progress: bool = False):
+    """Wrap `model` as an mteb `AbsEncoder`. `revision` defaults to the checkpoint's content fingerprint."""
+    from mteb.models import ModelMeta
+    from mteb.models.model_meta import ScoringFunction
+
+    AbsEncoder = _abs_encoder_base()
+
+    class EmbedCoreEncoder(AbsEncoder):
+        def __init__(self) -> None:
+            self.model = model
+            self.batch_size = batch_size
+            self.instructions = dict(TASK_INSTRUCTIONS, **(instructions or {}))
+            self.show_progress = show_progress
+            rev = revision or model.info.get("fingerprint") or _live_fingerprint(model)
+            report = model.parameter_report()
+            self.mteb_model_meta = ModelMeta(
+                loader=None, name=name, revision=rev, release_date=None, languages=["eng-Latn"],
+                n_parameters=report["backbone_total"] + report["pooling_trainable"], memory_usage_mb=None,
+                max_tokens=model.cfg.max_length, embed_dim=model.embedding_dim, license=None, open_weights=True,
+                public_training_code=None, public_training_data=None, framework=["PyTorch"],
+                similarity_fn_name=ScoringFunction.COSINE, use_instructions=True, training_datasets=set(),
+            )
+
+        def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
+                   **kwargs: Any) -> np.ndarray:
+            texts: list[str] = []
+            for batch in inputs:
+                texts.extend(batch["text"])
+            is_document = prompt_type is not None and getattr(prompt_type, "value", prompt_type) == "document"
+            instruction = None
+            if not is_document:
+                instruction = self.instructions.get(task_metadata.name) or task_instruction(task_metadata.name, task_metadata.type)
+            return self.model.encode(texts, instruction=instruction, batch_size=self.batch_size,
+                                     normalize=True, show_progress=self.show_progress)
+
+    return EmbedCoreEncoder()
+
+
+def _live_fingerprint(model: EmbeddingModel) -> str:
+    from .model import fingerprint
+
+    adapter, head = model.trainable_state()
+    return fingerprint(adapter, head, model.cfg)
+
+
+def load_encoder(checkpoint: str | Path, device: str | None = None, name: str | None = None, **kwargs):
+    """Load a saved checkpoint directory as an mteb encoder (bf16 on GPU, fp32 on CPU)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = EmbeddingModel.load(checkpoint, device=device)
+    return make_encoder(model, name=name or f"embed-sweeps/{Path(checkpoint).name}", **kwargs)

@@ -1,0 +1,82 @@
+"""The embed_core mteb encoder runs a real local mteb task end to end (STSBenchmark from shared/data), and
+each checkpoint gets its own revision so mteb's result cache never mixes two checkpoints."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("MTEB_CACHE", tempfile.mkdtemp(prefix="embed-core-test-mteb-cache-"))
+
+import mteb  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from embed_core.config import EmbedConfig  # noqa: E402
+from embed_core.model import EmbeddingModel  # noqa: E402
+from embed_core.mteb_encoder import load_encoder, make_encoder  # noqa: E402
+from embed_core.mteb_tasks import local_task  # noqa: E402
+
+
+def _score(result):
+    assert not result.exceptions, result.exceptions
+    (tr,) = result.task_results
+    return tr.scores["test"][0]["cosine_spearman"]
+
+
+@pytest.mark.slow
+def test_smollm2_encoder_on_local_stsbenchmark(tmp_path):
+    """Real SmolLM2-135M (untrained EOS pooling, causal) on local STSBenchmark through mteb.evaluate.
+
+    200 of the 1379 test pairs: the full split takes SmolLM2 ~5 minutes on 2 CPU cores. The full-split
+    loading and a full-split score check (all-MiniLM-L6-v2 vs MTEB's published score) are in test_mteb_tasks."""
+    model = EmbeddingModel.from_config(EmbedConfig(lora_r=0, max_length=128))
+    enc = make_encoder(model, name="embed-sweeps/smollm2-eos-causal", batch_size=64)
+    meta = enc.mteb_model_meta
+    assert meta.similarity_fn_name.value == "cosine" and meta.embed_dim == 576
+    result = mteb.evaluate(enc, [local_task("STSBenchmark", subsample=200)], cache=mteb.ResultCache(tmp_path / "c"),
+                           show_progress_bar=False, co2_tracker=False)
+    score = _score(result)
+    # A base decoder's raw EOS state is a weak sentence embedding, but clearly better than chance.
+    assert 0.05 < score < 0.95, score
+    saved = tmp_path / "c" / "results" / meta.model_name_as_path() / meta.revision / "STSBenchmark.json"
+    assert saved.is_file()
+
+
+def test_each_checkpoint_gets_its_own_revision_and_result(tiny_dirs, tmp_path):
+    cfg = EmbedConfig(base_model=str(tiny_dirs["llama"]), lora_r=4, pooling="mean", attention="bidirectional")
+    dirs = []
+    for seed in (0, 1):
+        m = EmbeddingModel.from_config(cfg, seed=seed)
+        with torch.no_grad():
+            for n, p in m.backbone.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        dirs.append(m.save(tmp_path / f"ckpt{seed}"))
+    encs = [load_encoder(d, name="embed-sweeps/tiny") for d in dirs]
+    revs = [e.mteb_model_meta.revision for e in encs]
+    assert revs[0] != revs[1] and all(len(r) == 16 for r in revs)
+    # the revision is a content fingerprint: reloading the same checkpoint gives the same one
+    assert load_encoder(dirs[0], name="embed-sweeps/tiny").mteb_model_meta.revision == revs[0]
+
+    cache = mteb.ResultCache(tmp_path / "cache")
+    task = local_task("STSBenchmark", subsample=64)
+    scores = [_score(mteb.evaluate(e, [task], cache=cache, show_progress_bar=False, co2_tracker=False)) for e in encs]
+    for r in revs:
+        assert (tmp_path / "cache" / "results" / "embed-sweeps__tiny" / r / "STSBenchmark.json").is_file()
+    assert scores[0] != scores[1]
+
+
+def test_instructions_go_to_queries_not_documents(tiny_dirs):
+    from mteb.types import PromptType
+
+    m = EmbeddingModel.from_config(EmbedConfig(base_model=str(tiny_dirs["qwen2"]), lora_r=0))
+    enc = make_encoder(m)
+    task = mteb.get_task("SciFact")
+    loader = [{"text": ["aspirin reduces fever"]}]
+    q = enc.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default", prompt_type=PromptType.query)
+    d = enc.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default", prompt_type=PromptType.document)
+    plain = m.encode(["aspirin reduces fever"])
+    np.testing.assert_allclose(d, plain, atol=1e-6)
+    assert np.abs(q - plain).max() > 1e-3
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, rtol=1e-5)
