@@ -1,0 +1,334 @@
+"""Distributed contrastive training on Ray Train (V2) with DeepSpeed ZeRO: one `Trainer` per worker.
+
+    from embed_core.trainer import TrainConfig
+    from ray_jobs.train import run_training
+    out = run_training(TrainConfig(model={"base_model": "smollm2-135m", "pooling": "mean"},
+                                   builders=["stsb"], batch_size=64, chunk_size=16, max_steps=200),
+                       num_workers=2, use_gpu=True, storage_path="/shared/runs", name="mean-causal")
+    out.metrics, out.model_dir            # final metrics, the checkpoint's model/ (EmbeddingModel.load)
+
+or from the shell::
+
+    python -m ray_jobs.train --base-model smollm2-135m --pooling mean --attention causal \
+        --num-workers 2 --zero-stage 2 --max-steps 3 --batch-size 16 --max-length 64 \
+        --train-data train.jsonl --output /tmp/runs
+
+What happens:
+
+1. `run_training` validates the config (``ConfigError``) and loads + checks the data (``DataError``)
+   in the driver, BEFORE any Ray worker starts; the examples are written once to
+   ``<storage_path>/<name>/train_data.jsonl`` and every worker reads that file.
+2. `train_loop_per_worker` runs on each Ray Train worker. Ray Train has already initialised the
+   torch.distributed process group (gloo on CPU, nccl on GPU); DeepSpeed reuses it. The worker
+   resumes from ``ray.train.get_checkpoint()`` when there is one (after a worker failure, with
+   ``FailureConfig(max_failures > 0)``), then trains, calling ``ray.train.report`` after every step
+   (a barrier across workers) with a checkpoint every ``checkpoint_every`` steps and at the end.
+3. Checkpoints: every worker writes its own local temporary directory -- rank 0 the ``model/``
+   folder, ``trainer_state.json`` and its DeepSpeed shards, other ranks only their DeepSpeed shards
+   (distinct file names, ``zero_pp_rank_<r>_...``) -- and reports it under the same
+   ``checkpoint_dir_name``. Ray Train V2 syncs that name from rank 0 and copies every worker's files
+   into ONE directory ``<storage_path>/<name>/checkpoint_<step>/`` (a merge: files of the same
+   relative path would overwrite each other, last writer wins, so no two ranks write the same name).
+
+A NaN / inf loss raises FloatingPointError on every rank. Ray Train retries any worker error
+while ``max_failures`` allows; since a divergence would only repeat, rank 0 also leaves a
+``DIVERGED.json`` marker tagged with this call's run token and a retried worker group re-raises at
+once. `run_training` re-raises the FloatingPointError itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embed_core.config import EmbedConfig
+from embed_core.errors import ConfigError, EmbedCoreError
+from embed_core.trainer import MODEL_DIR, TrainConfig, TrainData, load_examples, read_trainer_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainingResult", "run_training", "train_loop_per_worker", "config_from_args", "main"]
+
+DATA_FILE = "train_data.jsonl"
+DIVERGED_FILE = "DIVERGED.json"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+# ====================================================================================== worker side
+def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
+    """Test hook: SIGKILL this worker once, after optimizer step `fault['step']` on rank `fault['rank']`.
+
+    The marker file makes it happen once per run (the retried worker group finds it). ``delay_s``
+    gives the Ray Train controller time to register the checkpoint reported just before."""
+    if not fault or step != int(fault["step"]) or rank != int(fault.get("rank", 0)):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"step": step, "rank": rank, "pid": os.getpid(), "time": time.time()}))
+    time.sleep(float(fault.get("delay_s", 0.0)))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _diverged_marker(config: dict) -> Path | None:
+    run_dir = config.get("run_dir")
+    return Path(run_dir) / DIVERGED_FILE if run_dir else None
+
+
+def _raise_if_diverged_before(config: dict) -> None:
+    marker = _diverged_marker(config)
+    if marker is None or not marker.is_file():
+        return
+    with_token = json.loads(marker.read_text())
+    if with_token.get("run_token") == config.get("run_token"):
+        raise FloatingPointError(f"not retrying: this run already diverged: {with_token.get('error')}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker function (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``).
+
+    config keys: ``train_config`` (TrainConfig.to_dict()), optional ``run_dir`` and ``run_token``
+    (divergence marker), optional ``fault_injection`` ({step, rank, marker, delay_s}; tests only).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from embed_core.trainer import Trainer
+
+    tcfg = TrainConfig.from_dict(config["train_config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _raise_if_diverged_before(config)
+
+    trainer = Trainer(tcfg, device=ray.train.torch.get_device())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = trainer.load_checkpoint(d)
+        if rank == 0:
+            log.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint.path, state["step"],
+                        state["epoch"], state["batch_in_epoch"])
+    try:
+        while trainer.step < tcfg.max_steps:
+            metrics = trainer.run_step()
+            metrics["world_size"] = world
+            metrics["resumed_from_step"] = trainer.resumes[-1] if trainer.resumes else -1
+            _maybe_inject_fault(config.get("fault_injection"), trainer.step, rank)
+            due = tcfg.checkpoint_every and trainer.step % tcfg.checkpoint_every == 0
+            if due or trainer.step == tcfg.max_steps:
+                with tempfile.TemporaryDirectory(prefix="embed_ckpt_") as d:
+                    trainer.save_checkpoint(d)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                     checkpoint_dir_name=checkpoint_dir_name(trainer.step))
+            else:
+                ray.train.report(metrics)
+    except FloatingPointError as err:
+        marker = _diverged_marker(config)
+        if rank == 0 and marker is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"run_token": config.get("run_token"), "error": str(err),
+                                          "step": trainer.step + 1}))
+        raise
+    finally:
+        trainer.close()
+
+
+# ====================================================================================== driver side
+@dataclass
+class TrainingResult:
+    """What `run_training` returns.
+
+    metrics: the final step's metrics (rank 0); checkpoint_path: the last checkpoint directory;
+    model_dir: its ``model/`` (``EmbeddingModel.load(model_dir)``); history: per-step metrics from
+    trainer_state.json; resumes: steps the run was resumed from after failures; result: the Ray Result.
+    """
+
+    metrics: dict[str, Any]
+    checkpoint_path: str
+    model_dir: str
+    run_dir: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumes: list[int] = field(default_factory=list)
+    result: Any = None
+
+
+def _floating_point_cause(err: BaseException) -> str | None:
+    """The message of a FloatingPointError raised in a worker, if that is what failed the run."""
+    seen: list[BaseException] = [err]
+    failures = getattr(err, "worker_failures", None) or {}
+    seen.extend(failures.values())
+    for e in list(seen):
+        for attr in ("cause", "__cause__", "__context__"):
+            c = getattr(e, attr, None)
+            if isinstance(c, BaseException):
+                seen.append(c)
+    for e in seen:
+        if isinstance(e, FloatingPointError):
+            return str(e)
+    for e in seen:
+        text = str(e)
+        if "FloatingPointError" in text:
+            return text[text.index("FloatingPointError"):].splitlines()[0]
+    return None
+
+
+def prepare_run(tcfg: TrainConfig, num_workers: int, storage_path: str | os.PathLike,
+                name: str) -> tuple[TrainConfig, Path]:
+    """Validate config and data (before Ray), write the examples to ``<run_dir>/train_data.jsonl`` and
+    return the workers' config (reading that file) and the run directory."""
+    from embed_core.data import write_jsonl
+
+    tcfg.validate(num_workers)
+    storage = str(storage_path)
+    if "://" in storage:
+        raise ConfigError(f"storage_path {storage!r} must be a local or shared filesystem path (the workers "
+                          "read the training data and write TensorBoard logs there)")
+    examples = load_examples(tcfg)
+    TrainData(tcfg, examples)  # raises DataError: too few examples for one batch / for val_size
+    run_dir = Path(storage).expanduser().resolve() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_file = write_jsonl(examples, run_dir / DATA_FILE)
+    worker_cfg = tcfg.replace(train_data=[str(data_file)], builders=[], max_bad_fraction=0.0,
+                              log_dir=tcfg.log_dir or str(run_dir / "tensorboard"))
+    return worker_cfg, run_dir
+
+
+def run_training(tcfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
+                 storage_path: str | os.PathLike = "~/ray_results", name: str | None = None,
+                 max_failures: int = 0, *, num_to_keep: int | None = 2,
+                 resources_per_worker: dict[str, float] | None = None,
+                 fault_injection: dict | None = None, ray_init_kwargs: dict | None = None) -> TrainingResult:
+    """Validate, then run `train_loop_per_worker` on `num_workers` Ray Train workers; return the result.
+
+    Config (ConfigError) and data (DataError) problems are raised here before Ray starts. A run
+    whose loss turns NaN / inf raises FloatingPointError. Other failures beyond ``max_failures``
+    raise Ray's TrainingFailedError. ``ray.init(**ray_init_kwargs)`` is called if Ray is not running.
+    """
+    if not isinstance(max_failures, int) or max_failures < -1:
+        raise ConfigError(f"max_failures must be an int >= -1 (-1: retry forever), got {max_failures!r}")
+    if num_to_keep is not None and (not isinstance(num_to_keep, int) or num_to_keep < 1):
+        raise ConfigError(f"num_to_keep must be an int >= 1 or None (keep all), got {num_to_keep!r}")
+    name = name or time.strftime("embed_train_%Y%m%d_%H%M%S")
+    worker_cfg, run_dir = prepare_run(tcfg, num_workers, storage_path, name)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(**(ray_init_kwargs or {}))
+    resources = resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
+    loop_config = {"train_config": worker_cfg.to_dict(), "run_dir": str(run_dir), "run_token": uuid.uuid4().hex,
+                   "fault_injection": fault_injection}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - re-raise divergence as itself, the rest unchanged
+        cause = _floating_point_cause(err)
+        if cause is not None:
+            raise FloatingPointError(f"training diverged: {cause}") from err
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint under {run_dir}")
+    ckpt = result.checkpoint.path
+    state = read_trainer_state(ckpt)
+    return TrainingResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt,
+                          model_dir=str(Path(ckpt) / MODEL_DIR), run_dir=str(run_dir),
+                          history=state.get("history", []), resumes=state.get("resumes", []), result=result)
+
+
+# ====================================================================================== CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--base-model", default=EmbedConfig.base_model)
+    m.add_argument("--pooling", default="eos_last")
+    m.add_argument("--attention", default="causal")
+    m.add_argument("--lora-r", type=int, default=16)
+    m.add_argument("--lora-alpha", type=float, default=None)
+    m.add_argument("--num-latents", type=int, default=32)
+    m.add_argument("--max-length", type=int, default=512)
+    d = p.add_argument_group("data")
+    d.add_argument("--train-data", nargs="*", default=[], help="training JSONL file(s)")
+    d.add_argument("--builders", nargs="*", default=[], help="builders over the shared data folder, e.g. stsb snli")
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--max-per-source", type=int, default=None)
+    d.add_argument("--num-negatives", type=int, default=1)
+    d.add_argument("--val-size", type=int, default=0)
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    t.add_argument("--chunk-size", type=int, default=None, help="GradCache chunk (rows per worker); none: no GradCache")
+    t.add_argument("--max-steps", type=int, default=100)
+    t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--temperature", type=float, default=0.05)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
+    t.add_argument("--precision", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--eval-every", type=int, default=0)
+    r = p.add_argument_group("ray")
+    r.add_argument("--num-workers", type=int, default=1)
+    r.add_argument("--use-gpu", action="store_true")
+    r.add_argument("--output", required=True, help="storage path (local / shared filesystem)")
+    r.add_argument("--name", default=None)
+    r.add_argument("--max-failures", type=int, default=0)
+    r.add_argument("--ray-address", default=None,
+                   help="connect to this Ray cluster (e.g. 'auto'); default: start a local one")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    model = {"base_model": args.base_model, "pooling": args.pooling, "attention": args.attention,
+             "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "num_latents": args.num_latents,
+             "max_length": args.max_length}
+    return TrainConfig(model=model, train_data=args.train_data, builders=args.builders, data_dir=args.data_dir,
+                       max_per_source=args.max_per_source, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                       num_negatives=args.num_negatives, temperature=args.temperature, lr=args.lr,
+                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                       grad_clip=args.grad_clip, zero_stage=args.zero_stage, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, val_size=args.val_size,
+                       precision=args.precision)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tcfg = config_from_args(args)
+        out = run_training(tcfg, num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.output,
+                           name=args.name, max_failures=args.max_failures,
+                           ray_init_kwargs={"address": args.ray_address} if args.ray_address else None)
+    except (EmbedCoreError, FloatingPointError) as err:  # ConfigError, DataError, divergence
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"final_metrics": out.metrics}, indent=2, sort_keys=True, default=str))
+    print(f"checkpoint: {out.checkpoint_path}")
+    print(f"model: {out.model_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
