@@ -25,6 +25,28 @@ DEFAULT_BASE_MODEL = "smollm2-135m"
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
 
 
+def dataclass_from_dict(cls, d: dict[str, Any]):
+    """`cls(**d)`, refusing unknown keys with a message that lists the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}: known fields are {sorted(known)}")
+    return cls(**d)
+
+
+def read_versioned_json(directory, filename: str, fmt: str, what: str) -> dict[str, Any]:
+    """Read `directory/filename`, a JSON object whose "format" must equal `fmt` (`what` names the artefact)."""
+    from pathlib import Path
+
+    f = Path(directory) / filename
+    if not f.is_file():
+        raise ConfigError(f"{str(directory)!r} is not {what}: {filename} is missing")
+    obj = json.loads(f.read_text())
+    if obj.get("format") != fmt:
+        raise ConfigError(f"{f} has format {obj.get('format')!r}, this version reads {fmt!r}")
+    return obj
+
+
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")
@@ -115,11 +137,7 @@ class EmbedConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EmbedConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown EmbedConfig field(s) {unknown}: known fields are {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from . import attention as attn
-from .backbone import BackboneSource, Preflight, load_backbone, load_tokenizer, preflight, prepare_tokenizer, torch_dtype
-from .config import EmbedConfig
+from .backbone import Preflight, load_backbone, load_tokenizer, preflight, prepare_tokenizer, torch_dtype
+from .config import EmbedConfig, read_versioned_json
 from .errors import ConfigError
 from .pooling import PoolingHead, build_pooling
 
@@ -204,13 +204,7 @@ def _auto_tokenizer(path: Path):
 
 
 def read_meta(path: Path) -> dict:
-    f = Path(path) / CONFIG_FILE
-    if not f.is_file():
-        raise ConfigError(f"{str(path)!r} is not a saved embedding model: {CONFIG_FILE} is missing")
-    meta = json.loads(f.read_text())
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{f} has format {meta.get('format')!r}, this version reads {FORMAT!r}")
-    return meta
+    return read_versioned_json(path, CONFIG_FILE, FORMAT, "a saved embedding model")
 
 
 def load_head(pooler: nn.Module, path: Path) -> None:

@@ -5,7 +5,7 @@ The hub is unreachable on the machines this project runs on, so the evaluation d
 mteb task object: an instance of a subclass of the official task class (``isinstance`` of it), with
 the official metadata (name, eval splits, main score, dataset revision), whose ``load_data`` parses
 the local files into the exact structure mteb's own loader would produce. Nothing in this module
-ever touches the network; on import it also switches the Hugging Face libraries to offline mode
+ever touches the network; on import it also puts `datasets` in offline mode (HF_DATASETS_OFFLINE=1 unless set)
 unless the environment says otherwise.
 
 The local data reproduces MTEB's evaluation splits row for row (checked against the descriptive
@@ -52,22 +52,17 @@ from typing import Any, ClassVar
 
 
 def _prefer_hf_offline() -> None:
-    """Put the Hugging Face libraries in offline mode unless the environment already decides.
+    """Keep `datasets` off the network (the task data is local) unless the environment already decides.
 
-    Sets the environment variables before `datasets`/`huggingface_hub` are imported (they read them
-    at import time) and, if they were imported earlier, their module-level switches too. An explicit
-    ``HF_HUB_OFFLINE=0`` in the environment is respected.
+    Only the *datasets* switch is set: the hub itself stays reachable for users who load backbones by
+    hub id in the same process (HF_HUB_OFFLINE is the user's choice; the test suite sets it). Sets the
+    variable before `datasets` is imported (it reads it at import time), and its module-level switch
+    if it was imported earlier. An explicit ``HF_DATASETS_OFFLINE=0`` is respected.
     """
-    hub_explicit = any(v in os.environ for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    datasets_explicit = hub_explicit or "HF_DATASETS_OFFLINE" in os.environ
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-    hub_constants = sys.modules.get("huggingface_hub.constants")
-    if hub_constants is not None and not hub_explicit:
-        hub_constants.HF_HUB_OFFLINE = True
+    explicit = "HF_DATASETS_OFFLINE" in os.environ
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     datasets_config = sys.modules.get("datasets.config")
-    if datasets_config is not None and not datasets_explicit:
-        datasets_config.HF_HUB_OFFLINE = True
+    if datasets_config is not None and not explicit:
         datasets_config.HF_DATASETS_OFFLINE = True
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import mteb_tasks as _mteb_tasks  # noqa: F401,I001  (Hugging Face offline before mteb loads)
+from . import mteb_tasks as _mteb_tasks  # noqa: F401,I001  (datasets offline before mteb loads)
 from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ScoringFunction

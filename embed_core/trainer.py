@@ -63,7 +63,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import EmbedConfig
+from .config import EmbedConfig, dataclass_from_dict, read_versioned_json
 from .errors import ConfigError, DataError
 from .gradcache import full_batch_step, grad_cache_step, iter_chunks
 from .loss import check_finite, dist_world, info_nce
@@ -253,11 +253,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) {unknown}: known fields are {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
@@ -518,13 +514,7 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
     """The trainer_state.json of a checkpoint directory."""
-    f = Path(checkpoint_dir) / STATE_FILE
-    if not f.is_file():
-        raise ConfigError(f"{str(checkpoint_dir)!r} is not a training checkpoint: {STATE_FILE} is missing")
-    state = json.loads(f.read_text())
-    if state.get("format") != STATE_FORMAT:
-        raise ConfigError(f"{f} has format {state.get('format')!r}, this version reads {STATE_FORMAT!r}")
-    return state
+    return read_versioned_json(checkpoint_dir, STATE_FILE, STATE_FORMAT, "a training checkpoint")
 
 
 def _sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
