@@ -6,7 +6,6 @@ mteb task object: an instance of a subclass of the official task class (``isinst
 the official metadata (name, eval splits, main score, dataset revision), whose ``load_data`` parses
 the local files into the exact structure mteb's own loader would produce. Nothing in this module
 ever touches the network; on import it also puts `datasets` in offline mode (HF_DATASETS_OFFLINE=1 unless set)
-unless the environment says otherwise.
 
 The local data reproduces MTEB's evaluation splits row for row (checked against the descriptive
 statistics mteb ships with each task: sizes, character counts, unique texts):
