@@ -25,6 +25,14 @@ DEFAULT_BASE_MODEL = "smollm2-135m"
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
 
 
+def format_query(text: str, instruction: str | None, template: str = DEFAULT_QUERY_TEMPLATE) -> str:
+    """Queries get the task instruction through `template` (E5 / LLM2Vec practice); without an
+    instruction, and for documents, the text is embedded as is."""
+    if not instruction:
+        return text
+    return template.format(instruction=instruction, text=text)
+
+
 def dataclass_from_dict(cls, d: dict[str, Any]):
     """`cls(**d)`, refusing unknown keys with a message that lists the known ones."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -127,10 +135,7 @@ class EmbedConfig:
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_r
 
     def format_query(self, text: str, instruction: str | None) -> str:
-        """Queries get the task instruction (E5 / LLM2Vec practice); documents are embedded as is."""
-        if not instruction:
-            return text
-        return self.query_template.format(instruction=instruction, text=text)
+        return format_query(text, instruction, self.query_template)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

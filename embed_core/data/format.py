@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from ..config import format_query  # noqa: F401  (re-exported: the one query template)
 from ..errors import DataError
 
 __all__ = [
@@ -80,15 +81,6 @@ class TrainExample:
     def texts(self) -> list[str]:
         """Every text of the example: query, positive, then negatives."""
         return [self.query, self.positive, *self.negatives]
-
-
-def format_query(text: str, instruction: str | None) -> str:
-    """The query as the model sees it.
-
-    ``"Instruct: {instruction}\\nQuery: {text}"`` when an instruction is given, else ``text``."""
-    if instruction:
-        return f"Instruct: {instruction}\nQuery: {text}"
-    return text
 
 
 def normalize_text(text: str, ignore_punctuation: bool = False) -> str:
