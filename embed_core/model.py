@@ -193,7 +193,10 @@ class EmbeddingModel(nn.Module):
         if not trainable:
             pooler.requires_grad_(False)
         model = cls(cfg, backbone, pooler, tok, dict(meta["info"], backbone_source=pre.source.path))
-        model.info["fingerprint"] = meta["fingerprint"]
+        if not trainable:
+            # The saved fingerprint names these exact weights (the mteb revision). A trainable load will
+            # change them, so it must not carry the old name: its revision is recomputed from the weights.
+            model.info["fingerprint"] = meta["fingerprint"]
         model.eval()
         return model.to(device) if device is not None else model
 
