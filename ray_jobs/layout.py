@@ -1,0 +1,334 @@
+"""Where a sweep keeps its files and the formats its stages exchange (train -> evaluate -> report).
+
+No Ray import: the sweep driver, the MTEB fan-out job and the report all read and write these files, and
+each stage can run alone on what an earlier stage left (a results folder copied from a cluster, say).
+
+Layout under the sweep's storage path (``<storage>/<sweep name>/``)::
+
+    sweep.json                        the resolved sweep config (sweeps.config.SweepConfig)
+    tune/<cell>/...                   Ray Tune experiment of one grid cell (trial dirs, TensorBoard)
+    trials.json                       one TrialRecord per trial, every cell (status, hyper-params, cost)
+    checkpoints.json                  the CheckpointSpecs chosen for evaluation
+    results/<model>/<revision>/<Task>.json          mteb TaskResult JSON (mteb's own cache layout)
+    results/<model>/<revision>/model_meta.json      mteb's model meta
+    results/<model>/<revision>/run_labels.json      RunLabels: which design / seed / trial this is
+    results/<model>/<revision>/instances/<Task>.json  InstanceScores: per-instance scores
+    report/report.md, report.html, *.png            the significance report
+
+``<model>`` is the mteb model name with ``/`` replaced by ``__`` (mteb's rule) and ``<revision>`` the
+checkpoint's content fingerprint, so mteb's result cache never mixes two checkpoints.
+
+Per-instance scores let the report test differences on one dataset (paired bootstrap, permutation):
+``aggregate`` says how the instances make the main score:
+
+* ``mean``: ``values`` per instance (per-query nDCG@10, per-example correctness averaged over mteb's
+  classification experiments, ...); the main score is their mean;
+* ``spearman`` / ``pearson``: ``pred`` (the model's similarity) and ``gold`` per pair; the main score is
+  the correlation between them (STS);
+* ``average_precision``: ``pred`` (similarity) and ``gold`` (0/1) per pair; the main score is the
+  average precision (pair classification's ``max_ap``, or ``ap``).
+
+:func:`aggregate` recomputes a main score from any subset of the instances; the evaluation job checks that
+over all instances it equals mteb's main score.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from embed_core.config import dataclass_from_dict
+from embed_core.errors import DataError
+
+__all__ = [
+    "AGGREGATES",
+    "BASELINE_CONFIG",
+    "CheckpointSpec",
+    "InstanceScores",
+    "RunLabels",
+    "TrialRecord",
+    "aggregate",
+    "atomic_write_json",
+    "config_id",
+    "model_dir_name",
+    "read_checkpoints",
+    "read_trials",
+    "result_dir",
+    "write_checkpoints",
+    "write_trials",
+]
+
+SWEEP_FILE = "sweep.json"
+TRIALS_FILE = "trials.json"
+CHECKPOINTS_FILE = "checkpoints.json"
+RESULTS_DIR = "results"
+REPORT_DIR = "report"
+LABELS_FILE = "run_labels.json"
+INSTANCES_DIR = "instances"
+
+AGGREGATES = ("mean", "spearman", "pearson", "average_precision")
+
+#: The paper's baseline design, the reference of every significance test unless configured otherwise.
+BASELINE_CONFIG = "eos_last+causal"
+
+
+def config_id(pooling: str, attention: str) -> str:
+    """The design's name in tables and tests: ``<pooling>+<attention>`` (e.g. ``eos_last+causal``)."""
+    return f"{pooling}+{attention}"
+
+
+def model_dir_name(model_name: str) -> str:
+    """mteb's folder name for a model name (``org/name`` -> ``org__name``)."""
+    return model_name.replace("/", "__").replace(" ", "_")
+
+
+def result_dir(results_root: str | os.PathLike, model_name: str, revision: str) -> Path:
+    """``<results_root>/<model>/<revision>/``: where one checkpoint's mteb JSON and instances live."""
+    return Path(results_root) / model_dir_name(model_name) / revision
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON via a temporary file + rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True, default=_json_default)
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{what} {str(path)!r} is not valid JSON: {err}") from None
+
+
+# ====================================================================================== records
+@dataclass
+class RunLabels:
+    """What a checkpoint is, for the report: its design, base model, hyper-parameters and cost.
+
+    config: the design id (:func:`config_id`), or e.g. ``reference:all-MiniLM-L6-v2`` for a reference model.
+    seed: replicate seed; checkpoints with the same (base_model, config) and different seeds are replicates.
+    gpu_hours / cpu_hours: resources the trial held x wall time (the report plots score vs cost).
+    """
+
+    config: str
+    base_model: str = ""
+    pooling: str = ""
+    attention: str = ""
+    lora_r: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    trial_id: str = ""
+    cell: str = ""
+    steps: int | None = None
+    gpu_hours: float = 0.0
+    cpu_hours: float = 0.0
+    checkpoint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunLabels":
+        return dataclass_from_dict(cls, d)
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        return atomic_write_json(Path(directory) / LABELS_FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> "RunLabels":
+        return cls.from_dict(_read_json(Path(directory) / LABELS_FILE, "run labels"))
+
+
+@dataclass
+class CheckpointSpec:
+    """One model for the evaluation job.
+
+    name: the mteb model name (``org/name``); path: a saved EmbeddingModel directory, or
+    ``reference:all-MiniLM-L6-v2`` for the encoder reference; labels: its RunLabels.
+    """
+
+    name: str
+    path: str
+    labels: RunLabels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "labels": self.labels.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckpointSpec":
+        labels = d.get("labels") or {}
+        return cls(name=d["name"], path=d["path"],
+                   labels=labels if isinstance(labels, RunLabels) else RunLabels.from_dict(labels))
+
+
+@dataclass
+class TrialRecord:
+    """One Tune trial of a sweep (the report's score-vs-cost plot and best hyper-parameters per cell)."""
+
+    trial_id: str
+    cell: str
+    config: str
+    base_model: str
+    lora_r: int
+    lr: float
+    seed: int
+    status: str  # TERMINATED (ran to the end), STOPPED (ASHA), ERROR (failed after retries)
+    val_metric: float | None = None
+    steps: int = 0
+    wall_s: float = 0.0
+    gpu_hours: float = 0.0
+    cpu_hours: float = 0.0
+    checkpoint: str = ""
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialRecord":
+        return dataclass_from_dict(cls, d)
+
+
+def write_trials(sweep_dir: str | os.PathLike, trials: Sequence[TrialRecord]) -> Path:
+    return atomic_write_json(Path(sweep_dir) / TRIALS_FILE,
+                             {"format": "embed_sweeps.trials/v1", "trials": [t.to_dict() for t in trials]})
+
+
+def read_trials(sweep_dir: str | os.PathLike) -> list[TrialRecord]:
+    obj = _read_json(Path(sweep_dir) / TRIALS_FILE, "trials file")
+    return [TrialRecord.from_dict(t) for t in obj.get("trials", [])]
+
+
+def write_checkpoints(sweep_dir: str | os.PathLike, specs: Sequence[CheckpointSpec]) -> Path:
+    return atomic_write_json(Path(sweep_dir) / CHECKPOINTS_FILE,
+                             {"format": "embed_sweeps.checkpoints/v1", "checkpoints": [s.to_dict() for s in specs]})
+
+
+def read_checkpoints(path: str | os.PathLike) -> list[CheckpointSpec]:
+    """A checkpoints.json (or the sweep folder holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINTS_FILE
+    obj = _read_json(p, "checkpoints file")
+    return [CheckpointSpec.from_dict(c) for c in obj.get("checkpoints", [])]
+
+
+# ====================================================================================== per-instance scores
+@dataclass
+class InstanceScores:
+    """Per-instance scores of one checkpoint on one task split (``results/<model>/<revision>/instances/``).
+
+    ids: instance ids, unique, stable across checkpoints (query id, pair index, example index), so two
+    checkpoints' scores pair up by id. value: mteb's main score for this split / subset.
+    """
+
+    task: str
+    task_type: str
+    split: str
+    subset: str
+    main_score: str
+    value: float
+    aggregate: str
+    ids: list[str]
+    values: list[float] | None = None
+    pred: list[float] | None = None
+    gold: list[float] | None = None
+
+    FORMAT = "embed_sweeps.instances/v1"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.aggregate not in AGGREGATES:
+            raise DataError(f"instances of {self.task}: unknown aggregate {self.aggregate!r}, one of {AGGREGATES}")
+        n = len(self.ids)
+        if len(set(self.ids)) != n:
+            raise DataError(f"instances of {self.task}/{self.split}: instance ids are not unique")
+        need = ("values",) if self.aggregate == "mean" else ("pred", "gold")
+        for name in need:
+            arr = getattr(self, name)
+            if arr is None or len(arr) != n:
+                raise DataError(f"instances of {self.task}/{self.split}: aggregate {self.aggregate!r} needs "
+                                f"{name!r} with one entry per id ({n}), got {None if arr is None else len(arr)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format"] = self.FORMAT
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InstanceScores":
+        d = dict(d)
+        fmt = d.pop("format", None)
+        if fmt != cls.FORMAT:
+            raise DataError(f"instance scores have format {fmt!r}, this version reads {cls.FORMAT!r}")
+        return dataclass_from_dict(cls, d)
+
+    @staticmethod
+    def file_name(task: str, split: str = "test", subset: str = "default") -> str:
+        parts = [task] + ([subset] if subset not in ("default", "") else []) + ([split] if split != "test" else [])
+        return "__".join(parts) + ".json"
+
+    def write(self, checkpoint_result_dir: str | os.PathLike) -> Path:
+        path = Path(checkpoint_result_dir) / INSTANCES_DIR / self.file_name(self.task, self.split, self.subset)
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "InstanceScores":
+        return cls.from_dict(_read_json(Path(path), "instance scores"))
+
+    @classmethod
+    def read_all(cls, checkpoint_result_dir: str | os.PathLike) -> list["InstanceScores"]:
+        d = Path(checkpoint_result_dir) / INSTANCES_DIR
+        return [cls.read(p) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+    def score(self, index: np.ndarray | Sequence[int] | None = None) -> float:
+        """The main score over the instances at `index` (all by default): see :func:`aggregate`."""
+        return aggregate(self.aggregate, values=self.values, pred=self.pred, gold=self.gold, index=index)
+
+
+def aggregate(kind: str, *, values=None, pred=None, gold=None, index=None) -> float:
+    """Main score from per-instance data: mean of `values`, or correlation / average precision of
+    (`pred`, `gold`), over the rows at `index` (all rows when None; repeats allowed, as in a bootstrap)."""
+    def pick(a):
+        a = np.asarray(a, dtype=np.float64)
+        return a if index is None else a[np.asarray(index)]
+
+    if kind == "mean":
+        return float(np.mean(pick(values)))
+    p, g = pick(pred), pick(gold)
+    if kind == "spearman":
+        from scipy.stats import spearmanr
+        return float(spearmanr(p, g).statistic)
+    if kind == "pearson":
+        from scipy.stats import pearsonr
+        return float(pearsonr(p, g).statistic)
+    if kind == "average_precision":
+        from sklearn.metrics import average_precision_score
+        return float(average_precision_score(g.astype(int), p))
+    raise DataError(f"unknown aggregate {kind!r}: one of {AGGREGATES}")
