@@ -9,6 +9,7 @@ architecture is a decoder, LoRA targets exist, pooling head sizes fit.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -163,7 +164,25 @@ def load_config(source: BackboneSource, cfg: EmbedConfig):
         raise ConfigError(f"cannot load the config of base_model {cfg.base_model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]} — {hint}") from e
     if getattr(hf_cfg, "is_encoder_decoder", False):
         raise ConfigError(f"base_model {cfg.base_model!r} is an encoder-decoder ({hf_cfg.model_type}): pass a decoder-only LLM")
+    if cfg.truncate_layers is not None:
+        _truncate_depth(hf_cfg, cfg)
     return hf_cfg
+
+
+def _truncate_depth(hf_cfg, cfg: EmbedConfig) -> None:
+    """Keep the first `cfg.truncate_layers` decoder layers: from_pretrained with this config loads only
+    their weights (the rest of the checkpoint is skipped)."""
+    n = cfg.truncate_layers
+    total = getattr(hf_cfg, "num_hidden_layers", None)
+    if total is None:
+        raise ConfigError(f"truncate_layers={n}: base_model {cfg.base_model!r} has no num_hidden_layers to truncate")
+    if n > total:
+        raise ConfigError(f"truncate_layers={n} exceeds the {total} layers of base_model {cfg.base_model!r}")
+    hf_cfg.num_hidden_layers = n
+    for attr in ("layer_types", "sliding_window_pattern_layers"):
+        v = getattr(hf_cfg, attr, None)
+        if isinstance(v, list) and len(v) == total:
+            setattr(hf_cfg, attr, v[:n])
 
 
 def load_tokenizer(source: BackboneSource, cfg: EmbedConfig):
@@ -201,14 +220,29 @@ def torch_dtype(cfg: EmbedConfig, device: torch.device | str | None = None) -> t
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_backbone(source: BackboneSource, cfg: EmbedConfig, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModel
 
+    # a truncated config loads only the kept layers; the skipped layers' weights are expected to be left over
+    extra = {"config": load_config(source, cfg)} if cfg.truncate_layers is not None else {}
     try:
-        model = AutoModel.from_pretrained(
-            source.path, revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code, **source.kwargs(),
-        )
+        with _quiet_transformers() if extra else contextlib.nullcontext():
+            model = AutoModel.from_pretrained(
+                source.path, revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code, **source.kwargs(), **extra,
+            )
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load base_model {cfg.base_model!r}: {str(e).splitlines()[0]}") from e
     if source.gguf_file:

@@ -73,6 +73,8 @@ class EmbedConfig:
         None picks a default relative to the hidden size (inner_dim = hidden, heads = inner_dim // 64).
     lora_r: LoRA rank; 0 disables LoRA (backbone frozen, only the pooling head trains).
     lora_target_modules: module-name suffixes; None = all attention and MLP projections found.
+    truncate_layers: keep only the first N decoder layers (depth truncation for quick CPU runs;
+        None keeps all). A truncated model is a different model: results say so.
     """
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -94,6 +96,7 @@ class EmbedConfig:
     dtype: str = "auto"
     query_template: str = DEFAULT_QUERY_TEMPLATE
     trust_remote_code: bool = False
+    truncate_layers: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +127,10 @@ class EmbedConfig:
             isinstance(self.lora_target_modules, str) or not all(isinstance(t, str) for t in self.lora_target_modules)
         ):
             raise ConfigError("lora_target_modules must be a list of module-name suffixes, e.g. ['q_proj', 'v_proj']")
+        if self.truncate_layers is not None and (
+            isinstance(self.truncate_layers, bool) or not isinstance(self.truncate_layers, int) or self.truncate_layers < 1
+        ):
+            raise ConfigError(f"truncate_layers must be an int >= 1 or None (all layers), got {self.truncate_layers!r}")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2 (room for one token and EOS), got {self.max_length}")
         if "{text}" not in self.query_template or "{instruction}" not in self.query_template:

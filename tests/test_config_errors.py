@@ -93,3 +93,17 @@ def test_pad_token_override_and_fallback(tiny_dirs):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="not a saved embedding model"):
         EmbeddingModel.load(tmp_path)
+
+
+def test_truncate_layers_is_checked_and_keeps_the_first_layers(smollm2_dir) -> None:
+    import torch
+
+    with pytest.raises(ConfigError, match="truncate_layers"):
+        EmbedConfig(truncate_layers=0)
+    with pytest.raises(ConfigError, match="exceeds the 30 layers"):
+        EmbeddingModel.from_config(EmbedConfig(truncate_layers=31))
+    full = EmbeddingModel.from_config(EmbedConfig(lora_r=0, pooling="multi_layer_trainable"))
+    cut = EmbeddingModel.from_config(EmbedConfig(lora_r=0, pooling="multi_layer_trainable", truncate_layers=4))
+    assert cut.info["num_layers"] == 4 and len(cut.backbone.layers) == 4
+    full_sd = full.backbone.state_dict()
+    assert all(torch.equal(v, full_sd[k]) for k, v in cut.backbone.state_dict().items())
