@@ -56,7 +56,8 @@ from embed_core.trainer import MODEL_DIR, TrainConfig, TrainData, load_examples,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingResult", "run_training", "train_loop_per_worker", "config_from_args", "main"]
+__all__ = ["TrainingResult", "build_trainer", "fit", "prepare_run", "run_training", "train_loop_per_worker",
+           "training_result", "config_from_args", "main"]
 
 DATA_FILE = "train_data.jsonl"
 DIVERGED_FILE = "DIVERGED.json"
@@ -206,6 +207,59 @@ def prepare_run(tcfg: TrainConfig, num_workers: int, storage_path: str | os.Path
     return worker_cfg, run_dir
 
 
+def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, use_gpu: bool = False,
+                  max_failures: int = 0, *, num_to_keep: int | None = 2,
+                  resources_per_worker: dict[str, float] | None = None, fault_injection: dict | None = None,
+                  callbacks: list | None = None):
+    """The `TorchTrainer` of one training run whose data is ready (`prepare_run`): ``num_workers`` Ray Train
+    workers running `train_loop_per_worker`, Train run ``run_dir.name`` stored under ``run_dir.parent``.
+
+    A TorchTrainer built again with the same ``run_dir`` (a restarted sweep trial, say) resumes from that
+    run's latest checkpoint: Ray Train V2 restores its checkpoint manager from storage."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not isinstance(max_failures, int) or max_failures < -1:
+        raise ConfigError(f"max_failures must be an int >= -1 (-1: retry forever), got {max_failures!r}")
+    if num_to_keep is not None and (not isinstance(num_to_keep, int) or num_to_keep < 1):
+        raise ConfigError(f"num_to_keep must be an int >= 1 or None (keep all), got {num_to_keep!r}")
+    resources = resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
+    loop_config = {"train_config": worker_cfg.to_dict(), "run_dir": str(run_dir), "run_token": uuid.uuid4().hex,
+                   "fault_injection": fault_injection}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+                             callbacks=callbacks),
+    )
+
+
+def fit(trainer, run_dir: Path):
+    """``trainer.fit()``, re-raising a diverged run as FloatingPointError; returns the Ray Result."""
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - re-raise divergence as itself, the rest unchanged
+        cause = _floating_point_cause(err)
+        if cause is not None:
+            raise FloatingPointError(f"training diverged: {cause}") from err
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint under {run_dir}")
+    return result
+
+
+def training_result(result, run_dir: Path) -> TrainingResult:
+    """A `TrainingResult` from the Ray Result of a finished run (its last checkpoint's trainer_state)."""
+    ckpt = result.checkpoint.path
+    state = read_trainer_state(ckpt)
+    return TrainingResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt,
+                          model_dir=str(Path(ckpt) / MODEL_DIR), run_dir=str(run_dir),
+                          history=state.get("history", []), resumes=state.get("resumes", []), result=result)
+
+
 def run_training(tcfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
                  storage_path: str | os.PathLike = "~/ray_results", name: str | None = None,
                  max_failures: int = 0, *, num_to_keep: int | None = 2,
@@ -225,36 +279,12 @@ def run_training(tcfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
     worker_cfg, run_dir = prepare_run(tcfg, num_workers, storage_path, name)
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         ray.init(**(ray_init_kwargs or {}))
-    resources = resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
-    loop_config = {"train_config": worker_cfg.to_dict(), "run_dir": str(run_dir), "run_token": uuid.uuid4().hex,
-                   "fault_injection": fault_injection}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # noqa: BLE001 - re-raise divergence as itself, the rest unchanged
-        cause = _floating_point_cause(err)
-        if cause is not None:
-            raise FloatingPointError(f"training diverged: {cause}") from err
-        raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint under {run_dir}")
-    ckpt = result.checkpoint.path
-    state = read_trainer_state(ckpt)
-    return TrainingResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt,
-                          model_dir=str(Path(ckpt) / MODEL_DIR), run_dir=str(run_dir),
-                          history=state.get("history", []), resumes=state.get("resumes", []), result=result)
+    trainer = build_trainer(worker_cfg, run_dir, num_workers, use_gpu, max_failures, num_to_keep=num_to_keep,
+                            resources_per_worker=resources_per_worker, fault_injection=fault_injection)
+    return training_result(fit(trainer, run_dir), run_dir)
 
 
 # ====================================================================================== CLI

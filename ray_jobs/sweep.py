@@ -1,0 +1,552 @@
+"""The sweep job: train the grid with Ray Tune (+ Ray Train V2 per trial), evaluate the best checkpoints on MTEB,
+write the significance report. Run it with ``python -m sweeps run CONFIG`` (see sweeps/cli.py) locally or as
+``ray job submit --working-dir . -- python -m sweeps run CONFIG`` on a cluster.
+
+Stages, each idempotent and runnable alone on what the previous one left in ``<storage>/<name>/``
+(layout: `ray_jobs.layout`):
+
+1. **prepare** (driver, no Ray): validate the config, check every base model's structure and the training data,
+   write ``sweep.json`` and the training examples (one JSONL per distinct data recipe, under ``data/``).
+2. **train**: one Tune experiment (``tune/``). The searcher (`sweeps.search.CellSearcher`) visits every grid
+   cell (base model x design x seed) and samples LoRA rank / LR inside it with one Optuna study per cell; ASHA
+   per cell stops weak trials on the trainer's held-out metric. Each Tune trial is a driver function
+   (`trial_driver`) that starts a `TorchTrainer` with the trial's ScalingConfig; a callback forwards the Train
+   workers' reports to Tune. Writes ``trials.json`` and ``checkpoints.json`` (best completed trial(s) per cell).
+3. **evaluate**: `ray_jobs.evaluate` fans the chosen checkpoints x tasks out as Ray tasks (``results/``).
+4. **report**: `ray_jobs.report` turns ``results/`` (+ ``trials.json``) into ``report/`` and a console table.
+
+Faults: a Train worker that dies is restarted by Ray Train (``failure.train_max_failures``) from the trial's last
+checkpoint; a trial that still fails (NaN loss, OOM, ...) is retried by Tune (``failure.trial_max_failures``)
+and otherwise recorded as ERROR while the sweep goes on. A killed sweep driver is resumed with ``--resume``:
+``Tuner.restore`` keeps finished trials and the searcher's state, and an unfinished trial's TorchTrainer,
+rebuilt with the same run name, resumes from that trial's latest checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embed_core.errors import ConfigError
+from sweeps.config import Cell, SweepConfig, parse_sweep_config
+
+from . import layout
+
+log = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"
+TRAIN_DIR = "train"
+DATA_DIR = "data"
+SWEEP_FORMAT = "embed_sweeps.sweep/v1"
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+
+
+def _say(msg: str) -> None:
+    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ====================================================================================== prepare
+def read_sweep(sweep_dir: str | os.PathLike) -> SweepConfig:
+    """The SweepConfig a sweep folder was started with (``sweep.json``)."""
+    p = Path(sweep_dir) / layout.SWEEP_FILE
+    if not p.is_file():
+        raise ConfigError(f"{str(sweep_dir)!r} is not a sweep folder: {layout.SWEEP_FILE} is missing")
+    obj = json.loads(p.read_text())
+    if obj.get("format") != SWEEP_FORMAT:
+        raise ConfigError(f"{p} has format {obj.get('format')!r}, this version reads {SWEEP_FORMAT!r}")
+    cfg = parse_sweep_config(obj["config"], source=str(p))
+    cfg.storage_path = str(Path(sweep_dir).resolve().parent)  # the folder may have moved (copied off a cluster)
+    return cfg
+
+
+def data_key(tcfg) -> str:
+    """Training data is a function of these fields only: trials with equal keys share one JSONL file."""
+    d = {k: getattr(tcfg, k) for k in ("train_data", "builders", "data_dir", "max_per_source", "seed",
+                                       "max_bad_fraction")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_file(sweep_dir: Path, tcfg) -> Path:
+    return Path(sweep_dir) / DATA_DIR / f"train-{data_key(tcfg)}.jsonl"
+
+
+def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True) -> Path:
+    """Validate everything checkable before Ray (models' structure, data), create the sweep folder, write
+    ``sweep.json`` and the training data. ``resume`` requires the folder to exist with the same config."""
+    from embed_core.data import write_jsonl
+    from embed_core.trainer import TrainData, load_examples
+
+    sweep_dir = sweep.sweep_dir
+    stored = sweep_dir / layout.SWEEP_FILE
+    if stored.is_file():
+        old = json.loads(stored.read_text())
+        if not resume:
+            raise ConfigError(f"sweep {sweep.name!r} already exists at {sweep_dir}: add --resume to continue it, "
+                              "or give the sweep another name (--set name=...) or --storage path")
+        if old.get("fingerprint") != sweep.fingerprint():
+            diff = sorted(k for k in set(old["config"]) | set(sweep.raw)
+                          if k != "storage_path" and old["config"].get(k) != sweep.raw.get(k))
+            raise ConfigError(f"--resume: the config differs from the one sweep {sweep.name!r} was started with "
+                              f"(sections {diff}); resume with the same config, or start a new sweep")
+    elif resume and (sweep_dir / TUNE_DIR).exists():
+        raise ConfigError(f"--resume: {sweep_dir} has a Tune experiment but no {layout.SWEEP_FILE}")
+    if check_models:
+        sweep.preflight(check_data=False)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    # the training data of every distinct recipe, checked (DataError) and written once
+    written: set[Path] = set()
+    for cell in sweep.cells():
+        tcfg = sweep.train_config(cell, *sweep.probe_values())
+        f = data_file(sweep_dir, tcfg)
+        if f in written:
+            continue
+        written.add(f)
+        if f.is_file():
+            continue
+        examples = load_examples(tcfg)
+        TrainData(tcfg, examples)  # DataError: too few examples for one batch / for val_size
+        tmp = f.with_suffix(f".tmp{os.getpid()}")
+        write_jsonl(examples, tmp)
+        os.replace(tmp, f)
+    if not stored.is_file():
+        layout.atomic_write_json(stored, {"format": SWEEP_FORMAT, "fingerprint": sweep.fingerprint(),
+                                          "config": sweep.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return sweep_dir
+
+
+# ====================================================================================== trial side
+def _report_callback_class():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class SweepReportCallback(TuneReportCallback):
+        """Forward rank 0's Train reports to Tune once they carry the scheduler's metric (the held-out
+        evaluation runs every ``eval_every`` steps; later reports carry its last value forward), with the
+        checkpoint path when there is one. Tune requires the metric in every result it receives."""
+
+        def __init__(self, metric: str) -> None:
+            super().__init__()
+            self._metric = metric
+            self._carry: dict[str, float] = {}
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            m = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool))}
+            for k in ("val_acc", "val_margin"):
+                if k in m:
+                    self._carry[k] = m[k]
+                elif k in self._carry:
+                    m[k] = self._carry[k]
+            if self._metric not in m:
+                return
+            if checkpoint:
+                m[CHECKPOINT_PATH_KEY] = checkpoint.path
+            self._training_actor_item_queue.put(m)
+
+    return SweepReportCallback
+
+
+def trial_driver(config: dict, sweep_dir: str) -> None:
+    """One Tune trial (Ray Train V2 pattern): build the trial's TrainConfig, start a `TorchTrainer` with the
+    trial's ScalingConfig, and report its final metrics + checkpoint path to Tune."""
+    import ray.tune
+
+    from embed_core.trainer import read_trainer_state
+
+    from .train import build_trainer, fit
+
+    sweep = read_sweep(sweep_dir)
+    cell = Cell(config["base_model"], config["pooling"], config["attention"], int(config["seed"]))
+    tcfg = sweep.train_config(cell, config["lora_r"], config["lr"])
+    res = sweep.resources_for(cell)
+    run_dir = Path(sweep_dir) / TRAIN_DIR / f"{cell.key}-{ray.tune.get_context().get_trial_id()}"
+    worker_cfg = tcfg.replace(train_data=[str(data_file(Path(sweep_dir), tcfg))], builders=[],
+                              max_bad_fraction=0.0, log_dir=str(run_dir / "tensorboard"))
+    use_gpu = bool(config["use_gpu"])
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, sweep.failure.train_max_failures,
+                            num_to_keep=1, resources_per_worker=per_worker,
+                            fault_injection=_fault_for(sweep, cell, run_dir),
+                            callbacks=[_report_callback_class()(sweep.scheduler.metric)])
+    result = fit(trainer, run_dir)
+    state = read_trainer_state(result.checkpoint.path)
+    final = {k: v for k, v in (state.get("history") or [{}])[-1].items() if isinstance(v, (int, float))}
+    for h in reversed(state.get("history") or []):  # the last held-out evaluation
+        if sweep.scheduler.metric in h:
+            final.setdefault(sweep.scheduler.metric, h[sweep.scheduler.metric])
+            break
+    final.update({CHECKPOINT_PATH_KEY: result.checkpoint.path, "step": state["step"], "final": True,
+                  "resumes": len(state.get("resumes", []))})
+    if sweep.scheduler.metric not in final:
+        final[sweep.scheduler.metric] = float("nan")
+    ray.tune.report(final)
+
+
+def _fault_for(sweep: SweepConfig, cell: Cell, run_dir: Path) -> dict | None:
+    fault = sweep.fault_injection_for(cell)
+    if not fault:
+        return None
+    return {"step": int(fault.get("step", 1)), "rank": int(fault.get("rank", 0)),
+            "delay_s": float(fault.get("delay_s", 2.0)), "marker": str(run_dir / "FAULT_INJECTED.json")}
+
+
+def trial_dirname(trial) -> str:
+    return f"{trial.config.get('cell_key', 'trial')}-{trial.trial_id}"
+
+
+def _status_printer_class():
+    from ray import tune
+
+    class TrialStatusLines(tune.Callback):
+        """One console line per trial event: start, each forwarded result, end (done / stopped / error)."""
+
+        def __init__(self, metric: str, max_steps: dict[str, int], total: int) -> None:
+            self.metric, self.max_steps, self.total = metric, max_steps, total
+            self.done = 0
+
+        def _head(self, trial) -> str:
+            c = trial.config
+            return (f"{trial.trial_id} {c.get('cell_key', '?')} r={c.get('lora_r')} lr={c.get('lr', 0):.2e}")
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            _say(f"start  {self._head(trial)}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("final"):
+                return
+            step = result.get("step", "?")
+            total = self.max_steps.get(trial.config.get("cell_key"), "?")
+            parts = [f"step {step}/{total}"]
+            for k in ("loss", self.metric, "tokens_per_s"):
+                if isinstance(result.get(k), (int, float)):
+                    parts.append(f"{k}={result[k]:.4g}")
+            _say(f"result {self._head(trial)} " + " ".join(parts))
+
+        def _finished(self, trials, trial) -> int:  # counts trials restored as finished too (after --resume)
+            return 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.done = self._finished(trials, trial)
+            r = trial.last_result or {}
+            how = "done" if r.get("final") else "stopped early (ASHA)"
+            _say(f"{how:6s} {self._head(trial)} {self.metric}={r.get(self.metric, float('nan')):.4g} "
+                 f"[{self.done}/{self.total} trials finished]")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.done = self._finished(trials, trial)
+            _say(f"ERROR  {self._head(trial)}: see {trial.path}/error.txt "
+                 f"[{self.done}/{self.total} trials finished]")
+
+    return TrialStatusLines
+
+
+# ====================================================================================== train stage
+def _resolve_use_gpu(sweep: SweepConfig) -> bool:
+    import ray
+
+    if sweep.resources.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(sweep.resources.use_gpu)
+
+
+def max_concurrent(sweep: SweepConfig, use_gpu: bool) -> int:
+    """``resources.max_concurrent_trials`` or as many trials as the cluster's CPUs / GPUs hold right now
+    (an autoscaling cluster that has no GPU node yet gets 1: set max_concurrent_trials there)."""
+    if sweep.resources.max_concurrent_trials:
+        return sweep.resources.max_concurrent_trials
+    import ray
+
+    have = ray.cluster_resources()
+    fits = []
+    for cell in sweep.cells()[:1] or []:
+        r = sweep.resources_for(cell)
+        fits.append(math.floor(have.get("CPU", 0) / max(r.num_workers * r.cpus_per_worker, 1e-9)))
+        if use_gpu:
+            fits.append(math.floor(have.get("GPU", 0) / max(r.num_workers * r.gpus_per_worker, 1e-9)))
+    return max(1, min(fits + [sweep.num_trials()]))
+
+
+def train_stage(sweep: SweepConfig, resume: bool = False):
+    """Run (or resume) the Tune experiment; write trials.json and checkpoints.json. Ray must be initialised."""
+    from ray import tune
+
+    from sweeps.search import CellSearcher, make_scheduler
+
+    sweep_dir = sweep.sweep_dir
+    exp_dir = sweep_dir / TUNE_DIR
+    use_gpu = _resolve_use_gpu(sweep)
+    trainable = tune.with_parameters(_trainable_with_gpu(use_gpu), sweep_dir=str(sweep_dir))
+    # The trial driver only starts the TorchTrainer, whose workers hold the CPUs / GPUs in their own placement
+    # group. Tune needs a non-empty bundle per trial: a token amount of memory (1 MiB), no CPU.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
+    max_steps = {c.key: sweep.train_config(c, *sweep.probe_values()).max_steps for c in sweep.cells()}
+    printer = _status_printer_class()(sweep.scheduler.metric, max_steps, sweep.num_trials())
+    if resume and tune.Tuner.can_restore(str(exp_dir)):
+        _say(f"resuming the Tune experiment at {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        concurrency = max_concurrent(sweep, use_gpu)
+        _say(f"{len(sweep.cells())} cells x {sweep.search.samples_per_cell} samples = {sweep.num_trials()} trials, "
+             f"{concurrency} at a time, {'GPU' if use_gpu else 'CPU'}; TensorBoard: tensorboard --logdir {sweep_dir}")
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=CellSearcher(sweep, sweep.scheduler.metric, sweep.scheduler.mode),
+                scheduler=make_scheduler(sweep), num_samples=sweep.num_trials(),
+                max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
+                trial_name_creator=trial_dirname),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=sweep.failure.trial_max_failures),
+                                      callbacks=[printer]),
+        )
+    grid = tuner.fit()
+    trials = collect_trials(sweep, grid, use_gpu)
+    layout.write_trials(sweep_dir, trials)
+    specs = select_checkpoints(sweep, trials)
+    layout.write_checkpoints(sweep_dir, specs)
+    n = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "STOPPED", "ERROR")}
+    _say(f"training done: {n['TERMINATED']} trials completed, {n['STOPPED']} stopped early by ASHA, "
+         f"{n['ERROR']} failed; {len(specs)} checkpoints chosen for evaluation ({sweep_dir / layout.CHECKPOINTS_FILE})")
+    missing = sorted({c.key for c in sweep.cells()} - {s.labels.cell for s in specs})
+    if missing:
+        _say(f"WARNING: no completed trial in cell(s) {missing}: they are missing from the evaluation")
+    return trials, specs
+
+
+def _trainable_with_gpu(use_gpu: bool):
+    """Tune trainables take (config, **with_parameters): the resolved use_gpu travels in the config."""
+    import functools
+
+    return functools.partial(_trial_entry, use_gpu=use_gpu)
+
+
+def _trial_entry(config: dict, sweep_dir: str, use_gpu: bool) -> None:
+    trial_driver(dict(config, use_gpu=use_gpu), sweep_dir)
+
+
+def collect_trials(sweep: SweepConfig, grid, use_gpu: bool) -> list[layout.TrialRecord]:
+    """One TrialRecord per trial of the ResultGrid: TERMINATED (trained to the end), STOPPED (ASHA), ERROR."""
+    out = []
+    for result in grid:
+        cfg = result.config or {}
+        if "cell_key" not in cfg:
+            continue
+        cell = Cell(cfg["base_model"], cfg["pooling"], cfg["attention"], int(cfg["seed"]))
+        m = result.metrics or {}
+        res = sweep.resources_for(cell)
+        wall = float(m.get("time_total_s") or 0.0)
+        if result.error is not None:
+            status = "ERROR"
+        elif m.get("final"):
+            status = "TERMINATED"
+        else:
+            status = "STOPPED"
+        metric = m.get(sweep.scheduler.metric)
+        out.append(layout.TrialRecord(
+            trial_id=str(m.get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]), cell=cell.key,
+            config=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]), lr=float(cfg["lr"]),
+            seed=cell.seed, status=status,
+            val_metric=None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else float(metric),
+            steps=int(m.get("step") or 0), wall_s=wall,
+            gpu_hours=wall / 3600 * res.num_workers * res.gpus_per_worker if use_gpu else 0.0,
+            cpu_hours=wall / 3600 * res.num_workers * res.cpus_per_worker,
+            checkpoint=str(m.get(CHECKPOINT_PATH_KEY) or ""),
+            error="" if result.error is None else f"{type(result.error).__name__}: {str(result.error)[:500]}"))
+    return sorted(out, key=lambda t: (t.cell, t.trial_id))
+
+
+def select_checkpoints(sweep: SweepConfig, trials: list[layout.TrialRecord]) -> list[layout.CheckpointSpec]:
+    """The ``evaluation.top_k`` best TERMINATED trials of each cell by the scheduler metric."""
+    from embed_core.trainer import MODEL_DIR
+
+    sign = 1.0 if sweep.scheduler.mode == "max" else -1.0
+    specs = []
+    for cell in sweep.cells():
+        done = [t for t in trials if t.cell == cell.key and t.status == "TERMINATED" and t.checkpoint]
+        done.sort(key=lambda t: -sign * (t.val_metric if t.val_metric is not None else -sign * math.inf))
+        for t in done[: sweep.evaluation.top_k]:
+            labels = layout.RunLabels(config=cell.design, base_model=cell.base_model, pooling=cell.pooling,
+                                      attention=cell.attention, lora_r=t.lora_r, lr=t.lr, seed=cell.seed,
+                                      trial_id=t.trial_id, cell=cell.key, steps=t.steps, gpu_hours=t.gpu_hours,
+                                      cpu_hours=t.cpu_hours, checkpoint=str(Path(t.checkpoint) / MODEL_DIR),
+                                      extra={"sweep": sweep.name, sweep.scheduler.metric: t.val_metric})
+            specs.append(layout.CheckpointSpec(name=f"{sweep.name}/{cell.key}", path=labels.checkpoint,
+                                               labels=labels))
+    return specs
+
+
+# ====================================================================================== status
+@dataclass
+class TrialStatus:
+    trial_id: str
+    cell: str
+    lora_r: Any
+    lr: Any
+    status: str
+    step: int
+    max_steps: int
+    metric: float | None
+
+
+def trial_statuses(sweep_dir: str | os.PathLike) -> list[TrialStatus]:
+    """Per-trial progress read from the Tune experiment's files alone (works while the sweep runs, without Ray)."""
+    sweep = read_sweep(sweep_dir)
+    metric = sweep.scheduler.metric
+    states = _tune_trial_states(Path(sweep_dir) / TUNE_DIR)
+    out = []
+    for trial_dir in sorted(p for p in (Path(sweep_dir) / TUNE_DIR).glob("*-*") if (p / "params.json").is_file()):
+        params = json.loads((trial_dir / "params.json").read_text())
+        last: dict = {}
+        rf = trial_dir / "result.json"
+        if rf.is_file():
+            for line in rf.read_text().splitlines():
+                if line.strip():
+                    try:
+                        last = json.loads(line)
+                    except json.JSONDecodeError:
+                        pass  # a line being written
+        tid = trial_dir.name.rsplit("-", 1)[-1]
+        cell = Cell(params["base_model"], params["pooling"], params["attention"], int(params["seed"]))
+        status = states.get(tid, "?")
+        if (trial_dir / "error.txt").is_file():
+            status = "ERROR"
+        elif status == "TERMINATED" and not last.get("final"):
+            status = "STOPPED"
+        out.append(TrialStatus(tid, cell.key, params.get("lora_r"), params.get("lr"), status,
+                               int(last.get("step") or 0),
+                               sweep.train_config(cell, *sweep.probe_values()).max_steps, last.get(metric)))
+    return out
+
+
+def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
+    """trial_id -> Tune status from the newest experiment_state-*.json (best effort)."""
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for entry in state.get("trial_data", []):
+        try:
+            meta = json.loads(entry[0])
+            out[meta["trial_id"]] = meta.get("status", "?")
+        except (TypeError, ValueError, KeyError, IndexError):
+            continue
+    return out
+
+
+def status_text(sweep_dir: str | os.PathLike) -> str:
+    sweep_dir = Path(sweep_dir)
+    sweep = read_sweep(sweep_dir)
+    rows = trial_statuses(sweep_dir)
+    lines = [f"sweep {sweep.name} at {sweep_dir}: {len(sweep.cells())} cells, {sweep.num_trials()} trials planned, "
+             f"{len(rows)} started"]
+    lines.append(f"{'trial':10s} {'cell':52s} {'lora_r':>6s} {'lr':>9s} {'status':10s} {'step':>9s} "
+                 f"{sweep.scheduler.metric:>10s}")
+    for r in rows:
+        lr = f"{r.lr:.2e}" if isinstance(r.lr, (int, float)) else str(r.lr)
+        m = f"{r.metric:.4f}" if isinstance(r.metric, (int, float)) else "-"
+        lines.append(f"{r.trial_id:10s} {r.cell:52s} {r.lora_r!s:>6s} {lr:>9s} {r.status:10s} "
+                     f"{f'{r.step}/{r.max_steps}':>9s} {m:>10s}")
+    ck = sweep_dir / layout.CHECKPOINTS_FILE
+    if ck.is_file():
+        specs = layout.read_checkpoints(ck)
+        results = sweep_dir / layout.RESULTS_DIR
+        done = sum(1 for _ in results.glob("*/*/*.json")) if results.is_dir() else 0
+        lines.append(f"evaluation: {len(specs)} checkpoints chosen; {done} result files under {results}")
+    rep = sweep_dir / layout.REPORT_DIR / "report.html"
+    lines.append(f"report: {rep if rep.is_file() else 'not written yet'}")
+    return "\n".join(lines)
+
+
+# ====================================================================================== evaluate / report stages
+def check_evaluation_tasks(sweep: SweepConfig) -> None:
+    """Resolve the evaluation tasks (names, spec files) now: a bad task fails before any worker starts."""
+    from .evaluate import resolve_tasks
+
+    resolve_tasks(sweep.evaluation.tasks)
+
+
+def evaluate_stage(sweep: SweepConfig):
+    """Evaluate checkpoints.json's models (+ the MiniLM reference if configured) on the sweep's tasks."""
+    from .evaluate import evaluate_checkpoints
+
+    sweep_dir = sweep.sweep_dir
+    specs = layout.read_checkpoints(sweep_dir)
+    if sweep.evaluation.reference:
+        specs.append(layout.CheckpointSpec(name="reference/all-MiniLM-L6-v2", path="reference:all-MiniLM-L6-v2",
+                                           labels=layout.RunLabels(config="reference:all-MiniLM-L6-v2")))
+    if not specs:
+        raise RuntimeError(f"no checkpoint to evaluate in {sweep_dir / layout.CHECKPOINTS_FILE}: did every trial fail?")
+    e = sweep.evaluation
+    _say(f"evaluating {len(specs)} checkpoints x {len(e.tasks)} tasks as Ray tasks "
+         f"({'quick subsamples: NOT comparable to MTEB' if e.quick else 'full tasks'})")
+    return evaluate_checkpoints(specs, e.tasks, sweep_dir / layout.RESULTS_DIR, num_cpus=e.num_cpus,
+                                num_gpus=e.num_gpus, max_retries=e.max_retries, quick=e.quick, **e.options)
+
+
+def report_stage(sweep: SweepConfig):
+    from .report import build_report, console_table
+
+    sweep_dir = sweep.sweep_dir
+    trials = sweep_dir / layout.TRIALS_FILE
+    summary = build_report(sweep_dir / layout.RESULTS_DIR, sweep_dir / layout.REPORT_DIR,
+                           trials=trials if trials.is_file() else None, baseline=sweep.report.baseline,
+                           correction=sweep.report.correction, alpha=sweep.report.alpha)
+    print(console_table(summary), flush=True)
+    _say(f"report: {sweep_dir / layout.REPORT_DIR / 'report.html'}")
+    return summary
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """Connect to ``address`` / $RAY_ADDRESS (a cluster, or the one `ray job submit` runs in), else start a local
+    Ray with the dashboard. The dashboard is not optional: Ray Train's placement-group cleaner queries the State
+    API it serves, and without it a trial stopped by ASHA leaks its workers' placement group."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ctx = ray.init(**{**kwargs, "include_dashboard": True})
+        url = getattr(ctx, "dashboard_url", None)
+        if url:
+            _say(f"local Ray started; dashboard: http://{url}")
+
+
+def run_pipeline(sweep: SweepConfig, resume: bool = False, stages: tuple[str, ...] = ("train", "evaluate", "report"),
+                 ray_address: str | None = None, ray_init_kwargs: dict | None = None) -> dict[str, Any]:
+    """prepare -> train -> evaluate -> report (each stage skipped when not in `stages`)."""
+    t0 = time.time()
+    sweep_dir = prepare(sweep, resume=resume or "train" not in stages)
+    _say(f"sweep {sweep.name}: {sweep_dir}")
+    out: dict[str, Any] = {"sweep_dir": str(sweep_dir)}
+    if "train" in stages or "evaluate" in stages:
+        init_ray(ray_address, **(ray_init_kwargs or {}))
+    if "train" in stages:
+        out["trials"], out["checkpoints"] = train_stage(sweep, resume=resume)
+    if "evaluate" in stages:
+        out["evaluation"] = evaluate_stage(sweep)
+    if "report" in stages:
+        out["report"] = report_stage(sweep)
+    _say(f"finished in {time.time() - t0:.0f} s")
+    return out
+
+
+__all__ = ["CHECKPOINT_PATH_KEY", "collect_trials", "data_file", "evaluate_stage", "init_ray", "max_concurrent",
+           "prepare", "read_sweep", "report_stage", "run_pipeline", "select_checkpoints", "status_text",
+           "train_stage", "trial_driver", "trial_statuses"]
+
+if __name__ == "__main__":  # pragma: no cover - the CLI is `python -m sweeps`
+    from sweeps.cli import main
+
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Command line of the sweep system.
+
+    python -m sweeps run CONFIG [--resume] [--storage PATH] [--set key.path=value ...] [--address ADDR]
+    python -m sweeps status SWEEP_DIR | CONFIG
+    python -m sweeps evaluate SWEEP_DIR      # stage 3 alone, on checkpoints.json
+    python -m sweeps report SWEEP_DIR        # stage 4 alone, on results/ (+ trials.json)
+    python -m sweeps presets                 # list the shipped presets
+    python -m sweeps check CONFIG            # validate a config (and its models / data) without running
+
+CONFIG is a YAML file or a preset name (``demo``, ``paper``, ...). Locally an embedded Ray starts on demand;
+under ``ray job submit --working-dir . -- python -m sweeps run CONFIG`` the job connects to its cluster.
+Exit status 2 on a config / data error (printed before any Ray worker starts).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from embed_core.errors import EmbedCoreError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sweeps", description="Ray sweeps over LLM embedding-model designs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, config_help: str) -> None:
+        sp.add_argument("target", help=config_help)
+        sp.add_argument("--storage", default=None, help="storage path (overrides the config's storage_path)")
+        sp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config value, e.g. --set training.max_steps=20 (repeatable)")
+
+    r = sub.add_parser("run", help="run the whole pipeline: train (Tune) -> evaluate (MTEB) -> report")
+    common(r, "sweep config: a YAML file or a preset name")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same config")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    r.add_argument("--stages", default="train,evaluate,report", help="comma-separated subset of the stages")
+    c = sub.add_parser("check", help="validate a config, its base models and its training data; run nothing")
+    common(c, "sweep config: a YAML file or a preset name")
+    s = sub.add_parser("status", help="per-trial status of a sweep (running or finished)")
+    common(s, "a sweep folder, or the config that names one")
+    for name, what in (("evaluate", "evaluate the chosen checkpoints (stage 3 alone)"),
+                       ("report", "write the significance report (stage 4 alone)")):
+        sp = sub.add_parser(name, help=what)
+        common(sp, "a sweep folder, or the config that names one")
+        if name == "evaluate":
+            sp.add_argument("--address", default=None)
+    sub.add_parser("presets", help="list the shipped presets")
+    return p
+
+
+def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
+    """A sweep folder given directly, or the one a config names."""
+    from ray_jobs.layout import SWEEP_FILE
+    from sweeps.config import load_sweep_config
+
+    p = Path(os.path.expanduser(target))
+    if p.is_dir() and (p / SWEEP_FILE).is_file():
+        return p.resolve()
+    return load_sweep_config(target, sets, storage).sweep_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "presets":
+            from sweeps.config import PRESET_DIR, presets
+            for name in presets():
+                first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+                print(f"{name:24s} {first}")
+            return 0
+        if args.command in ("run", "check"):
+            from sweeps.config import load_sweep_config
+
+            sweep = load_sweep_config(args.target, args.sets, args.storage)
+            if args.command == "check":
+                from ray_jobs.sweep import check_evaluation_tasks
+
+                sizes = sweep.preflight(check_data=True)
+                check_evaluation_tasks(sweep)
+                print(f"ok: {sweep.name}: {len(sweep.cells())} cells, {sweep.num_trials()} trials; "
+                      f"training examples per seed {sizes}; sweep folder {sweep.sweep_dir}")
+                return 0
+            from ray_jobs.sweep import run_pipeline
+
+            stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+            bad = [s for s in stages if s not in ("train", "evaluate", "report")]
+            if bad:
+                print(f"error: unknown stage(s) {bad}: choose from train, evaluate, report", file=sys.stderr)
+                return 2
+            run_pipeline(sweep, resume=args.resume, stages=stages, ray_address=args.address)
+            return 0
+        sweep_dir = _sweep_dir_of(args.target, args.storage, args.sets)
+        from ray_jobs import sweep as job
+
+        if args.command == "status":
+            print(job.status_text(sweep_dir))
+            return 0
+        sweep = job.read_sweep(sweep_dir)
+        if args.command == "evaluate":
+            job.init_ray(args.address)
+            job.evaluate_stage(sweep)
+        elif args.command == "report":
+            job.report_stage(sweep)
+        return 0
+    except EmbedCoreError as err:  # ConfigError / DataError: before any worker starts
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

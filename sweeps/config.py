@@ -1,0 +1,603 @@
+"""The sweep config: a YAML file validated into a typed `SweepConfig`, with errors that name the field.
+
+    name: demo
+    storage_path: runs/sweeps              # local or shared filesystem; the sweep lives in <storage_path>/<name>
+    seeds: [0]                             # replicate seeds: each is its own grid cell
+    grid:
+      base_models: [smollm2-135m]          # hub ids, local dirs, .gguf files or smollm2-135m
+      designs: [eos_last+causal, multi_layer_trainable+bidirectional]   # or pooling: [...] x attention: [...]
+    model: {max_length: 64, truncate_layers: 8}    # EmbedConfig fields shared by every trial
+    search:                                # inside each cell: Optuna TPE over what is a range or a list
+      lora_r: [8, 16, 32]                  # a list: categorical; a number: fixed
+      lr: {low: 1.0e-5, high: 1.0e-3, log: true}
+      samples_per_cell: 4
+    scheduler: {type: asha, metric: val_margin, mode: max, grace_period: 2, reduction_factor: 2}
+    training: {builders: [snli, stsb], batch_size: 16, chunk_size: 4, max_steps: 8, eval_every: 2, val_size: 32}
+    resources: {num_workers: 1, use_gpu: auto, cpus_per_worker: 1, gpus_per_worker: 1, max_concurrent_trials: null}
+    failure: {train_max_failures: 1, trial_max_failures: 0}
+    evaluation: {tasks: [STSBenchmark, SciFact], quick: true, num_cpus: 1, num_gpus: 0}
+    report: {baseline: eos_last+causal, correction: holm, alpha: 0.05}
+    overrides:                             # per base model / design / seed adjustments
+      - match: {base_model: mistralai/Mistral-7B-v0.1}
+        resources: {num_workers: 4}
+        training: {chunk_size: 16}
+
+Presets live in ``sweeps/presets/<name>.yaml`` (``demo``, ``paper``, ...); `load_sweep_config` takes a file or a
+preset name, plus ``key.path=value`` overrides from the command line. Everything here is checked without Ray and
+without loading weights; `SweepConfig.preflight` then checks each base model's structure and the training data.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from embed_core.config import ATTENTIONS, POOLINGS, EmbedConfig
+from embed_core.errors import ConfigError
+from embed_core.trainer import TrainConfig
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+SCHEDULERS = ("asha", "fifo")
+SAMPLERS = ("tpe", "random")
+MODES = ("max", "min")
+# model fields a trial sets itself (grid / search), not the shared `model:` section
+_TRIAL_MODEL_FIELDS = ("base_model", "pooling", "attention", "lora_r")
+# training fields a trial sets itself
+_TRIAL_TRAINING_FIELDS = ("model", "seed", "lr", "log_dir")
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+class _Ctx:
+    """Where a value came from, for error messages: ``<file>: <field.path>``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def err(self, path: str, msg: str) -> ConfigError:
+        return ConfigError(f"sweep config {self.source}: {path}: {msg}")
+
+
+def _mapping(ctx: _Ctx, path: str, v: Any) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ctx.err(path, f"must be a mapping, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _fields(ctx: _Ctx, path: str, d: dict, cls) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ctx.err(path, f"unknown field(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**d)
+    except ConfigError as e:
+        raise ctx.err(path, str(e)) from None
+    except TypeError as e:
+        raise ctx.err(path, str(e)) from None
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ====================================================================================== sections
+@dataclass
+class Param:
+    """A searched or fixed hyper-parameter: ``value`` (fixed), ``choices`` (categorical) or [low, high] (range)."""
+
+    name: str
+    value: Any = None
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    @property
+    def searched(self) -> bool:
+        return self.value is None
+
+    @classmethod
+    def parse(cls, ctx: _Ctx, path: str, name: str, raw: Any, integer: bool, positive: bool = True) -> "Param":
+        def check(v: Any, where: str) -> Any:
+            if integer and not _is_int(v) or not integer and not _is_num(v):
+                raise ctx.err(where, f"must be {'an int' if integer else 'a number'}, got {v!r}")
+            if positive and v <= 0 and not (integer and name == "lora_r" and v == 0):
+                raise ctx.err(where, f"must be > 0, got {v!r}")
+            return v
+
+        if isinstance(raw, list):
+            if not raw:
+                raise ctx.err(path, "an empty list: give at least one value")
+            vals = [check(v, f"{path}[{i}]") for i, v in enumerate(raw)]
+            if len(set(vals)) != len(vals):
+                raise ctx.err(path, f"repeated values in {vals}")
+            return cls(name, value=vals[0]) if len(vals) == 1 else cls(name, choices=vals, integer=integer)
+        if isinstance(raw, dict):
+            extra = sorted(set(raw) - {"low", "high", "log"})
+            if extra or "low" not in raw or "high" not in raw:
+                raise ctx.err(path, f"a range is {{low, high, log}}, got {raw!r}")
+            low, high = check(raw["low"], f"{path}.low"), check(raw["high"], f"{path}.high")
+            if not low < high:
+                raise ctx.err(path, f"low {low} must be < high {high}")
+            log = raw.get("log", False)
+            if not isinstance(log, bool):
+                raise ctx.err(f"{path}.log", f"must be true or false, got {log!r}")
+            if log and low <= 0:
+                raise ctx.err(path, "a log range needs low > 0")
+            return cls(name, low=low, high=high, log=log, integer=integer)
+        return cls(name, value=check(raw, path))
+
+    def describe(self) -> str:
+        if not self.searched:
+            return f"{self.name}={self.value}"
+        if self.choices is not None:
+            return f"{self.name} in {self.choices}"
+        return f"{self.name} in [{self.low}, {self.high}]{' (log)' if self.log else ''}"
+
+
+@dataclass
+class SearchSection:
+    lora_r: Any = 16
+    lr: Any = 1e-5
+    samples_per_cell: int = 1
+    sampler: str = "tpe"
+    seed: int = 0
+
+
+@dataclass
+class SchedulerSection:
+    type: str = "asha"
+    metric: str = "val_margin"
+    mode: str = "max"
+    grace_period: int = 2
+    reduction_factor: int = 2
+
+
+@dataclass
+class ResourcesSection:
+    num_workers: int = 1
+    use_gpu: Any = "auto"  # true | false | "auto" (GPU when the cluster has one)
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 1
+    max_concurrent_trials: int | None = None
+
+
+@dataclass
+class FailureSection:
+    train_max_failures: int = 1   # Ray Train restarts of a trial's worker group (resumes from its checkpoint)
+    trial_max_failures: int = 0   # Tune retries of a whole trial
+
+
+@dataclass
+class EvaluationSection:
+    tasks: list = field(default_factory=lambda: ["STSBenchmark", "SICK-R", "SciFact", "Banking77Classification",
+                                                 "EmotionClassification", "AmazonCounterfactualClassification"])
+    quick: bool = False          # small subsamples for CPU demos (scores not comparable to MTEB)
+    num_cpus: float = 1
+    num_gpus: float = 0          # per (checkpoint, task) Ray task; fractions share a GPU
+    max_retries: int = 2
+    top_k: int = 1               # best completed trials per cell to evaluate
+    reference: bool = False      # also evaluate the all-MiniLM-L6-v2 encoder reference
+    options: dict = field(default_factory=dict)  # passed to the evaluation job as is
+
+
+@dataclass
+class ReportSection:
+    baseline: str = "eos_last+causal"
+    correction: str = "holm"
+    alpha: float = 0.05
+
+
+@dataclass
+class Override:
+    match: dict
+    model: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)
+    fault_injection: dict | None = None  # fault-tolerance drills: {"step": N, "rank": 0} SIGKILLs a worker once
+
+    def matches(self, cell: "Cell") -> bool:
+        return all(str(getattr(cell, k)) == str(v) for k, v in self.match.items())
+
+
+# ====================================================================================== cells
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a base model x design x seed. Optuna searches LoRA rank / LR inside it."""
+
+    base_model: str
+    pooling: str
+    attention: str
+    seed: int
+
+    @property
+    def design(self) -> str:
+        return f"{self.pooling}+{self.attention}"
+
+    @property
+    def key(self) -> str:
+        """A filesystem- and Tune-safe id: ``<model>-<pooling>-<attention>-s<seed>``."""
+        model = _short_model(self.base_model)
+        return f"{model}-{self.pooling}-{self.attention}-s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _short_model(name: str) -> str:
+    stem = Path(name.rstrip("/")).name if ("/" in name or os.sep in name) else name
+    stem = stem[:-5] if stem.endswith(".gguf") else stem
+    safe = "".join(c if c.isalnum() or c in "._" else "_" for c in stem)
+    if stem != name:  # a path or hub id: keep it unique with a short hash
+        safe += "_" + hashlib.sha1(name.encode()).hexdigest()[:6]
+    return safe
+
+
+# ====================================================================================== the config
+@dataclass
+class SweepConfig:
+    name: str
+    storage_path: str
+    seeds: list[int]
+    base_models: list[str]
+    designs: list[tuple[str, str]]
+    model: dict
+    search: SearchSection
+    lora_r: Param
+    lr: Param
+    scheduler: SchedulerSection
+    training: dict
+    resources: ResourcesSection
+    failure: FailureSection
+    evaluation: EvaluationSection
+    report: ReportSection
+    overrides: list[Override]
+    source: str = "<dict>"
+    raw: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(os.path.expanduser(self.storage_path)).resolve() / self.name
+
+    def cells(self) -> list[Cell]:
+        return [Cell(m, p, a, s) for m, (p, a), s in itertools.product(self.base_models, self.designs, self.seeds)]
+
+    def _overrides_for(self, cell: Cell) -> list[Override]:
+        return [o for o in self.overrides if o.matches(cell)]
+
+    def resources_for(self, cell: Cell) -> ResourcesSection:
+        d = dataclasses.asdict(self.resources)
+        for o in self._overrides_for(cell):
+            d.update(o.resources)
+        return ResourcesSection(**d)
+
+    def fault_injection_for(self, cell: Cell) -> dict | None:
+        faults = [o.fault_injection for o in self._overrides_for(cell) if o.fault_injection]
+        return faults[-1] if faults else None
+
+    def train_config(self, cell: Cell, lora_r: int, lr: float) -> TrainConfig:
+        """The TrainConfig of one trial (ConfigError names the cell)."""
+        model = dict(self.model, base_model=cell.base_model, pooling=cell.pooling, attention=cell.attention,
+                     lora_r=int(lora_r))
+        training = dict(self.training)
+        for o in self._overrides_for(cell):
+            model.update(o.model)
+            training.update(o.training)
+        try:
+            tcfg = TrainConfig(model=model, seed=cell.seed, lr=float(lr), **training)
+            tcfg.validate(self.resources_for(cell).num_workers)  # the batch splits over the cell's workers
+            return tcfg
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"sweep config {self.source}: cell {cell.key}: {e}") from None
+
+    def probe_values(self) -> tuple[int, float]:
+        """A (lora_r, lr) inside the search space, for checks that need concrete values."""
+        def first(p: Param):
+            return p.value if not p.searched else (p.choices[0] if p.choices else p.low)
+        return int(first(self.lora_r)), float(first(self.lr))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides what the sweep trains and evaluates (not where it is stored)."""
+        d = {k: v for k, v in self.raw.items() if k not in ("storage_path",)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.raw)
+
+    def num_trials(self) -> int:
+        return len(self.cells()) * self.search.samples_per_cell
+
+    # ---------------------------------------------------------------- checks that read the backbone / data
+    def preflight(self, check_data: bool = True) -> dict[str, Any]:
+        """Check every base model's structure (config only, no weights), every cell's TrainConfig and the
+        training data of each seed, before Ray starts. Returns {seed: number of examples}."""
+        from embed_core.backbone import preflight
+        from embed_core.trainer import TrainData, load_examples
+
+        seen_models: set[str] = set()
+        lora_values = self.lora_r.choices or [self.probe_values()[0]]
+        for cell in self.cells():
+            for r in lora_values:
+                tcfg = self.train_config(cell, r, self.probe_values()[1])  # raises ConfigError naming the cell
+                key = json.dumps(tcfg.model.to_dict(), sort_keys=True)
+                if key in seen_models:
+                    continue
+                seen_models.add(key)
+                try:
+                    preflight(tcfg.model)
+                except ConfigError as e:
+                    raise ConfigError(f"sweep config {self.source}: cell {cell.key}: {e}") from None
+        sizes: dict[str, Any] = {}
+        if check_data:
+            for seed in self.seeds:
+                tcfg = self.train_config(Cell(self.base_models[0], *self.designs[0], seed), *self.probe_values())
+                examples = load_examples(tcfg)
+                TrainData(tcfg, examples)  # DataError: too few examples for a batch / val_size
+                sizes[str(seed)] = len(examples)
+        return sizes
+
+
+# ====================================================================================== parsing
+def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
+    """Validate a config mapping (as read from YAML) into a SweepConfig."""
+    ctx = _Ctx(source)
+    raw = _mapping(ctx, "<top level>", raw)
+    known = {"name", "storage_path", "seeds", "grid", "model", "search", "scheduler", "training", "resources",
+             "failure", "evaluation", "report", "overrides", "description"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ctx.err("<top level>", f"unknown section(s) {unknown}; known: {sorted(known)}")
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ ") or name.startswith("."):
+        raise ctx.err("name", f"must be a non-empty name without '/', '\\\\' or spaces, got {name!r}")
+    storage = raw.get("storage_path", "runs/sweeps")
+    if not isinstance(storage, str) or not storage:
+        raise ctx.err("storage_path", f"must be a path, got {storage!r}")
+    if "://" in storage:
+        raise ctx.err("storage_path", f"{storage!r}: use a local or shared filesystem path (NFS / EFS on a cluster); "
+                                      "trials read the training data and evaluation reads checkpoints from it")
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ctx.err("seeds", f"must be a list of distinct ints >= 0, got {seeds!r}")
+
+    grid = _mapping(ctx, "grid", raw.get("grid"))
+    extra = sorted(set(grid) - {"base_models", "designs", "pooling", "attention"})
+    if extra:
+        raise ctx.err("grid", f"unknown field(s) {extra}; known: base_models, designs, pooling, attention")
+    models = grid.get("base_models", ["smollm2-135m"])
+    if isinstance(models, str):
+        models = [models]
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m.strip() for m in models):
+        raise ctx.err("grid.base_models", f"must be a non-empty list of model names, got {models!r}")
+    if len(set(models)) != len(models):
+        raise ctx.err("grid.base_models", f"repeated models in {models}")
+    designs = _parse_designs(ctx, grid)
+
+    model = dict(_mapping(ctx, "model", raw.get("model")))
+    clash = [k for k in _TRIAL_MODEL_FIELDS if k in model]
+    if clash:
+        raise ctx.err("model", f"{clash} are set per trial by grid / search, not in model:")
+    try:
+        EmbedConfig.from_dict(model)
+    except (ConfigError, TypeError) as e:
+        raise ctx.err("model", str(e)) from None
+
+    search = _fields(ctx, "search", _mapping(ctx, "search", raw.get("search")), SearchSection)
+    if not _is_int(search.samples_per_cell) or search.samples_per_cell < 1:
+        raise ctx.err("search.samples_per_cell", f"must be an int >= 1, got {search.samples_per_cell!r}")
+    if search.sampler not in SAMPLERS:
+        raise ctx.err("search.sampler", f"unknown sampler {search.sampler!r}: one of {SAMPLERS}")
+    lora_r = Param.parse(ctx, "search.lora_r", "lora_r", search.lora_r, integer=True)
+    lr = Param.parse(ctx, "search.lr", "lr", search.lr, integer=False)
+    if not lr.searched and not lr.value < 1 or lr.high is not None and lr.high >= 1 or \
+            lr.choices and max(lr.choices) >= 1:
+        raise ctx.err("search.lr", "learning rates must be < 1")
+
+    scheduler = _fields(ctx, "scheduler", _mapping(ctx, "scheduler", raw.get("scheduler")), SchedulerSection)
+    if scheduler.type not in SCHEDULERS:
+        raise ctx.err("scheduler.type", f"unknown scheduler {scheduler.type!r}: one of {SCHEDULERS}")
+    if scheduler.mode not in MODES:
+        raise ctx.err("scheduler.mode", f"must be max or min, got {scheduler.mode!r}")
+    if scheduler.metric not in ("val_acc", "val_margin", "loss", "acc"):
+        raise ctx.err("scheduler.metric", f"{scheduler.metric!r} is not a trainer metric: use val_margin, val_acc, "
+                                          "loss or acc")
+    for f in ("grace_period", "reduction_factor"):
+        v = getattr(scheduler, f)
+        if not _is_int(v) or v < (2 if f == "reduction_factor" else 1):
+            raise ctx.err(f"scheduler.{f}", f"must be an int >= {2 if f == 'reduction_factor' else 1}, got {v!r}")
+
+    training = dict(_mapping(ctx, "training", raw.get("training")))
+    clash = [k for k in _TRIAL_TRAINING_FIELDS if k in training]
+    if clash:
+        raise ctx.err("training", f"{clash} are set per trial (grid / search / seeds), not in training:")
+    if scheduler.metric.startswith("val_") and not training.get("eval_every"):
+        raise ctx.err("training.eval_every", f"scheduler.metric {scheduler.metric!r} needs the held-out evaluation: "
+                                             "set training.eval_every > 0 and training.val_size >= 2")
+
+    resources = _fields(ctx, "resources", _mapping(ctx, "resources", raw.get("resources")), ResourcesSection)
+    _check_resources(ctx, "resources", resources)
+    failure = _fields(ctx, "failure", _mapping(ctx, "failure", raw.get("failure")), FailureSection)
+    for f in ("train_max_failures", "trial_max_failures"):
+        v = getattr(failure, f)
+        if not _is_int(v) or v < -1:
+            raise ctx.err(f"failure.{f}", f"must be an int >= -1 (-1: retry forever), got {v!r}")
+    evaluation = _fields(ctx, "evaluation", _mapping(ctx, "evaluation", raw.get("evaluation")), EvaluationSection)
+    _check_evaluation(ctx, evaluation)
+    report = _fields(ctx, "report", _mapping(ctx, "report", raw.get("report")), ReportSection)
+    if report.correction not in ("holm", "bh"):
+        raise ctx.err("report.correction", f"must be holm or bh, got {report.correction!r}")
+    if not _is_num(report.alpha) or not 0 < report.alpha < 1:
+        raise ctx.err("report.alpha", f"must be in (0, 1), got {report.alpha!r}")
+
+    overrides = []
+    raw_over = raw.get("overrides") or []
+    if not isinstance(raw_over, list):
+        raise ctx.err("overrides", "must be a list of {match, model, training, resources}")
+    for i, o in enumerate(raw_over):
+        path = f"overrides[{i}]"
+        ov = _fields(ctx, path, _mapping(ctx, path, o), Override)
+        if not isinstance(ov.match, dict) or not ov.match:
+            raise ctx.err(f"{path}.match", "must be a non-empty mapping of base_model / pooling / attention / seed")
+        bad = sorted(set(ov.match) - {"base_model", "pooling", "attention", "seed"})
+        if bad:
+            raise ctx.err(f"{path}.match", f"unknown key(s) {bad}: match on base_model, pooling, attention, seed")
+        for sect in ("model", "training", "resources"):
+            if not isinstance(getattr(ov, sect), dict):
+                raise ctx.err(f"{path}.{sect}", "must be a mapping")
+        _fields(ctx, f"{path}.resources", {**dataclasses.asdict(resources), **ov.resources}, ResourcesSection)
+        overrides.append(ov)
+
+    cfg = SweepConfig(name=name, storage_path=storage, seeds=list(seeds), base_models=list(models), designs=designs,
+                      model=model, search=search, lora_r=lora_r, lr=lr, scheduler=scheduler, training=training,
+                      resources=resources, failure=failure, evaluation=evaluation, report=report,
+                      overrides=overrides, source=source, raw=copy.deepcopy(raw))
+    for o in overrides:
+        if not any(o.matches(c) for c in cfg.cells()):
+            raise ctx.err("overrides", f"match {o.match} selects no grid cell")
+    for cell in cfg.cells():  # every cell's TrainConfig is valid (batch divides by its workers, ...)
+        cfg.train_config(cell, *cfg.probe_values())
+    return cfg
+
+
+def _parse_designs(ctx: _Ctx, grid: dict) -> list[tuple[str, str]]:
+    if "designs" in grid and ("pooling" in grid or "attention" in grid):
+        raise ctx.err("grid", "give either designs: [pooling+attention, ...] or pooling: [...] x attention: [...]")
+    if "designs" in grid:
+        raw = grid["designs"]
+        if not isinstance(raw, list) or not raw:
+            raise ctx.err("grid.designs", f"must be a non-empty list like [eos_last+causal], got {raw!r}")
+        out = []
+        for i, d in enumerate(raw):
+            if not isinstance(d, str) or d.count("+") != 1:
+                raise ctx.err(f"grid.designs[{i}]", f"{d!r} is not '<pooling>+<attention>'")
+            p, a = d.split("+")
+            if p not in POOLINGS:
+                raise ctx.err(f"grid.designs[{i}]", f"unknown pooling {p!r}: one of {', '.join(POOLINGS)}")
+            if a not in ATTENTIONS:
+                raise ctx.err(f"grid.designs[{i}]", f"unknown attention {a!r}: one of {', '.join(ATTENTIONS)}")
+            out.append((p, a))
+    else:
+        pools = grid.get("pooling", ["eos_last"])
+        atts = grid.get("attention", ["causal"])
+        for path, vals, allowed in (("grid.pooling", pools, POOLINGS), ("grid.attention", atts, ATTENTIONS)):
+            if isinstance(vals, str):
+                vals = [vals]
+            if not isinstance(vals, list) or not vals:
+                raise ctx.err(path, f"must be a non-empty list, got {vals!r}")
+            bad = [v for v in vals if v not in allowed]
+            if bad:
+                raise ctx.err(path, f"unknown value(s) {bad}: one of {', '.join(allowed)}")
+        pools = [pools] if isinstance(pools, str) else pools
+        atts = [atts] if isinstance(atts, str) else atts
+        out = [(p, a) for p in pools for a in atts]
+    if len(set(out)) != len(out):
+        raise ctx.err("grid", f"repeated designs in {['+'.join(d) for d in out]}")
+    return out
+
+
+def _check_resources(ctx: _Ctx, path: str, r: ResourcesSection) -> None:
+    if not _is_int(r.num_workers) or r.num_workers < 1:
+        raise ctx.err(f"{path}.num_workers", f"must be an int >= 1, got {r.num_workers!r}")
+    if r.use_gpu not in (True, False, "auto"):
+        raise ctx.err(f"{path}.use_gpu", f"must be true, false or auto, got {r.use_gpu!r}")
+    for f in ("cpus_per_worker", "gpus_per_worker"):
+        v = getattr(r, f)
+        if not _is_num(v) or v < 0:
+            raise ctx.err(f"{path}.{f}", f"must be a number >= 0, got {v!r}")
+    if r.max_concurrent_trials is not None and (not _is_int(r.max_concurrent_trials) or r.max_concurrent_trials < 1):
+        raise ctx.err(f"{path}.max_concurrent_trials", f"must be an int >= 1 or null (fit the cluster), "
+                                                       f"got {r.max_concurrent_trials!r}")
+
+
+def _check_evaluation(ctx: _Ctx, e: EvaluationSection) -> None:
+    if isinstance(e.tasks, str):
+        e.tasks = [e.tasks]
+    if not isinstance(e.tasks, list) or not e.tasks or not all(isinstance(t, str) and t for t in e.tasks):
+        raise ctx.err("evaluation.tasks", f"must be a non-empty list of task names or spec files, got {e.tasks!r}")
+    for f in ("num_cpus", "num_gpus"):
+        v = getattr(e, f)
+        if not _is_num(v) or v < 0:
+            raise ctx.err(f"evaluation.{f}", f"must be a number >= 0, got {v!r}")
+    if not _is_int(e.max_retries) or e.max_retries < 0:
+        raise ctx.err("evaluation.max_retries", f"must be an int >= 0, got {e.max_retries!r}")
+    if not _is_int(e.top_k) or e.top_k < 1:
+        raise ctx.err("evaluation.top_k", f"must be an int >= 1, got {e.top_k!r}")
+    if not isinstance(e.quick, bool) or not isinstance(e.reference, bool):
+        raise ctx.err("evaluation", "quick and reference must be true or false")
+    if not isinstance(e.options, dict):
+        raise ctx.err("evaluation.options", "must be a mapping")
+
+
+# ====================================================================================== loading
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_sets(raw: dict, sets: Iterable[str]) -> dict:
+    """Apply ``key.path=value`` overrides (the value is parsed as YAML: numbers, lists, true/false)."""
+    import yaml
+
+    raw = copy.deepcopy(raw)
+    for s in sets:
+        if "=" not in s:
+            raise ConfigError(f"--set {s!r}: expected key.path=value, e.g. training.max_steps=20")
+        k, v = s.split("=", 1)
+        _set_path(raw, k.strip(), yaml.safe_load(v))
+    return raw
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    p = Path(os.path.expanduser(str(name_or_path)))
+    if p.is_file():
+        return p
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"sweep config {str(name_or_path)!r}: no such file and no such preset; presets: {presets()}")
+
+
+def load_sweep_config(name_or_path: str | os.PathLike, sets: Sequence[str] = (),
+                      storage_path: str | None = None) -> SweepConfig:
+    """Read a YAML file (or a preset by name), apply ``--set`` overrides and ``--storage``, validate."""
+    import yaml
+
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep config {path}: not valid YAML: {e}") from None
+    raw = apply_sets(raw or {}, sets)
+    if storage_path is not None:
+        raw["storage_path"] = storage_path
+    return parse_sweep_config(raw, source=str(path))

@@ -1,0 +1,198 @@
+"""sweeps.config / sweeps.search: config errors name the field, presets validate, the searcher covers every cell with
+its own Optuna study and survives save/restore, ASHA stops trials only against their own cell. No Ray cluster."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from embed_core.errors import ConfigError
+from sweeps.config import load_sweep_config, parse_sweep_config, presets
+from sweeps.search import CellSearcher, PerCellASHA, make_scheduler
+
+BASE = {
+    "name": "t",
+    "storage_path": "/tmp/x",
+    "grid": {"base_models": ["m1", "m2"], "designs": ["eos_last+causal", "multi_layer_trainable+bidirectional"]},
+    "search": {"lora_r": [4, 8], "lr": {"low": 1e-4, "high": 1e-2, "log": True}, "samples_per_cell": 3},
+    "scheduler": {"type": "asha", "metric": "val_margin", "grace_period": 1, "reduction_factor": 2},
+    "training": {"builders": ["stsb"], "batch_size": 8, "max_steps": 4, "eval_every": 1, "val_size": 8},
+    "seeds": [0, 1],
+}
+
+
+def cfg(**changes):
+    raw = copy.deepcopy(BASE)
+    for dotted, v in changes.items():
+        cur = raw
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+        if v is _DEL:
+            cur.pop(keys[-1], None)
+        else:
+            cur[keys[-1]] = v
+    return parse_sweep_config(raw, source="t.yaml")
+
+
+_DEL = object()
+
+
+def test_valid_config_makes_the_grid() -> None:
+    c = cfg()
+    assert len(c.cells()) == 2 * 2 * 2 and c.num_trials() == 24
+    assert {cell.design for cell in c.cells()} == {"eos_last+causal", "multi_layer_trainable+bidirectional"}
+    assert len({cell.key for cell in c.cells()}) == 8
+    assert c.lora_r.choices == [4, 8] and c.lr.log and c.lr.low == 1e-4
+    t = c.train_config(c.cells()[0], 8, 3e-4)
+    assert t.lr == 3e-4 and t.model.lora_r == 8 and t.seed == 0 and t.max_steps == 4
+
+
+def test_pooling_times_attention_grid() -> None:
+    c = cfg(grid={"base_models": ["m"], "pooling": ["eos_last", "mean"], "attention": ["causal", "bidirectional"]})
+    assert sorted(d for d in {x.design for x in c.cells()}) == sorted(
+        ["eos_last+causal", "eos_last+bidirectional", "mean+causal", "mean+bidirectional"])
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"bogus": 1}, r"<top level>: unknown section\(s\) \['bogus'\]"),
+    ({"name": "a/b"}, "name: must be a non-empty name"),
+    ({"storage_path": "s3://bucket/x"}, "storage_path: 's3://bucket/x': use a local or shared filesystem"),
+    ({"seeds": [0, 0]}, "seeds: must be a list of distinct ints"),
+    ({"grid__designs": ["eos_last+sideways"]}, r"grid.designs\[0\]: unknown attention 'sideways'"),
+    ({"grid__designs": ["max+causal"]}, r"grid.designs\[0\]: unknown pooling 'max'"),
+    ({"grid__designs": ["eos_last"]}, r"grid.designs\[0\]: 'eos_last' is not '<pooling>\+<attention>'"),
+    ({"grid__pooling": ["mean"]}, "grid: give either designs"),
+    ({"grid__base_models": []}, "grid.base_models: must be a non-empty list"),
+    ({"model": {"pooling": "mean"}}, r"model: \['pooling'\] are set per trial"),
+    ({"model": {"max_length": 1}}, "model: max_length must be >= 2"),
+    ({"search__lr": {"low": 1e-2, "high": 1e-4}}, "search.lr: low 0.01 must be < high 0.0001"),
+    ({"search__lr": 2.0}, "search.lr: learning rates must be < 1"),
+    ({"search__lora_r": [4, "x"]}, r"search.lora_r\[1\]: must be an int"),
+    ({"search__lora_r": []}, "search.lora_r: an empty list"),
+    ({"search__samples_per_cell": 0}, "search.samples_per_cell: must be an int >= 1"),
+    ({"search__sampler": "grid"}, "search.sampler: unknown sampler 'grid'"),
+    ({"scheduler__type": "pbt"}, "scheduler.type: unknown scheduler 'pbt'"),
+    ({"scheduler__metric": "ndcg"}, "scheduler.metric: 'ndcg' is not a trainer metric"),
+    ({"training__eval_every": 0}, "training.eval_every: scheduler.metric 'val_margin' needs the held-out evaluation"),
+    ({"training__seed": 3}, r"training: \['seed'\] are set per trial"),
+    ({"training__max_steps": 0}, r"cell m1-eos_last-causal-s0: max_steps must be an int >= 1"),
+    ({"training__batch_size": 3, "resources": {"num_workers": 2}}, "global batch_size 3 is not divisible"),
+    ({"resources": {"num_workers": 0}}, "resources.num_workers: must be an int >= 1"),
+    ({"resources": {"use_gpu": "yes"}}, "resources.use_gpu: must be true, false or auto"),
+    ({"failure": {"trial_max_failures": -2}}, "failure.trial_max_failures: must be an int >= -1"),
+    ({"evaluation": {"tasks": []}}, "evaluation.tasks: must be a non-empty list"),
+    ({"evaluation": {"num_gpus": -1}}, "evaluation.num_gpus: must be a number >= 0"),
+    ({"report": {"correction": "bonferroni"}}, "report.correction: must be holm or bh"),
+    ({"overrides": [{"match": {"pooling": "mean"}, "training": {"batch_size": 4}}]}, "selects no grid cell"),
+    ({"overrides": [{"match": {"colour": "red"}}]}, r"overrides\[0\].match: unknown key\(s\) \['colour'\]"),
+])
+def test_bad_config_names_file_and_field(changes, match) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        cfg(**changes)
+    assert str(info.value).startswith("sweep config t.yaml: ")
+
+
+def test_overrides_apply_to_matching_cells_only() -> None:
+    c = cfg(overrides=[{"match": {"base_model": "m2"}, "training": {"batch_size": 4}, "resources": {"num_workers": 2},
+                        "model": {"num_latents": 8}}])
+    for cell in c.cells():
+        t = c.train_config(cell, 4, 1e-3)
+        big = cell.base_model == "m2"
+        assert t.batch_size == (4 if big else 8) and t.model.num_latents == (8 if big else 32)
+        assert c.resources_for(cell).num_workers == (2 if big else 1)
+
+
+def test_presets_validate_and_cli_sets_apply() -> None:
+    assert {"demo", "paper"} <= set(presets())
+    demo = load_sweep_config("demo")
+    assert [c.design for c in demo.cells()] == ["eos_last+causal", "last_layer_trainable+causal",
+                                                "multi_layer_trainable+causal", "last_layer_trainable+bidirectional",
+                                                "multi_layer_trainable+bidirectional"]
+    paper = load_sweep_config("paper")
+    t = paper.train_config(paper.cells()[0], *paper.probe_values())
+    assert (t.batch_size, t.max_steps, t.lr, t.model.lora_r, t.temperature) == (2048, 1000, 1e-5, 16, 0.05)
+    assert {c.base_model for c in paper.cells()} == {"Qwen/Qwen2-0.5B", "mistralai/Mistral-7B-v0.1"}
+    assert len({c.design for c in paper.cells()}) == 5
+    s = load_sweep_config("demo", ["training.max_steps=3", "search.lr=0.001", "name=other"], storage_path="/tmp/y")
+    assert s.training["max_steps"] == 3 and s.lr.value == 0.001 and str(s.sweep_dir) == "/tmp/y/other"
+    with pytest.raises(ConfigError, match="no such file and no such preset"):
+        load_sweep_config("no-such-preset")
+
+
+def test_fingerprint_ignores_storage_only() -> None:
+    a, b = cfg(), cfg(storage_path="/elsewhere")
+    assert a.fingerprint() == b.fingerprint() != cfg(search__samples_per_cell=2).fingerprint()
+
+
+# ====================================================================================== searcher / scheduler
+def _drive(searcher: CellSearcher, n: int, start: int = 0) -> list[dict]:
+    out = []
+    for i in range(start, start + n):
+        s = searcher.suggest(f"t{i}")
+        out.append(s)
+    return out
+
+
+def test_searcher_covers_every_cell_round_robin_with_its_own_study(tmp_path) -> None:
+    c = cfg()
+    s = CellSearcher(c, "val_margin", "max")
+    first = _drive(s, len(c.cells()))
+    assert sorted(x["cell_key"] for x in first) == sorted(cell.key for cell in c.cells())  # one per cell first
+    for x in first:
+        assert x["lora_r"] in (4, 8) and 1e-4 <= x["lr"] <= 1e-2
+    # results go to the cell's own Optuna study only
+    for i, x in enumerate(first):
+        s.on_trial_result(f"t{i}", {"val_margin": 0.1 * i, "training_iteration": 1, "step": 1})
+        s.on_trial_complete(f"t{i}", {"val_margin": 0.1 * i})
+    studies = s.get_state()["studies"]
+    assert len(studies) == len(c.cells())
+    assert all(len(st["_ot_study"].trials) == 1 for st in studies.values())
+    # save / restore mid-sweep: the restored searcher continues without repeating or losing a suggestion
+    rest = _drive(s, 4, start=100)
+    s.save(str(tmp_path / "s.pkl"))
+    again = CellSearcher(c, "val_margin", "max")
+    again.restore(str(tmp_path / "s.pkl"))
+    assert again.suggested == s.suggested
+    remaining = c.num_trials() - len(first) - len(rest)
+    more = _drive(again, remaining + 1, start=200)
+    assert more[-1] == CellSearcher.FINISHED and all(isinstance(m, dict) for m in more[:-1])
+    counts: dict[str, int] = {}
+    for x in first + rest + more[:-1]:
+        counts[x["cell_key"]] = counts.get(x["cell_key"], 0) + 1
+    assert counts == {cell.key: 3 for cell in c.cells()}
+
+
+def test_fixed_parameters_need_no_optuna() -> None:
+    c = cfg(search={"lora_r": 16, "lr": 1e-5, "samples_per_cell": 1})
+    s = CellSearcher(c, "val_margin", "max")
+    xs = _drive(s, len(c.cells()) + 1)
+    assert xs[-1] == CellSearcher.FINISHED
+    assert all(x["lora_r"] == 16 and x["lr"] == 1e-5 for x in xs[:-1])
+
+
+def test_asha_compares_trials_within_their_cell_only() -> None:
+    """Real Tune Trial objects and ASHA schedulers: a trial far worse than another cell's trials is not stopped,
+    one worse than its own cell's trials is."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    c = cfg(scheduler={"type": "asha", "metric": "val_margin", "grace_period": 1, "reduction_factor": 2})
+    sched = make_scheduler(c)
+    assert isinstance(sched, PerCellASHA)
+    cells = c.cells()
+
+    def trial(cell, i):
+        return Trial("__fake", config={"cell_key": cell.key}, trial_id=f"{cell.key[:6]}{i}", stub=True)
+
+    a, b = trial(cells[0], 0), trial(cells[0], 1)
+    c, d = trial(cells[1], 0), trial(cells[1], 1)
+    for t in (a, b, c, d):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, a, {"step": 1, "val_margin": 0.9}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, b, {"step": 1, "val_margin": 0.1}) == TrialScheduler.STOP  # worse in its cell
+    # far below cell 0's trials, but the first of its own cell: one ASHA over all trials would stop it here
+    assert sched.on_trial_result(None, c, {"step": 1, "val_margin": -0.5}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, d, {"step": 1, "val_margin": -0.4}) == TrialScheduler.CONTINUE
+    # a result without the metric (before the first evaluation) never stops a trial
+    assert sched.on_trial_result(None, a, {"step": 2}) == TrialScheduler.CONTINUE
