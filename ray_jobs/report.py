@@ -134,7 +134,8 @@ def load_results(results_root: str | Path, *, split: str = "test") -> Results:
     skip_names = {"model_meta.json", layout.LABELS_FILE}
     for model_dir in sorted(x for x in root.iterdir() if x.is_dir()):
         for rev_dir in sorted(x for x in model_dir.iterdir() if x.is_dir()):
-            task_files = sorted(p for p in rev_dir.glob("*.json") if p.name not in skip_names)
+            task_files = sorted(p for p in rev_dir.glob("*.json")
+                                if p.name not in skip_names and not p.name.startswith("."))
             has_labels = (rev_dir / layout.LABELS_FILE).is_file()
             if not task_files and not has_labels:
                 continue
@@ -160,7 +161,9 @@ def load_results(results_root: str | Path, *, split: str = "test") -> Results:
                     continue
                 run.scores[task] = score
             inst_dir = rev_dir / layout.INSTANCES_DIR
-            for f in sorted(inst_dir.glob("*.json")) if inst_dir.is_dir() else []:
+            inst_files = sorted(p for p in inst_dir.glob("*.json") if not p.name.startswith(".")) \
+                if inst_dir.is_dir() else []
+            for f in inst_files:
                 try:
                     inst = layout.InstanceScores.read(f)
                 except (DataError, ConfigError, TypeError, KeyError) as err:
@@ -258,6 +261,13 @@ class GroupReport:
         base = self.mean[self.baseline]
         both = [t for t in ts if t in own and t in base]
         return (float(np.mean([own[t] - base[t] for t in both])) if both else None), len(both), len(ts)
+
+    def dataset_wins(self, config: str) -> tuple[int, int, int]:
+        """(significantly better, significantly worse, tested) datasets of a config in the per-dataset tests."""
+        rs = [r for r in self.instance if r.config == config and r.tested]
+        up = sum(1 for r in rs if r.significant and (r.delta or 0) > 0)
+        down = sum(1 for r in rs if r.significant and (r.delta or 0) < 0)
+        return up, down, len(rs)
 
     def test(self, kind: str, config: str, scope: str) -> stats.TestResult | None:
         for r in getattr(self, kind):
@@ -657,8 +667,11 @@ def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
         cols += [("cat", c, _abbrev(f"{c}({len(g.tasks_of(c))})", 14)) for c in cats]
         cols += [("all", "", "mean")]
         if g.baseline_present:
+            cols += [("wins", "", "datasets +/-")]
+        if g.baseline_present:
             lines.append(f"== {g.base_model}: {g.baseline} absolute, other configs: difference to it "
-                         f"(* significant after {corr} at {summary.alpha}; ° category not tested)")
+                         f"(* significant after {corr} at {summary.alpha}; ° category not tested; datasets +/-: "
+                         f"significantly better / worse in the per-dataset tests)")
         else:
             lines.append(f"== {g.base_model}: baseline {g.baseline} missing: absolute scores, no tests")
         labels = {c: (f"{c} (baseline)" if c == g.baseline else c) for c in g.configs}
@@ -676,8 +689,12 @@ def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
                 elif kind == "cat":
                     v = g.category_value(c, key)[0]
                     r = None if is_base else g.test("wilcoxon", c, key)
-                else:
+                elif kind == "all":
                     v, r = g.overall_value(c)[0], None
+                else:
+                    up, down, n = g.dataset_wins(c)
+                    cells.append("" if c == g.baseline else f"{up}+ {down}- /{n}")
+                    continue
                 cells.append(_cell(v, is_base, r))
             table.append((labels[c], cells))
         widths = [max(len(h), 8, *(len(row[1][i]) for row in table)) for i, (_, _, h) in enumerate(cols)]

@@ -114,7 +114,8 @@ def plot_heatmap(g: "GroupReport", path: Path) -> Path:
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     ax = axes[0]
     im = ax.imshow(M, aspect="auto", cmap="viridis")
-    for i in range(M.shape[0]):
+    annotate = len(tasks) <= 30  # beyond that the numbers no longer fit in the cells
+    for i in range(M.shape[0] if annotate else 0):
         for j in range(M.shape[1]):
             if np.isfinite(M[i, j]):
                 lum = im.cmap(im.norm(M[i, j]))
@@ -134,7 +135,7 @@ def plot_heatmap(g: "GroupReport", path: Path) -> Path:
         D = np.array([[g.mean[c].get(t, np.nan) for t in tasks] for c in others]) - b[None, :]
         lim = np.nanmax(np.abs(D)) if np.isfinite(D).any() else 1.0
         im2 = ax.imshow(D, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim)
-        for i, c in enumerate(others):
+        for i, c in enumerate(others if annotate else []):
             for j, t in enumerate(tasks):
                 if np.isfinite(D[i, j]):
                     r = g.test("instance", c, t)
@@ -309,13 +310,19 @@ def _group_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path])
             if used < total and v is not None:
                 cell.text += f" ({used}/{total})"
             row.append(cell)
+        if g.baseline_present:
+            up, down, n = g.dataset_wins(c)
+            row.append("" if c == g.baseline else f"{up} better, {down} worse of {n}")
         rows.append(row)
     heads = ["config"] + [f"{cat} ({len(g.tasks_of(cat))})" for cat in cats] + ["average"]
+    if g.baseline_present:
+        heads.append("per-dataset tests")
     cap = ("Mean main score per category (number of datasets in brackets). "
            + (f"Baseline in absolute terms, other configs as the mean difference to it over the datasets both "
               f"have. * = the paper's Wilcoxon signed-rank test over the category's datasets is significant "
               f"after {corr} correction; ° = not tested (the category has fewer than 5 datasets, see below). "
-              f"(k/n) = difference over k of the category's n datasets."
+              f"(k/n) = difference over k of the category's n datasets. Last column: datasets where the "
+              f"per-dataset test finds the config significantly better / worse (after correction)."
               if g.baseline_present else "Absolute scores (no baseline)."))
     b.append(Table(heads, rows, cap))
     # ---- per-task table (tasks as rows: there are usually more tasks than configs)

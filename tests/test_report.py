@@ -205,8 +205,9 @@ def test_bad_input_still_renders_and_says_what_was_skipped(tmp_path: Path) -> No
 # ---------------------------------------------------------------------------------- real mteb output
 @pytest.fixture(scope="module")
 def real_results(tmp_path_factory):
-    """MiniLM through real mteb.evaluate on two subsampled local STS tasks, as the evaluation job lays it out,
-    plus a second config whose predictions are perturbed (its TaskResult JSON copied with new scores)."""
+    """MiniLM through real mteb.evaluate on two subsampled local STS tasks, laid out as the evaluation job does
+    (mteb's TaskResult JSON, instances from mteb's saved predictions), plus a second config whose predictions
+    are perturbed (its TaskResult JSON copied with the new scores)."""
     import mteb
     from scipy.stats import spearmanr
 
@@ -217,7 +218,7 @@ def real_results(tmp_path_factory):
     enc = minilm_reference_encoder()
     tasks = [local_task("STSBenchmark", subsample=100), local_task("SICK-R", subsample=100)]
     cache = mteb.ResultCache(tmp / "cache")
-    mteb.evaluate(enc, tasks, cache=cache, show_progress_bar=False)
+    mteb.evaluate(enc, tasks, cache=cache, prediction_folder=tmp / "predictions", show_progress_bar=False)
     meta = enc.mteb_model_meta
     src = layout.result_dir(tmp / "cache" / "results", meta.name, meta.revision)
     sweep = tmp / "sweep"
@@ -231,13 +232,10 @@ def real_results(tmp_path_factory):
     expected = {}
     for task in tasks:
         name = task.metadata.name
-        task.load_data()
-        ds = task.dataset["test"]
-        kw = dict(task_metadata=task.metadata, hf_split="test", hf_subset="default", batch_size=32)
-        e1 = enc.encode([{"text": list(ds["sentence1"])}], **kw)
-        e2 = enc.encode([{"text": list(ds["sentence2"])}], **kw)
-        pred = (e1 * e2).sum(1) / (np.linalg.norm(e1, axis=1) * np.linalg.norm(e2, axis=1))
-        gold = np.asarray(ds["score"], dtype=float)
+        predictions = json.loads((tmp / "predictions" / f"{name}_predictions.json").read_text())
+        pred = np.asarray(predictions["default"]["test"]["cosine_scores"], dtype=float)  # mteb's own similarities
+        task.load_data()  # mteb unloads the data after evaluating
+        gold = np.asarray(task.dataset["test"]["score"], dtype=float)
         res = json.loads((base_dir / f"{name}.json").read_text())
         main_score = res["scores"]["test"][0]["main_score"]
         # task_type left empty: the category must come from mteb's task metadata
