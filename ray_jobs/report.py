@@ -637,9 +637,20 @@ def build_report(
     from . import report_render
 
     report_render.write_all(summary, plots=plots)
-    layout.atomic_write_json(out / "summary.json", summary.to_dict())
+    layout.atomic_write_json(out / "summary.json", _finite_json(summary.to_dict()))
     summary.files["summary"] = out / "summary.json"
     return summary
+
+
+def _finite_json(x: Any) -> Any:
+    """NaN / inf -> None, so that summary.json is strict JSON (readable outside Python too)."""
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_json(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
 
 
 # ====================================================================================== console

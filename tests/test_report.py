@@ -114,7 +114,7 @@ def test_report_files_console_table_and_summary(known) -> None:
     for text in ("Per category (the paper's table)", "Per task", "Wilcoxon", "Friedman", "Seeds",
                  "best LoRA rank / LR per cell", "Skipped comparisons", "Methods and caveats"):
         assert text in md and text.replace("'", "&#x27;") in html
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON, no NaN
     assert summary["format"] == "embed_sweeps.report/v1" and summary["skipped"] == s.skipped
     table = console_table(s)
     rows = {line.split()[0]: line for line in table.splitlines() if line.split() and line.split()[0] in EFFECTS}
