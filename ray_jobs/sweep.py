@@ -357,8 +357,18 @@ def collect_trials(sweep: SweepConfig, grid, use_gpu: bool) -> list[layout.Trial
             gpu_hours=wall / 3600 * res.num_workers * res.gpus_per_worker if use_gpu else 0.0,
             cpu_hours=wall / 3600 * res.num_workers * res.cpus_per_worker,
             checkpoint=str(m.get(CHECKPOINT_PATH_KEY) or ""),
-            error="" if result.error is None else f"{type(result.error).__name__}: {str(result.error)[:500]}"))
+            error="" if result.error is None else error_summary(result.error)))
     return sorted(out, key=lambda t: (t.cell, t.trial_id))
+
+
+def error_summary(err: BaseException) -> str:
+    """The root cause of a trial's error in one line (Ray wraps it in tracebacks of its actors)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    causes = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception|Interrupt): ", ln)]
+    line = causes[-1] if causes else next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+    return f"{type(err).__name__}: {line}"[:500]
 
 
 def select_checkpoints(sweep: SweepConfig, trials: list[layout.TrialRecord]) -> list[layout.CheckpointSpec]:
