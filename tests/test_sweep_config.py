@@ -196,3 +196,27 @@ def test_asha_compares_trials_within_their_cell_only() -> None:
     assert sched.on_trial_result(None, d, {"step": 1, "val_margin": -0.4}) == TrialScheduler.CONTINUE
     # a result without the metric (before the first evaluation) never stops a trial
     assert sched.on_trial_result(None, a, {"step": 2}) == TrialScheduler.CONTINUE
+
+
+def test_cluster_yaml_passes_rays_schema_and_the_rayjob_runs_a_preset() -> None:
+    """cluster.yaml through Ray's own autoscaler schema; the KubeRay RayJob's entrypoint names a real preset."""
+    from pathlib import Path
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    root = Path(__file__).resolve().parent.parent
+    cluster = prepare_config(yaml.safe_load((root / "cluster.yaml").read_text()))
+    validate_config(cluster)
+    assert {"head", "gpu_1x", "gpu_4x"} <= set(cluster["available_node_types"])
+    assert any("/mnt/shared" in c for c in cluster["initialization_commands"])
+    bad = copy.deepcopy(cluster)
+    bad["available_node_types"]["gpu_1x"]["max_wrokers"] = 3
+    with pytest.raises(Exception, match="max_wrokers"):
+        validate_config(bad)
+    job = next(d for d in yaml.safe_load_all((root / "k8s" / "rayjob.yaml").read_text()) if d["kind"] == "RayJob")
+    words = job["spec"]["entrypoint"].split()
+    assert words[:4] == ["python", "-m", "sweeps", "run"] and words[4] in presets()
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        mounts = group["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert any(m["mountPath"] == "/mnt/shared" for m in mounts)
