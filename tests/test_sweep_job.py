@@ -10,11 +10,13 @@ DeepSpeed and mteb, on a tiny random Llama (fast) and real shared data.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,13 +203,16 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     """A `ray start --head --block` cluster in its own process group and temp dir; torn down afterwards."""
     port, dash = _free_port(), _free_port()
-    env = _env(RAY_TMPDIR=str(tmp_path / "raytmp"), RAY_AUTH_MODE="token")
+    # Ray's socket paths live under the temp dir and must stay under 107 bytes (AF_UNIX): pytest's tmp_path is
+    # too deep for them on CI, so the cluster gets a short folder of its own.
+    raytmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
+    env = _env(RAY_TMPDIR=str(raytmp), RAY_AUTH_MODE="token")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     ray_bin = str(Path(sys.executable).parent / "ray")
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
                              "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-                             f"--temp-dir={tmp_path / 'raytmp'}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                             f"--temp-dir={raytmp}"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 180
@@ -224,6 +229,7 @@ def ray_head(tmp_path):
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(raytmp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_whole_pipeline(tmp_path, tiny, ray_head) -> None:
