@@ -353,7 +353,7 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, revision: str, subsampl
         if (src / "model_meta.json").is_file():
             layout.atomic_write_json(dest / "model_meta.json", json.loads((src / "model_meta.json").read_text()))
         layout.atomic_write_json(dest / f"{ref.name}.json", json.loads(task_json.read_text()))  # last: "done"
-        score = float(tr.get_score())
+        score = _main_score(dest / f"{ref.name}.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"score": score, "main_score": ref.main_score, "instances": sum(len(i.ids) for i in insts),

@@ -39,8 +39,10 @@ def tiny_ckpts(tiny_dirs, tmp_path_factory) -> list[Path]:
 
 
 def _files(results: Path) -> dict[str, float]:
+    """mtimes of the task results and instances (run_labels / model_meta are rewritten when a checkpoint gets a new
+    task)."""
     return {str(p.relative_to(results)): p.stat().st_mtime_ns for p in results.rglob("*.json")
-            if not p.name.startswith(".")}
+            if not p.name.startswith(".") and p.name not in ("run_labels.json", "model_meta.json")}
 
 
 @pytest.mark.slow
@@ -69,7 +71,7 @@ def test_fan_out_retries_failures_and_reruns(tiny_ckpts, tmp_path, monkeypatch) 
         assert d["revision"].endswith("-quick")  # subsampled results never share a folder with full ones
         import mteb
         tr = mteb.TaskResult.from_disk(rev_dir / f"{d['task']}.json")  # mteb's own TaskResult JSON
-        assert tr.get_score() == pytest.approx(d["score"])
+        assert tr.get_score() == pytest.approx(d["score"], abs=1e-9)
         (inst,) = [i for i in layout.InstanceScores.read_all(rev_dir) if i.task == d["task"]]
         assert inst.score() == pytest.approx(tr.get_score(), abs=1e-5)
         assert len(inst.ids) == (64 if d["task"] == "STSBenchmark" else 30)
@@ -77,8 +79,7 @@ def test_fan_out_retries_failures_and_reruns(tiny_ckpts, tmp_path, monkeypatch) 
         assert labels.extra["comparable_to_mteb"] is False and labels.checkpoint
         assert (rev_dir / "model_meta.json").is_file()
         assert d["texts_encoded"] > 0
-    assert {layout.RunLabels.read(layout.result_dir(results, n, s.done[0]["revision"].split("-")[0] + "-quick")).config
-            for n in names[:1]} == {"eos_last+causal"}
+        assert labels.config == {names[0]: "eos_last+causal", names[1]: "mean+bidirectional"}[d["checkpoint"]]
     failed_dir = layout.result_dir(results, names[1], next(d["revision"] for d in s.done if d["checkpoint"] == names[1]))
     assert not (failed_dir / "SciFact.json").exists()
     before = _files(results)
