@@ -123,3 +123,40 @@ def test_embedding_cache_embeds_each_text_once(tiny_dirs) -> None:
     again = enc.encode([{"text": ["a dog", "a bird"]}], task_metadata=meta, hf_split="test", hf_subset="default")
     assert calls == [3, 1] and enc.hits == 2 + 1 and enc.misses == 4
     np.testing.assert_allclose(again[0], out[1], atol=0)
+
+
+@pytest.mark.slow
+def test_sweep_evaluate_stage_uses_the_callers_ray(tiny_ckpts, tiny_dirs, tmp_path) -> None:
+    """The sweep's evaluate stage (checkpoints.json -> results/) through a Ray the caller started; the Ray is left
+    running for the caller, and the results are what the report reads."""
+    import ray
+    import yaml
+
+    from ray_jobs.report import load_results
+    from ray_jobs.sweep import check_evaluation_tasks, evaluate_stage, prepare
+    from sweeps.config import load_sweep_config
+
+    raw = {"name": "ev", "storage_path": str(tmp_path / "runs"), "seeds": [0],
+           "grid": {"base_models": [str(tiny_dirs["llama"])], "designs": ["eos_last+causal"]},
+           "model": {"max_length": 32}, "search": {"lora_r": 4, "lr": 1e-3, "samples_per_cell": 1},
+           "scheduler": {"type": "fifo", "metric": "val_margin"},
+           "training": {"builders": ["stsb"], "max_per_source": 50, "batch_size": 8, "max_steps": 2, "eval_every": 2,
+                        "val_size": 8, "checkpoint_every": 2},
+           "evaluation": {"tasks": ["STSBenchmark"], "quick": True, "options": {"batch_size": 16}}}
+    (tmp_path / "ev.yaml").write_text(yaml.safe_dump(raw))
+    sweep = load_sweep_config(str(tmp_path / "ev.yaml"), [], None)
+    check_evaluation_tasks(sweep)
+    sweep_dir = prepare(sweep)
+    specs = specs_from_args([str(c) for c in tiny_ckpts])
+    layout.write_checkpoints(sweep_dir, specs)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        s = evaluate_stage(sweep)
+        assert ray.is_initialized()  # the caller's Ray is the caller's to shut down
+    finally:
+        ray.shutdown()
+    assert len(s.done) == 2 and not s.failed
+    res = load_results(sweep_dir)
+    assert not res.problems, res.problems
+    assert sorted(r.labels.config for r in res.runs) == ["eos_last+causal", "mean+bidirectional"]
+    assert all(len(r.instances["STSBenchmark"][0].ids) == 64 for r in res.runs)
