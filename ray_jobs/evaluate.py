@@ -134,6 +134,8 @@ def _is_done(rev_dir: Path, ref: TaskRef) -> bool:
         return False
     try:
         obj = json.loads(f.read_text())
+        if ref.kind == "spec" and obj.get("dataset_revision") != ref.revision:
+            return False  # a bring-your-own task whose files changed since
         entries = [e for split in obj["scores"].values() for e in split]
         if not entries or not all(math.isfinite(float(e["main_score"])) for e in entries):
             return False
@@ -211,6 +213,7 @@ def evaluate_checkpoints(
     root = Path(results_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     summary = EvalSummary(results_root=str(root), quick=bool(quick or subsample))
+    run_tmp = root / TMP_DIR / f"run-{uuid.uuid4().hex[:12]}"  # this run's scratch (concurrent runs keep theirs)
 
     plan = []
     for spec in specs:
@@ -228,12 +231,16 @@ def evaluate_checkpoints(
     _say(f"{len(specs)} checkpoints x {len(refs)} tasks: {len(plan)} to run, {len(summary.skipped)} already done"
          + (" (quick subsamples: NOT comparable to MTEB)" if summary.quick else ""), show_progress)
     if plan:
-        _run_plan(plan, root, summary, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, quick=quick,
+        _run_plan(plan, root, run_tmp, summary, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, quick=quick,
                   subsample=subsample, seed=seed, batch_size=batch_size, data_dir=data_dir, ray_address=ray_address,
                   show_progress=show_progress)
     summary.wall_s = round(time.time() - t0, 2)
     layout.atomic_write_json(root / SUMMARY_FILE, summary.to_dict())
-    shutil.rmtree(root / TMP_DIR, ignore_errors=True)
+    shutil.rmtree(run_tmp, ignore_errors=True)
+    try:
+        (root / TMP_DIR).rmdir()  # only when no other run is using it
+    except OSError:
+        pass
     if summary.failed and raise_on_failure:
         raise EvaluationFailed(summary)
     return summary
@@ -250,7 +257,7 @@ def _main_score(path: Path) -> float:
     return float(sum(vals) / len(vals))
 
 
-def _run_plan(plan, root: Path, summary: EvalSummary, *, num_cpus, num_gpus, max_retries, quick, subsample, seed,
+def _run_plan(plan, root: Path, run_tmp: Path, summary: EvalSummary, *, num_cpus, num_gpus, max_retries, quick, subsample, seed,
               batch_size, data_dir, ray_address, show_progress) -> None:
     import ray
 
@@ -269,7 +276,7 @@ def _run_plan(plan, root: Path, summary: EvalSummary, *, num_cpus, num_gpus, max
                                                    retry_exceptions=True)
         futures = {}
         for spec, ref, rev, item, fault in plan:
-            fut = remote.remote(spec.to_dict(), ref, str(root), rev, _task_subsample(ref, quick, subsample),
+            fut = remote.remote(spec.to_dict(), ref, str(root), str(run_tmp), rev, _task_subsample(ref, quick, subsample),
                                 bool(quick or subsample), seed, batch_size, data_dir, num_gpus > 0, fault)
             futures[fut] = item
         bar = None
@@ -309,7 +316,7 @@ def _root_cause(err: BaseException) -> str:
 
 
 # ====================================================================================== worker side
-def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, revision: str, subsample: int | None, quick: bool,
+def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, run_tmp: str, revision: str, subsample: int | None, quick: bool,
                   seed: int, batch_size: int, data_dir: str | None, use_gpu: bool, fault: dict | None) -> dict:
     """One (checkpoint, task) on a Ray worker: mteb.evaluate into a private temp cache, per-instance scores from
     mteb's saved predictions (checked against the main score), then the files moved into the layout."""
@@ -317,7 +324,7 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, revision: str, subsampl
     spec = layout.CheckpointSpec.from_dict(spec_d)
     root_p = Path(root)
     if fault:
-        _inject_fault(root_p, spec.name, ref.name, int(fault.get("times", 1)))
+        _inject_fault(Path(run_tmp), spec.name, ref.name, int(fault.get("times", 1)))
     import mteb
     import torch
 
@@ -326,7 +333,7 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, revision: str, subsampl
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     enc = cached(_load_encoder(spec, revision, batch_size, device))
     task = ref.build(data_dir, subsample=subsample, seed=seed)
-    tmp = root_p / TMP_DIR / uuid.uuid4().hex
+    tmp = Path(run_tmp) / uuid.uuid4().hex
     try:
         res = mteb.evaluate(enc, [task], cache=mteb.ResultCache(tmp / "cache"), prediction_folder=tmp / "pred",
                             overwrite_strategy="always", show_progress_bar=False, co2_tracker=False,
@@ -361,8 +368,8 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, revision: str, subsampl
             "subsample": subsample, "node": os.uname().nodename, "device": device}
 
 
-def _inject_fault(root: Path, checkpoint: str, task: str, times: int) -> None:
-    counter = root / TMP_DIR / "faults" / f"{layout.model_dir_name(checkpoint)}__{task}.count"
+def _inject_fault(run_tmp: Path, checkpoint: str, task: str, times: int) -> None:
+    counter = run_tmp / "faults" / f"{layout.model_dir_name(checkpoint)}__{task}.count"
     counter.parent.mkdir(parents=True, exist_ok=True)
     n = int(counter.read_text()) + 1 if counter.is_file() else 1
     counter.write_text(str(n))

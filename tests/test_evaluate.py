@@ -160,3 +160,31 @@ def test_sweep_evaluate_stage_uses_the_callers_ray(tiny_ckpts, tiny_dirs, tmp_pa
     assert not res.problems, res.problems
     assert sorted(r.labels.config for r in res.runs) == ["eos_last+causal", "mean+bidirectional"]
     assert all(len(r.instances["STSBenchmark"][0].ids) == 64 for r in res.runs)
+
+
+@pytest.mark.slow
+def test_bring_your_own_task_through_the_job_reruns_when_its_data_changes(tiny_ckpts, tmp_path, monkeypatch) -> None:
+    import mteb
+
+    monkeypatch.setenv("EMBED_EVAL_RAY_CPUS", "2")
+    rows = [{"q": f"the {w} sat on the mat", "d": f"a {w} was on a rug", "y": i % 2}
+            for i, w in enumerate("cat dog cow owl bat rat ant bee elk yak".split())]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tmp_path / "pairs.yaml"
+    spec.write_text("name: MyPairs\ntype: PairClassification\nfiles: {test: pairs.jsonl}\n"
+                    "columns: {sentence1: q, sentence2: d, label: y}\n")
+    specs = specs_from_args([str(tiny_ckpts[0])])
+    results = tmp_path / "results"
+    s1 = evaluate_checkpoints(specs, [str(spec)], results, show_progress=False)
+    (d,) = s1.done
+    rev_dir = layout.result_dir(results, d["checkpoint"], d["revision"])
+    assert mteb.TaskResult.from_disk(rev_dir / "MyPairs.json").get_score() == pytest.approx(d["score"])
+    (inst,) = layout.InstanceScores.read_all(rev_dir)
+    assert inst.aggregate == "average_precision" and len(inst.ids) == 10
+    s2 = evaluate_checkpoints(specs, [str(spec)], results, show_progress=False)
+    assert len(s2.skipped) == 1 and not s2.done  # same data: skipped without starting a worker
+    rows[0]["y"] = 1 - rows[0]["y"]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s3 = evaluate_checkpoints(specs, [str(spec)], results, show_progress=False)
+    assert len(s3.done) == 1  # the data changed: evaluated again
+    assert not (results / ".eval_tmp").exists()
