@@ -205,6 +205,13 @@ def evaluate_checkpoints(
     specs = [s if isinstance(s, layout.CheckpointSpec) else layout.CheckpointSpec.from_dict(s) for s in specs]
     _check_specs(specs)
     faults = _fault(fault_injection)
+    for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+            raise ConfigError(f"{k} must be a number >= 0, got {v!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
         raise ConfigError(f"subsample must be a positive int or None, got {subsample!r}")
     if any(r.kind == "local" for r in refs):
@@ -272,6 +279,14 @@ def _run_plan(plan, root: Path, run_tmp: Path, summary: EvalSummary, *, num_cpus
             ray.init(address="local", include_dashboard=False, num_cpus=num_cpus_local)
             started = True
     try:
+        have = ray.cluster_resources()
+        for res, need in (("GPU", num_gpus), ("CPU", num_cpus)):
+            if need > have.get(res, 0):
+                msg = (f"each evaluation task asks for {res}={need} but this Ray cluster has {have.get(res, 0)}: "
+                       f"lower num_{res.lower()}s or run on a cluster that has them")
+                if started:  # a local Ray never grows: the tasks would wait forever
+                    raise ConfigError(msg)
+                _say(f"WARNING: {msg} (waiting for the autoscaler to add nodes)", True)
         remote = ray.remote(_evaluate_one).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
                                                    retry_exceptions=True)
         futures = {}

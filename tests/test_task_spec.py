@@ -148,3 +148,19 @@ def test_unknown_task_name_and_duplicates() -> None:
         resolve_tasks(["STSBenchmark", "STSBenchmark"])
     with pytest.raises(ConfigError, match="inline task spec: main_score"):
         resolve_tasks([{"name": "X", "type": "STS", "main_score": "accuracy", "files": {"test": "a.jsonl"}}])
+
+
+def test_job_arguments_are_checked_before_ray(tmp_path) -> None:
+    import ray
+
+    from ray_jobs.evaluate import evaluate_checkpoints, reference_spec
+    from ray_jobs.layout import CheckpointSpec, RunLabels
+
+    for kw, match in (({"num_gpus": -1}, "num_gpus"), ({"max_retries": 1.5}, "max_retries"),
+                      ({"subsample": 0}, "subsample")):
+        with pytest.raises(ConfigError, match=match):
+            evaluate_checkpoints([reference_spec()], ["STSBenchmark"], tmp_path, **kw)
+    bad = CheckpointSpec(name="x/ckpt", path=str(tmp_path / "nope"), labels=RunLabels(config="c"))
+    with pytest.raises(ConfigError, match="not a saved EmbeddingModel folder"):
+        evaluate_checkpoints([bad], ["STSBenchmark"], tmp_path)
+    assert not ray.is_initialized()
