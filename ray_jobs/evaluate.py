@@ -516,8 +516,13 @@ def specs_from_args(paths: Sequence[str], reference: bool = False) -> list[layou
         elif path.is_dir() and (path / "embed_config.json").is_file():
             meta = json.loads((path / "embed_config.json").read_text())
             cfg = meta.get("config", {})
+            name = f"embed-sweeps/{path.resolve().name}"
+            if any(s.name == name for s in specs):  # e.g. several trials' model/ folders
+                name = f"embed-sweeps/{path.resolve().parent.name}-{path.resolve().name}"
+            if any(s.name == name for s in specs):
+                name = f"{name}-{str(meta.get('fingerprint', ''))[:8]}"
             specs.append(layout.CheckpointSpec(
-                name=f"embed-sweeps/{path.resolve().name}", path=str(path.resolve()),
+                name=name, path=str(path.resolve()),
                 labels=layout.RunLabels(config=layout.config_id(cfg.get("pooling", "?"), cfg.get("attention", "?")),
                                         base_model=str(cfg.get("base_model", "")), pooling=cfg.get("pooling", ""),
                                         attention=cfg.get("attention", ""), lora_r=cfg.get("lora_r"),
