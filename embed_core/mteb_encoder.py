@@ -70,15 +70,21 @@ def make_encoder(model: EmbeddingModel, name: str = "embed-sweeps/checkpoint", r
                 similarity_fn_name=ScoringFunction.COSINE, use_instructions=True, training_datasets=set(),
             )
 
+        def instruction_for(self, task_metadata, prompt_type) -> str | None:
+            is_document = prompt_type is not None and getattr(prompt_type, "value", prompt_type) == "document"
+            if is_document:
+                return None
+            return self.instructions.get(task_metadata.name) or task_instruction(task_metadata.name, task_metadata.type)
+
+        def cache_context(self, task_metadata, prompt_type) -> str:
+            return self.instruction_for(task_metadata, prompt_type) or ""
+
         def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
                    **kwargs: Any) -> np.ndarray:
             texts: list[str] = []
             for batch in inputs:
                 texts.extend(batch["text"])
-            is_document = prompt_type is not None and getattr(prompt_type, "value", prompt_type) == "document"
-            instruction = None
-            if not is_document:
-                instruction = self.instructions.get(task_metadata.name) or task_instruction(task_metadata.name, task_metadata.type)
+            instruction = self.instruction_for(task_metadata, prompt_type)
             return self.model.encode(texts, instruction=instruction, batch_size=self.batch_size,
                                      normalize=True, show_progress=self.show_progress)
 
@@ -97,3 +103,58 @@ def load_encoder(checkpoint: str | Path, device: str | None = None, name: str | 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = EmbeddingModel.load(checkpoint, device=device)
     return make_encoder(model, name=name or f"embed-sweeps/{Path(checkpoint).name}", **kwargs)
+
+
+# ====================================================================================== per-run embedding cache
+def _abs_encoder_cached_class():
+    AbsEncoder = _abs_encoder_base()
+
+    class CachedEncoder(AbsEncoder):
+        """Any mteb encoder plus a text-hash cache: each distinct (text, instruction context) is embedded once per
+        run (classification re-encodes training rows across experiments and splits, retrieval corpora repeat
+        titles, STS pairs share sentences). Misses are encoded in one call to the wrapped encoder, which
+        batches them by length. The cache lives as long as this object (one checkpoint, one run).
+
+        The context is what decides the instruction: the wrapped encoder's ``cache_context(task_metadata,
+        prompt_type)`` if it has one, else (task name, prompt type), so a text embedded as a query and as a
+        document (different instructions) is cached twice, and nothing is shared across tasks whose
+        instructions differ."""
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+            self.mteb_model_meta = inner.mteb_model_meta
+            self._cache: dict[bytes, np.ndarray] = {}
+            self.hits = 0
+            self.misses = 0
+
+        def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
+                   **kwargs: Any) -> np.ndarray:
+            import hashlib
+
+            texts: list[str] = [t for batch in inputs for t in batch["text"]]
+            ctx_fn = getattr(self.inner, "cache_context", None)
+            ctx = ctx_fn(task_metadata, prompt_type) if ctx_fn else \
+                f"{task_metadata.name}\0{getattr(prompt_type, 'value', prompt_type)}"
+            keys = [hashlib.sha1(f"{ctx}\0{t}".encode()).digest() for t in texts]
+            todo: dict[bytes, str] = {}
+            for k, t in zip(keys, texts):
+                if k not in self._cache and k not in todo:
+                    todo[k] = t
+            self.hits += len(texts) - len(todo)
+            self.misses += len(todo)
+            if todo:
+                new = self.inner.encode([{"text": list(todo.values())}], task_metadata=task_metadata,
+                                        hf_split=hf_split, hf_subset=hf_subset, prompt_type=prompt_type, **kwargs)
+                new = new.detach().float().cpu().numpy() if isinstance(new, torch.Tensor) else np.asarray(new)
+                for k, row in zip(todo, new):
+                    self._cache[k] = row
+            if not texts:
+                return np.zeros((0, int(self.mteb_model_meta.embed_dim or 0)), dtype=np.float32)
+            return np.stack([self._cache[k] for k in keys])
+
+    return CachedEncoder
+
+
+def cached(encoder):
+    """Wrap an mteb encoder with the per-run text-hash embedding cache (see CachedEncoder)."""
+    return _abs_encoder_cached_class()(encoder)

@@ -1,0 +1,575 @@
+"""MTEB evaluation fanned out on Ray: M checkpoints x T tasks, one Ray task per (checkpoint, task).
+
+    python -m ray_jobs.evaluate --checkpoints SWEEP_DIR|checkpoints.json|CKPT_DIR... [--reference] \
+        [--tasks STSBenchmark SciFact my_task.yaml ...] --results DIR [--quick] [--num-gpus 0.25]
+
+Why one Ray task per (checkpoint, task) and not an actor per checkpoint: retries (``max_retries``,
+``retry_exceptions``), failure isolation and fractional-GPU packing are per task, which is exactly the unit that
+succeeds or fails; loading a checkpoint (a LoRA adapter + pooling head over a cached backbone) takes seconds
+against minutes of encoding, and the embedding cache only pays off within a task (texts rarely repeat across
+tasks, and the instruction differs per task anyway).
+
+Every result goes to ``results/<model>/<revision>/`` (ray_jobs.layout): mteb's TaskResult JSON, written last and
+atomically (it is the "done" marker), ``model_meta.json``, ``run_labels.json`` and ``instances/<Task>.json``
+with per-instance scores whose aggregate is checked against mteb's main score. A rerun skips (checkpoint, task)
+pairs whose files are there and valid; a failed task never loses the others' results: everything that finished
+is saved before :class:`EvaluationFailed` is raised.
+
+Quick mode subsamples the local tasks (:data:`QUICK_SUBSAMPLE`); its results go to the revision
+``<fingerprint>-quick`` (``-sub<N>`` for an explicit ``subsample``) and its run labels say
+``comparable_to_mteb: false``, so they never mix with full results.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from embed_core.errors import ConfigError, DataError, EmbedCoreError
+from embed_core.task_spec import TaskRef, resolve_tasks
+
+from . import layout
+
+__all__ = ["EvalSummary", "EvaluationFailed", "QUICK_SUBSAMPLE", "REFERENCE_PATH", "evaluate_checkpoints",
+           "instance_scores", "main", "reference_spec", "resolve_tasks", "specs_from_args"]
+
+REFERENCE_PATH = "reference:all-MiniLM-L6-v2"
+REFERENCE_NAME = "reference/all-MiniLM-L6-v2"
+#: Quick-mode subsample per task type (local tasks): STS pairs, classification eval rows, SciFact queries.
+QUICK_SUBSAMPLE = {"STS": 64, "Classification": 64, "Retrieval": 30, "PairClassification": 64, "Clustering": 64,
+                   "Reranking": 30}
+TMP_DIR = ".eval_tmp"
+SUMMARY_FILE = ".evaluation_summary.json"
+#: mteb rounds retrieval scores to 5 decimals; other main scores are stored unrounded.
+_TOL = {"Retrieval": 1e-5, "Reranking": 1e-5}
+
+
+class EvaluationFailed(RuntimeError):
+    """Some (checkpoint, task) failed after its retries; `summary` holds what finished and what failed."""
+
+    def __init__(self, summary: "EvalSummary") -> None:
+        self.summary = summary
+        lines = [f"{f['checkpoint']} / {f['task']}: {f['error']}" for f in summary.failed]
+        super().__init__(f"{len(summary.failed)} evaluation(s) failed after retries (the other "
+                         f"{len(summary.done) + len(summary.skipped)} results are saved under "
+                         f"{summary.results_root}):\n  " + "\n  ".join(lines))
+
+
+@dataclass
+class EvalSummary:
+    """done / skipped / failed: one dict per (checkpoint, task) with checkpoint, task, revision (+ score / error);
+    scores: checkpoint name -> task -> mteb main score (done and skipped)."""
+
+    results_root: str
+    done: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    quick: bool = False
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def reference_spec() -> layout.CheckpointSpec:
+    """The all-MiniLM-L6-v2 encoder reference as a checkpoint of the evaluation job."""
+    return layout.CheckpointSpec(name=REFERENCE_NAME, path=REFERENCE_PATH,
+                                 labels=layout.RunLabels(config=REFERENCE_PATH))
+
+
+# ====================================================================================== driver side
+def _base_revision(spec: layout.CheckpointSpec) -> str:
+    """The checkpoint's content fingerprint (no weights loaded). Raises ConfigError for a bad path."""
+    if spec.path == REFERENCE_PATH:
+        from embed_core.reference_encoder import checkpoint_revision, minilm_model_dir
+        return checkpoint_revision(minilm_model_dir(), {"max_length": 256, "normalize": True, "pooling": "mean"})
+    if spec.path.startswith("reference:"):
+        raise ConfigError(f"checkpoint {spec.name!r}: unknown reference {spec.path!r}: only {REFERENCE_PATH!r}")
+    cfg = Path(spec.path) / "embed_config.json"
+    if not cfg.is_file():
+        raise ConfigError(f"checkpoint {spec.name!r}: {spec.path!r} is not a saved EmbeddingModel folder "
+                          f"(no embed_config.json)")
+    try:
+        fp = json.loads(cfg.read_text()).get("fingerprint")
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"checkpoint {spec.name!r}: {str(cfg)!r} is not valid JSON: {err}") from None
+    if not fp:
+        raise ConfigError(f"checkpoint {spec.name!r}: {str(cfg)!r} has no fingerprint")
+    return str(fp)
+
+
+def _run_revision(base: str, quick: bool, subsample: int | None) -> str:
+    if subsample is not None:
+        return f"{base}-sub{subsample}"
+    return f"{base}-quick" if quick else base
+
+
+def _task_subsample(ref: TaskRef, quick: bool, subsample: int | None) -> int | None:
+    if ref.kind != "local":
+        return None  # official and bring-your-own tasks are evaluated whole
+    if subsample is not None:
+        return subsample
+    return QUICK_SUBSAMPLE.get(ref.type) if quick else None
+
+
+def _needs_instances(ref: TaskRef) -> bool:
+    return _instance_kind(ref.type, ref.main_score) is not None
+
+
+def _is_done(rev_dir: Path, ref: TaskRef) -> bool:
+    """The task JSON parses as an mteb TaskResult with the main score, and the instances are there."""
+    f = rev_dir / f"{ref.name}.json"
+    if not f.is_file():
+        return False
+    try:
+        obj = json.loads(f.read_text())
+        entries = [e for split in obj["scores"].values() for e in split]
+        if not entries or not all(math.isfinite(float(e["main_score"])) for e in entries):
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if _needs_instances(ref):
+        d = rev_dir / layout.INSTANCES_DIR
+        insts = [p for p in d.glob(f"{ref.name}*.json")] if d.is_dir() else []
+        try:
+            if not any(layout.InstanceScores.read(p).task == ref.name for p in insts):
+                return False
+        except (DataError, ConfigError, TypeError, KeyError):
+            return False
+    return True
+
+
+def _check_specs(specs: Sequence[layout.CheckpointSpec]) -> None:
+    if not specs:
+        raise ConfigError("no checkpoint to evaluate")
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"checkpoint names must be unique, repeated: {sorted(dup)}")
+    for s in specs:
+        if "/" not in s.name:
+            raise ConfigError(f"checkpoint name {s.name!r} must look like 'org/name' (mteb's model name rule)")
+
+
+def _fault(options: Any) -> list[dict]:
+    if not options:
+        return []
+    items = [options] if isinstance(options, dict) else list(options)
+    for it in items:
+        if not isinstance(it, dict) or "task" not in it:
+            raise ConfigError(f"fault_injection: each entry needs 'task' (and 'times', 'checkpoint'), got {it!r}")
+    return items
+
+
+def evaluate_checkpoints(
+    specs: Sequence[layout.CheckpointSpec],
+    tasks: Sequence[str | dict | os.PathLike],
+    results_root: str | os.PathLike,
+    *,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    max_retries: int = 2,
+    quick: bool = False,
+    subsample: int | None = None,
+    seed: int = 42,
+    batch_size: int = 32,
+    show_progress: bool = True,
+    overwrite: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    ray_address: str | None = None,
+    raise_on_failure: bool = True,
+    fault_injection: dict | list | None = None,
+) -> EvalSummary:
+    """Evaluate every checkpoint on every task, one Ray task per pair (see the module docstring).
+
+    Tasks and checkpoints are validated here, before Ray starts. Uses the running Ray if the caller initialised
+    one (the sweep driver), else connects to `ray_address` / $RAY_ADDRESS, else starts a local Ray (and shuts it
+    down at the end). fault_injection (tests): ``{"task": T, "times": N[, "checkpoint": name]}`` or a list of
+    them: the first N attempts of that pair raise.
+    """
+    t0 = time.time()
+    refs = resolve_tasks(list(tasks), data_dir)
+    specs = [s if isinstance(s, layout.CheckpointSpec) else layout.CheckpointSpec.from_dict(s) for s in specs]
+    _check_specs(specs)
+    faults = _fault(fault_injection)
+    if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
+        raise ConfigError(f"subsample must be a positive int or None, got {subsample!r}")
+    if any(r.kind == "local" for r in refs):
+        from embed_core.paths import data_dir as resolve_data_dir
+        data_dir = str(resolve_data_dir(data_dir))
+    root = Path(results_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    summary = EvalSummary(results_root=str(root), quick=bool(quick or subsample))
+
+    plan = []
+    for spec in specs:
+        rev = _run_revision(_base_revision(spec), quick, subsample)
+        rev_dir = layout.result_dir(root, spec.name, rev)
+        for ref in refs:
+            item = {"checkpoint": spec.name, "task": ref.name, "revision": rev}
+            if not overwrite and _is_done(rev_dir, ref):
+                summary.skipped.append(item)
+                summary.scores.setdefault(spec.name, {})[ref.name] = _main_score(rev_dir / f"{ref.name}.json")
+                continue
+            fault = next((f for f in faults if f["task"] == ref.name and f.get("checkpoint", spec.name) == spec.name),
+                         None)
+            plan.append((spec, ref, rev, item, fault))
+    _say(f"{len(specs)} checkpoints x {len(refs)} tasks: {len(plan)} to run, {len(summary.skipped)} already done"
+         + (" (quick subsamples: NOT comparable to MTEB)" if summary.quick else ""), show_progress)
+    if plan:
+        _run_plan(plan, root, summary, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, quick=quick,
+                  subsample=subsample, seed=seed, batch_size=batch_size, data_dir=data_dir, ray_address=ray_address,
+                  show_progress=show_progress)
+    summary.wall_s = round(time.time() - t0, 2)
+    layout.atomic_write_json(root / SUMMARY_FILE, summary.to_dict())
+    shutil.rmtree(root / TMP_DIR, ignore_errors=True)
+    if summary.failed and raise_on_failure:
+        raise EvaluationFailed(summary)
+    return summary
+
+
+def _say(msg: str, show: bool = True) -> None:
+    if show:
+        print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
+def _main_score(path: Path) -> float:
+    obj = json.loads(path.read_text())
+    vals = [float(e["main_score"]) for split in obj["scores"].values() for e in split]
+    return float(sum(vals) / len(vals))
+
+
+def _run_plan(plan, root: Path, summary: EvalSummary, *, num_cpus, num_gpus, max_retries, quick, subsample, seed,
+              batch_size, data_dir, ray_address, show_progress) -> None:
+    import ray
+
+    started = False
+    num_cpus_local = int(os.environ["EMBED_EVAL_RAY_CPUS"]) if os.environ.get("EMBED_EVAL_RAY_CPUS") else None
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            # a new local instance (not whatever `ray start` cluster this machine may run): address="local"
+            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus_local)
+            started = True
+    try:
+        remote = ray.remote(_evaluate_one).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+                                                   retry_exceptions=True)
+        futures = {}
+        for spec, ref, rev, item, fault in plan:
+            fut = remote.remote(spec.to_dict(), ref, str(root), rev, _task_subsample(ref, quick, subsample),
+                                bool(quick or subsample), seed, batch_size, data_dir, num_gpus > 0, fault)
+            futures[fut] = item
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(futures), desc="MTEB evaluation", unit="task", file=sys.stderr)
+        pending = list(futures)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for fut in ready:
+                item = dict(futures[fut])
+                try:
+                    out = ray.get(fut)
+                    item.update(out)
+                    summary.done.append(item)
+                    summary.scores.setdefault(item["checkpoint"], {})[item["task"]] = out["score"]
+                except Exception as err:  # noqa: BLE001 - recorded, the others continue
+                    item["error"] = _root_cause(err)
+                    summary.failed.append(item)
+                    _say(f"FAILED {item['checkpoint']} / {item['task']} after {max_retries} retries: {item['error']}",
+                         True)
+                if bar is not None:
+                    bar.set_postfix(failed=len(summary.failed))
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _root_cause(err: BaseException) -> str:
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+
+
+# ====================================================================================== worker side
+def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, revision: str, subsample: int | None, quick: bool,
+                  seed: int, batch_size: int, data_dir: str | None, use_gpu: bool, fault: dict | None) -> dict:
+    """One (checkpoint, task) on a Ray worker: mteb.evaluate into a private temp cache, per-instance scores from
+    mteb's saved predictions (checked against the main score), then the files moved into the layout."""
+    t0 = time.time()
+    spec = layout.CheckpointSpec.from_dict(spec_d)
+    root_p = Path(root)
+    if fault:
+        _inject_fault(root_p, spec.name, ref.name, int(fault.get("times", 1)))
+    import mteb
+    import torch
+
+    from embed_core.mteb_encoder import cached
+
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    enc = cached(_load_encoder(spec, revision, batch_size, device))
+    task = ref.build(data_dir, subsample=subsample, seed=seed)
+    tmp = root_p / TMP_DIR / uuid.uuid4().hex
+    try:
+        res = mteb.evaluate(enc, [task], cache=mteb.ResultCache(tmp / "cache"), prediction_folder=tmp / "pred",
+                            overwrite_strategy="always", show_progress_bar=False, co2_tracker=False,
+                            raise_error=True, encode_kwargs={"batch_size": batch_size})
+        (tr,) = res.task_results
+        src = layout.result_dir(tmp / "cache" / "results", spec.name, revision)
+        task_json = src / f"{ref.name}.json"
+        if not task_json.is_file():
+            raise RuntimeError(f"mteb wrote no result file {task_json}")
+        preds = json.loads((tmp / "pred" / f"{ref.name}_predictions.json").read_text())
+        task.load_data()  # mteb unloads the data after evaluating; the gold labels are needed
+        insts = instance_scores(task, tr, preds)
+        dest = layout.result_dir(root_p, spec.name, revision)
+        dest.mkdir(parents=True, exist_ok=True)
+        for inst in insts:
+            inst.write(dest)
+        labels = spec.labels
+        if quick:
+            labels = dataclasses.replace(labels, extra={**labels.extra, "subsample": subsample,
+                                                        "comparable_to_mteb": False})
+        if spec.path != REFERENCE_PATH and not labels.checkpoint:
+            labels = dataclasses.replace(labels, checkpoint=spec.path)
+        labels.write(dest)
+        if (src / "model_meta.json").is_file():
+            layout.atomic_write_json(dest / "model_meta.json", json.loads((src / "model_meta.json").read_text()))
+        layout.atomic_write_json(dest / f"{ref.name}.json", json.loads(task_json.read_text()))  # last: "done"
+        score = _main_score(dest / f"{ref.name}.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"score": score, "main_score": ref.main_score, "instances": sum(len(i.ids) for i in insts),
+            "cache_hits": enc.hits, "texts_encoded": enc.misses, "wall_s": round(time.time() - t0, 2),
+            "subsample": subsample, "node": os.uname().nodename, "device": device}
+
+
+def _inject_fault(root: Path, checkpoint: str, task: str, times: int) -> None:
+    counter = root / TMP_DIR / "faults" / f"{layout.model_dir_name(checkpoint)}__{task}.count"
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    n = int(counter.read_text()) + 1 if counter.is_file() else 1
+    counter.write_text(str(n))
+    if n <= times:
+        raise RuntimeError(f"injected fault {n}/{times} for {checkpoint} / {task}")
+
+
+def _load_encoder(spec: layout.CheckpointSpec, revision: str, batch_size: int, device: str):
+    if spec.path == REFERENCE_PATH:
+        from embed_core.reference_encoder import minilm_reference_encoder
+        enc = minilm_reference_encoder(name=spec.name, device=device)
+        enc.mteb_model_meta = enc.mteb_model_meta.model_copy(update={"revision": revision})
+        enc.cache_context = lambda task_metadata, prompt_type: ""  # no instructions: one embedding per text
+        return enc
+    from embed_core.model import EmbeddingModel
+    from embed_core.mteb_encoder import make_encoder
+    model = EmbeddingModel.load(spec.path, device=device)
+    return make_encoder(model, name=spec.name, revision=revision, batch_size=batch_size)
+
+
+# ====================================================================================== per-instance scores
+def _instance_kind(task_type: str, main_score: str) -> str | None:
+    """How instances make the main score (layout.AGGREGATES), or None when it is not decomposable."""
+    if task_type == "STS":
+        return "pearson" if main_score.endswith("pearson") else "spearman"
+    if task_type == "Classification":
+        return "mean" if main_score == "accuracy" else None
+    if task_type == "PairClassification":
+        return "average_precision" if main_score.endswith("ap") else None
+    if task_type in ("Retrieval", "Reranking"):
+        return "mean" if _trec_measure(main_score) else None
+    return None  # Clustering: v-measure of a clustering, not a mean over documents
+
+
+def _trec_measure(main_score: str) -> str | None:
+    name, _, k = main_score.rpartition("_at_")
+    return {"ndcg": f"ndcg_cut.{k}", "map": f"map_cut.{k}", "recall": f"recall.{k}", "precision": f"P.{k}"}.get(name)
+
+
+def instance_scores(task, task_result, predictions: dict) -> list[layout.InstanceScores]:
+    """Per-instance scores of one evaluated task from mteb's saved predictions and the task's gold data.
+
+    STS: per-pair similarity (the main score's similarity) + gold score; classification (accuracy): per-example
+    correctness averaged over mteb's experiments; pair classification: per-pair similarity + 0/1 label (AP);
+    retrieval / reranking: per-query nDCG@k / MAP@k / recall@k from pytrec_eval on mteb's ranking. Each set's
+    aggregate must equal mteb's main score (DataError otherwise). Clustering gives none (v-measure is not a
+    per-document quantity)."""
+    import numpy as np
+
+    md = task.metadata
+    ttype, main = str(md.type), str(md.main_score)
+    kind = _instance_kind(ttype, main)
+    if kind is None:
+        return []
+    out = []
+    for split, entries in task_result.scores.items():
+        for entry in entries:
+            subset = entry.get("hf_subset", "default")
+            value = float(entry["main_score"])
+            pred_split = predictions[subset][split]
+            data = task.dataset[subset][split] if subset in task.dataset else task.dataset[split]
+            common = dict(task=md.name, task_type=ttype, split=split, subset=subset, main_score=main, value=value,
+                          aggregate=kind)
+            if ttype == "STS":
+                key = {"cosine": "cosine_scores", "manhattan": "manhattan_distances",
+                       "euclidean": "euclidean_distances"}.get(main.split("_")[0], "similarity_scores")
+                pred = [float(x) for x in pred_split[key]]
+                gold = [float(x) for x in data["score"]]
+                inst = layout.InstanceScores(**common, ids=[str(i) for i in range(len(gold))], pred=pred, gold=gold)
+            elif ttype == "Classification":
+                gold = np.asarray(task.dataset[subset][split][task.label_column_name]
+                                  if subset in task.dataset else data[task.label_column_name])
+                runs = np.asarray(pred_split)
+                correct = (runs == gold[None, :]).mean(axis=0)
+                inst = layout.InstanceScores(**common, ids=[str(i) for i in range(len(gold))],
+                                             values=[float(x) for x in correct])
+            elif ttype == "PairClassification":
+                gold = [float(x) for x in data[task.label_column_name]]
+                inst = None
+                for key in ("cosine_scores", "similarity_scores", "dot_scores", "euclidean_distances",
+                            "manhattan_distances"):
+                    for sign in (1.0, -1.0):
+                        if key not in pred_split:
+                            continue
+                        cand = layout.InstanceScores(**common, ids=[str(i) for i in range(len(gold))],
+                                                     pred=[sign * float(x) for x in pred_split[key]], gold=gold)
+                        if abs(cand.score() - value) <= 1e-6:
+                            inst = cand
+                            break
+                    if inst is not None:
+                        break
+                if inst is None:
+                    raise DataError(f"{md.name}/{split}: no similarity in mteb's predictions reproduces {main} = {value}")
+            else:
+                import pytrec_eval
+                qrels = {str(q): {str(d): int(s) for d, s in docs.items()}
+                         for q, docs in data["relevant_docs"].items()}
+                measure = _trec_measure(main)
+                run = {str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in pred_split.items()}
+                ev = pytrec_eval.RelevanceEvaluator(qrels, {measure.split(".")[0]})
+                per_q = ev.evaluate(run)
+                field_name = measure.replace(".", "_")
+                qids = sorted(per_q)
+                inst = layout.InstanceScores(**common, ids=qids, values=[float(per_q[q][field_name]) for q in qids])
+            tol = _TOL.get(ttype, 1e-6)
+            got = inst.score()
+            if not (abs(got - value) <= tol):
+                raise DataError(f"{md.name}/{subset}/{split}: the per-instance scores give {main} = {got:.8f} but mteb's "
+                                f"main score is {value:.8f} (tolerance {tol}): the instances do not reproduce it")
+            out.append(inst)
+    return out
+
+
+# ====================================================================================== CLI
+def specs_from_args(paths: Sequence[str], reference: bool = False) -> list[layout.CheckpointSpec]:
+    """Checkpoint specs from checkpoints.json files, sweep folders and saved EmbeddingModel folders."""
+    specs: list[layout.CheckpointSpec] = []
+    for p in paths:
+        path = Path(os.path.expanduser(p))
+        if path.is_file() or (path.is_dir() and (path / layout.CHECKPOINTS_FILE).is_file()):
+            specs.extend(layout.read_checkpoints(path))
+        elif path.is_dir() and (path / "embed_config.json").is_file():
+            meta = json.loads((path / "embed_config.json").read_text())
+            cfg = meta.get("config", {})
+            specs.append(layout.CheckpointSpec(
+                name=f"embed-sweeps/{path.resolve().name}", path=str(path.resolve()),
+                labels=layout.RunLabels(config=layout.config_id(cfg.get("pooling", "?"), cfg.get("attention", "?")),
+                                        base_model=str(cfg.get("base_model", "")), pooling=cfg.get("pooling", ""),
+                                        attention=cfg.get("attention", ""), lora_r=cfg.get("lora_r"),
+                                        checkpoint=str(path.resolve()))))
+        else:
+            raise ConfigError(f"--checkpoints: {p!r} is neither a checkpoints.json, a sweep folder holding one, nor a "
+                              f"saved EmbeddingModel folder (embed_config.json)")
+    if reference:
+        specs.append(reference_spec())
+    return specs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from embed_core.mteb_tasks import LOCAL_TASKS
+
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", nargs="*", default=[], metavar="PATH",
+                   help="checkpoints.json, sweep folders, or saved EmbeddingModel folders")
+    p.add_argument("--reference", action="store_true", help="also evaluate the all-MiniLM-L6-v2 reference")
+    p.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS),
+                   help="local task names, official mteb task names, or task spec files (.yaml/.json); "
+                        "default: the six local tasks")
+    p.add_argument("--results", default=None, help="results folder (default: <sweep folder>/results for one sweep)")
+    p.add_argument("--quick", action="store_true", help="small subsamples of the local tasks (NOT comparable to MTEB)")
+    p.add_argument("--subsample", type=int, default=None, help="subsample size for every local task")
+    p.add_argument("--num-cpus", type=float, default=1)
+    p.add_argument("--num-gpus", type=float, default=0, help="per Ray task; fractions share a GPU (e.g. 0.25)")
+    p.add_argument("--max-retries", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true", help="re-run pairs whose results exist")
+    p.add_argument("--data-dir", default=None, help="shared data folder (default $EMBED_DATA_DIR or ../shared/data)")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the summary (scores) to FILE")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        specs = specs_from_args(args.checkpoints, args.reference)
+        results = args.results
+        if results is None:
+            sweeps = [Path(c) for c in args.checkpoints if Path(c).is_dir() and (Path(c) / layout.CHECKPOINTS_FILE).is_file()]
+            if len(sweeps) != 1 or len(args.checkpoints) != 1:
+                raise ConfigError("--results is required unless --checkpoints is one sweep folder")
+            results = str(sweeps[0] / layout.RESULTS_DIR)
+        summary = evaluate_checkpoints(specs, args.tasks, results, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                                       max_retries=args.max_retries, quick=args.quick, subsample=args.subsample,
+                                       seed=args.seed, batch_size=args.batch_size, show_progress=not args.no_progress,
+                                       overwrite=args.overwrite, data_dir=args.data_dir, ray_address=args.address,
+                                       raise_on_failure=False)
+    except EmbedCoreError as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        layout.atomic_write_json(args.json, summary.to_dict())
+    print(_table(summary))
+    if summary.failed:
+        print(str(EvaluationFailed(summary)), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _table(summary: EvalSummary) -> str:
+    tasks = sorted({t for s in summary.scores.values() for t in s})
+    lines = [f"results: {summary.results_root}" + ("  (quick subsamples: NOT comparable to MTEB)" if summary.quick else ""),
+             "checkpoint".ljust(40) + "".join(t[:14].rjust(16) for t in tasks)]
+    for name, sc in summary.scores.items():
+        lines.append(name[:40].ljust(40) + "".join((f"{100 * sc[t]:.2f}" if t in sc else "-").rjust(16) for t in tasks))
+    lines.append(f"{len(summary.done)} run, {len(summary.skipped)} skipped (done before), {len(summary.failed)} failed; "
+                 f"{summary.wall_s:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # pragma: no cover
+        traceback.print_exc()
+        sys.exit(130)
