@@ -480,9 +480,9 @@ def status_text(sweep_dir: str | os.PathLike) -> str:
 # ====================================================================================== evaluate / report stages
 def check_evaluation_tasks(sweep: SweepConfig) -> None:
     """Resolve the evaluation tasks (names, spec files) now: a bad task fails before any worker starts."""
-    from .evaluate import resolve_tasks
+    from embed_core.task_spec import resolve_tasks
 
-    resolve_tasks(sweep.evaluation.tasks)
+    resolve_tasks(sweep.evaluation.tasks, data_dir=sweep.evaluation.options.get("data_dir"))
 
 
 def evaluate_stage(sweep: SweepConfig):
@@ -492,8 +492,9 @@ def evaluate_stage(sweep: SweepConfig):
     sweep_dir = sweep.sweep_dir
     specs = layout.read_checkpoints(sweep_dir)
     if sweep.evaluation.reference:
-        specs.append(layout.CheckpointSpec(name="reference/all-MiniLM-L6-v2", path="reference:all-MiniLM-L6-v2",
-                                           labels=layout.RunLabels(config="reference:all-MiniLM-L6-v2")))
+        from .evaluate import reference_spec
+
+        specs.append(reference_spec())
     if not specs:
         raise RuntimeError(f"no checkpoint to evaluate in {sweep_dir / layout.CHECKPOINTS_FILE}: did every trial fail?")
     e = sweep.evaluation
@@ -537,6 +538,8 @@ def run_pipeline(sweep: SweepConfig, resume: bool = False, stages: tuple[str, ..
                  ray_address: str | None = None, ray_init_kwargs: dict | None = None) -> dict[str, Any]:
     """prepare -> train -> evaluate -> report (each stage skipped when not in `stages`)."""
     t0 = time.time()
+    if "evaluate" in stages:
+        check_evaluation_tasks(sweep)  # a bad task name or spec fails now, not after hours of training
     sweep_dir = prepare(sweep, resume=resume or "train" not in stages)
     _say(f"sweep {sweep.name}: {sweep_dir}")
     out: dict[str, Any] = {"sweep_dir": str(sweep_dir)}

@@ -95,6 +95,12 @@ def test_config_errors_exit_2_before_ray_starts(tmp_path, tiny) -> None:
     p = run_cli("run", str(cfg), timeout=120)
     assert p.returncode == 2 and "missing.jsonl" in p.stderr
     assert not (tmp_path / "runs" / "nodata" / "tune").exists()
+    # a bad evaluation task fails the run before training, not after hours of it
+    cfg = write_config(tmp_path / "notask.yaml", tiny, tmp_path / "runs", "notask", ["eos_last+causal"],
+                       evaluation={"tasks": ["STSBenchmark", str(tmp_path / "missing_task.yaml")]})
+    p = run_cli("run", str(cfg), timeout=120)
+    assert p.returncode == 2 and "missing_task.yaml" in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path / "runs" / "notask").exists()
 
 
 def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path, tiny) -> None:
