@@ -80,7 +80,8 @@ class EmbedConfig:
         padding and a per-document attention mask (embed_core.packing); same vectors as the padded path.
         Packing with ``sdpa`` / ``eager`` uses a dense [T, T] mask (fine on CPU, slow on GPU): pair it with
         ``flex_attention`` on GPU.
-    pack_tokens: token budget of one packed row (encode and training chunks); >= max_length.
+    pack_tokens: token budget of one packed row in `encode`; >= max_length.
+    compile: torch.compile each decoder layer (dynamic shapes) on the first forward on a GPU; CPU stays eager.
     """
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -105,6 +106,7 @@ class EmbedConfig:
     truncate_layers: int | None = None
     packing: bool = False
     pack_tokens: int = 16384
+    compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -143,6 +145,8 @@ class EmbedConfig:
             raise ConfigError(f"max_length must be >= 2 (room for one token and EOS), got {self.max_length}")
         if not isinstance(self.packing, bool):
             raise ConfigError(f"packing must be true or false, got {self.packing!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
         if isinstance(self.pack_tokens, bool) or not isinstance(self.pack_tokens, int) or self.pack_tokens < self.max_length:
             raise ConfigError(f"pack_tokens must be an int >= max_length ({self.max_length}): one packed row must hold "
                               f"the longest text, got {self.pack_tokens!r}")

@@ -45,12 +45,20 @@ class PackedBatch:
         return self.starts + self.lengths - 1
 
     def to(self, device, non_blocking: bool = True) -> "PackedBatch":
-        f = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
-             for k, v in self.__dict__.items()}
-        return PackedBatch(**f)
-
-    def pin_memory(self) -> "PackedBatch":
-        return PackedBatch(**{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        """One host->device copy: every index tensor (all int64) goes in one flat buffer, pinned when the target
+        is a GPU, so the copy is asynchronous and costs one transfer, not eight."""
+        device = torch.device(device)
+        names = [k for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)]
+        tensors = [getattr(self, k) for k in names]
+        if all(t.device == device for t in tensors):
+            return self
+        flat = torch.cat([t.reshape(-1).to(torch.long) for t in tensors])
+        if device.type == "cuda" and flat.device.type == "cpu":
+            flat = flat.pin_memory()
+        parts = flat.to(device, non_blocking=non_blocking).split([t.numel() for t in tensors])
+        fields = dict(self.__dict__)
+        fields.update({k: p.view(t.shape) for k, p, t in zip(names, parts, tensors)})
+        return PackedBatch(**fields)
 
 
 def pack_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int = 1) -> PackedBatch:
@@ -190,8 +198,17 @@ def flex_attention_forward(module, query, key, value, attention_mask, scaling=No
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if dropout and module.training:
         raise ValueError("attention dropout is not supported on the packed FlexAttention path: set it to 0")
-    out = _flex_fn(query.is_cuda)(query, key, value, block_mask=attention_mask, scale=scaling,
-                                  enable_gqa=query.shape[1] != key.shape[1])
+    gqa = query.shape[1] != key.shape[1]
+    if not query.is_cuda and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        # FlexAttention has no CPU backward: the same mask, materialised, through SDPA (CPU tests only)
+        from torch.nn.attention.flex_attention import create_mask
+
+        t = query.shape[2]
+        dense = create_mask(attention_mask.mask_mod, 1, 1, t, t, device=query.device)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense, scale=scaling,
+                                                               enable_gqa=gqa)
+    else:
+        out = _flex_fn(query.is_cuda)(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
