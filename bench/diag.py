@@ -1,4 +1,7 @@
-"""Diagnostics for the packed path (where does a step's time go?). python -m bench.diag"""
+"""Diagnostics of the packed path on the GPU: per-call time, pack+copy time, block-mask time, profiler tables.
+
+    python -m bench.diag
+"""
 import random, time, torch, json, sys
 from bench.perf import build, ids_of, load_lengths, qwen2_05b
 import torch._dynamo as dynamo

@@ -10,12 +10,15 @@ written by bench/make_lengths.py), so the device needs no data set. Token ids ar
 
 Sections (each variant in the same process, one after the other; ratios are within this run):
   train_project_mix : 64 triplets of the real training mix. naive = every text padded to 512, SDPA,
-                      gradient checkpointing (as the paper's code); packed = one packed row per role,
-                      FlexAttention document masks, no checkpointing; packed at 256 / 512 triplets too.
+                      gradient checkpointing, one forward per role (as the paper's code); packed = packed
+                      rows, FlexAttention document masks, no checkpointing: one row per role, then all roles
+                      merged in one row (gradcache.merged_batch_step), then + compile (EmbedConfig.compile);
+                      at 64 / 256 / 512 triplets.
   train_issue_mix   : the issue's synthetic mix (queries 8-48 tokens, documents log-normal median 110,
                       capped 512), naive vs packed at 64 triplets.
   gradcache_2048    : GradCache (packed, chunks of 512 texts) at 2048 triplets of the real mix.
-  encode            : 8192 texts drawn from the evaluation tasks' real texts: naive (batches of 64 padded
+  encode            : (--encode-compile: every variant with compiled decoder layers)
+                      8192 texts drawn from the evaluation tasks' real texts: naive (batches of 64 padded
                       to 512), the project's old encode (length-sorted, padded per batch of 64) and the
                       packed encode (length-sorted, rows of 16k tokens, FlexAttention).
   profile           : torch.profiler top kernels of one packed training step (512 triplets).
@@ -328,7 +331,7 @@ def section_encode(args, results):
     m = build(args, "flex_attention", packing=True, compile=args.encode_compile)  # padded inputs: SDPA path
     rows = []
     for name, mode in (("naive padded-512, batch 64", "padded512"), ("sorted padded, batch 64 (old encode)", "sorted"),
-                       ("packed flex, 16k-token rows", "packed"), ("packed flex (2nd run, compiled)", "packed")):
+                       ("packed flex, 16k-token rows", "packed"), ("packed flex (steady state)", "packed")):
         rows.append(guarded(lambda: encode_variant(args, name, m, ids, mode), name))
     embs = [r.pop("_emb", None) for r in rows]
     if embs[0] is not None and embs[-1] is not None:
