@@ -237,10 +237,14 @@ def load_backbone(source: BackboneSource, cfg: EmbedConfig, dtype: torch.dtype) 
 
     # a truncated config loads only the kept layers; the skipped layers' weights are expected to be left over
     extra = {"config": load_config(source, cfg)} if cfg.truncate_layers is not None else {}
+    impl = cfg.attn_implementation
+    if impl == "flex_attention":  # our own FlexAttention function (packed BlockMask; SDPA for 4D masks)
+        from .packing import register_flex
+        impl = register_flex()
     try:
         with _quiet_transformers() if extra else contextlib.nullcontext():
             model = AutoModel.from_pretrained(
-                source.path, revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                source.path, revision=cfg.revision, dtype=dtype, attn_implementation=impl,
                 trust_remote_code=cfg.trust_remote_code, **source.kwargs(), **extra,
             )
     except (OSError, ValueError) as e:

@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 POOLINGS = ("eos_last", "mean", "last_layer_trainable", "multi_layer_trainable")
 ATTENTIONS = ("causal", "bidirectional")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 PADDING_SIDES = ("left", "right")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -75,6 +75,13 @@ class EmbedConfig:
     lora_target_modules: module-name suffixes; None = all attention and MLP projections found.
     truncate_layers: keep only the first N decoder layers (depth truncation for quick CPU runs;
         None keeps all). A truncated model is a different model: results say so.
+    attn_implementation: ``sdpa`` | ``eager`` | ``flex_attention`` (the fast packed path on GPU).
+    packing: `encode` packs the (length-sorted) texts into rows of up to ``pack_tokens`` tokens with no
+        padding and a per-document attention mask (embed_core.packing); same vectors as the padded path.
+        Packing with ``sdpa`` / ``eager`` uses a dense [T, T] mask (fine on CPU, slow on GPU): pair it with
+        ``flex_attention`` on GPU.
+    pack_tokens: token budget of one packed row in `encode`; >= max_length.
+    compile: torch.compile each decoder layer (dynamic shapes) on the first forward on a GPU; CPU stays eager.
     """
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -97,6 +104,9 @@ class EmbedConfig:
     query_template: str = DEFAULT_QUERY_TEMPLATE
     trust_remote_code: bool = False
     truncate_layers: int | None = None
+    packing: bool = False
+    pack_tokens: int = 16384
+    compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,6 +143,13 @@ class EmbedConfig:
             raise ConfigError(f"truncate_layers must be an int >= 1 or None (all layers), got {self.truncate_layers!r}")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2 (room for one token and EOS), got {self.max_length}")
+        if not isinstance(self.packing, bool):
+            raise ConfigError(f"packing must be true or false, got {self.packing!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        if isinstance(self.pack_tokens, bool) or not isinstance(self.pack_tokens, int) or self.pack_tokens < self.max_length:
+            raise ConfigError(f"pack_tokens must be an int >= max_length ({self.max_length}): one packed row must hold "
+                              f"the longest text, got {self.pack_tokens!r}")
         if "{text}" not in self.query_template or "{instruction}" not in self.query_template:
             raise ConfigError("query_template must contain both '{instruction}' and '{text}'")
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import attention as attn
+from . import packing as pk
 from .backbone import Preflight, load_backbone, load_tokenizer, preflight, prepare_tokenizer, torch_dtype
 from .config import EmbedConfig, read_versioned_json
 from .errors import ConfigError
@@ -39,7 +40,10 @@ def _apply_lora(backbone: nn.Module, cfg: EmbedConfig, targets: list[str]) -> nn
 
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.effective_lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none")
-    return get_peft_model(backbone, lcfg)
+    # adapters in the backbone's dtype: peft's default up-casts them to fp32 on a bf16 model, which turns every
+    # LoRA matmul into an fp32 GEMM plus two casts of the activations (DeepSpeed's bf16 engine casts them back
+    # to bf16 anyway; plain-PyTorch training and encoding paid for it)
+    return get_peft_model(backbone, lcfg, autocast_adapter_dtype=False)
 
 
 class EmbeddingModel(nn.Module):
@@ -89,11 +93,58 @@ class EmbeddingModel(nn.Module):
     def embedding_dim(self) -> int:
         return self.info["hidden_size"]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids [B,T] + padding mask [B,T] -> embeddings [B,H] (not normalised)."""
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                packed: pk.PackedBatch | None = None) -> torch.Tensor:
+        """Token ids [B,T] + padding mask [B,T] -> embeddings [B,H] (not normalised); or, with `packed`
+        (embed_core.packing), the n packed documents -> [n,H], the same vectors without padding."""
+        self.maybe_compile()
+        if packed is not None:
+            return self.forward_packed(packed)
         kwargs = attn.backbone_inputs(input_ids, attention_mask, self.bidirectional, self.dtype)
         out = self.backbone(**kwargs, output_hidden_states=self.pooler.needs_all_layers, return_dict=True)
         return self.pooler(out.last_hidden_state, attention_mask, hidden_states=out.hidden_states)
+
+    def forward_packed(self, packed: pk.PackedBatch) -> torch.Tensor:
+        """One packed row: position ids restart per document, and an explicit per-document mask (a BlockMask
+        under flex_attention, else a dense 4D mask) keeps documents apart, causal or bidirectional."""
+        mask = pk.packed_attention_mask(packed, causal=not self.bidirectional,
+                                        attn_implementation=self.cfg.attn_implementation, dtype=self.dtype)
+        out = self.backbone(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                            use_cache=False, output_hidden_states=self.pooler.needs_all_layers, return_dict=True)
+        return self.pooler.forward_packed(out.last_hidden_state, packed, hidden_states=out.hidden_states)
+
+    def compile_layers(self) -> int:
+        """torch.compile every decoder layer (dynamic shapes: packed rows vary in length); fuses the elementwise
+        work and cuts the per-kernel host overhead that dominates small LoRA models. Returns how many."""
+        n = 0
+        for module in self.backbone.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                module.compile(dynamic=True)
+                n += 1
+        if n == 0:
+            raise RuntimeError(f"compile: no *DecoderLayer module found in {type(self.backbone).__name__}")
+        return n
+
+    def maybe_compile(self) -> None:
+        """Apply cfg.compile once, on the first forward on a GPU (CPU runs stay eager)."""
+        if self.cfg.compile and not getattr(self, "_compiled", False) and self.device.type == "cuda":
+            self.compile_layers()
+            self._compiled = True
+
+    @property
+    def pack_multiple(self) -> int:
+        """Packed rows are rounded up to this many tokens (FlexAttention's block size; 1 for dense masks)."""
+        return pk.FLEX_BLOCK if self.cfg.attn_implementation == "flex_attention" else 1
+
+    def pack(self, ids: Sequence[Sequence[int]]) -> pk.PackedBatch:
+        """Token-id lists (as from `token_ids`) -> one PackedBatch on the host (`.to(device)` moves it)."""
+        return pk.pack_ids(ids, self.tokenizer.pad_token_id, self.pack_multiple)
+
+    def token_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """Tokenise with truncation and EOS appended (exactly the rows `tokenize` pads), no padding."""
+        return eos_rows(self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
+                                       max_length=(max_length or self.cfg.max_length) - 1)["input_ids"],
+                        self.tokenizer, max_length or self.cfg.max_length)
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -117,6 +168,10 @@ class EmbeddingModel(nn.Module):
         if show_progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="encode", unit="batch")
+        if self.cfg.packing:
+            self._encode_packed(eos_rows(ids, self.tokenizer, self.cfg.max_length), order, out, normalize)
+            self.train(was_training)
+            return out
         for start in batches:
             idx = order[start:start + batch_size]
             enc = pad_ids([ids[i] for i in idx], self.tokenizer, self.cfg.max_length)
@@ -126,6 +181,31 @@ class EmbeddingModel(nn.Module):
             out[idx] = emb.cpu().numpy()
         self.train(was_training)
         return out
+
+    def _encode_packed(self, rows: list[list[int]], order: np.ndarray, out: np.ndarray, normalize: bool) -> None:
+        """Length-sorted texts packed into rows of <= cfg.pack_tokens tokens. The next row is packed and copied
+        (pinned, non-blocking) while the GPU runs the current one; results come back once, at the end."""
+        groups, cur, used = [], [], 0
+        for i in order:
+            n = len(rows[i])
+            if cur and used + n > self.cfg.pack_tokens:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(int(i))
+            used += n
+        if cur:
+            groups.append(cur)
+        results = []
+        nxt = self.pack([rows[i] for i in groups[0]]).to(self.device)
+        for g, idx in enumerate(groups):
+            packed = nxt
+            emb = self(packed=packed).float()
+            if g + 1 < len(groups):
+                nxt = self.pack([rows[i] for i in groups[g + 1]]).to(self.device)
+            if normalize:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            results.append(emb)
+        out[np.concatenate([np.asarray(g) for g in groups])] = torch.cat(results).cpu().numpy()
 
     # ------------------------------------------------------------------ reporting
     def parameter_report(self) -> dict[str, int]:
@@ -185,7 +265,8 @@ class EmbeddingModel(nn.Module):
         backbone = load_backbone(pre.source, cfg, dtype)
         if cfg.lora_r > 0:
             from peft import PeftModel
-            backbone = PeftModel.from_pretrained(backbone, str(path / ADAPTER_DIR), is_trainable=trainable)
+            backbone = PeftModel.from_pretrained(backbone, str(path / ADAPTER_DIR), is_trainable=trainable,
+                                                 autocast_adapter_dtype=False)
         else:
             backbone.requires_grad_(False)
         pooler = build_pooling(cfg, pre.hidden_size, pre.num_layers).to(dtype)
@@ -234,15 +315,22 @@ def fingerprint(adapter_state: dict, head_state: dict, cfg: EmbedConfig) -> str:
 
 
 # ---------------------------------------------------------------------- tokenisation helpers
-def pad_ids(ids: Sequence[Sequence[int]], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
-    """Append EOS (unless already last), truncate to max_length keeping EOS, pad on the tokenizer's side."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+def eos_rows(ids: Sequence[Sequence[int]], tokenizer, max_length: int) -> list[list[int]]:
+    """Append EOS (unless already last), truncate to max_length keeping EOS."""
+    eos = tokenizer.eos_token_id
     rows = []
     for x in ids:
         x = list(x)[: max_length - 1]
         if not x or x[-1] != eos:
             x.append(eos)
         rows.append(x)
+    return rows
+
+
+def pad_ids(ids: Sequence[Sequence[int]], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Append EOS (unless already last), truncate to max_length keeping EOS, pad on the tokenizer's side."""
+    pad = tokenizer.pad_token_id
+    rows = eos_rows(ids, tokenizer, max_length)
     t = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), t), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), t), dtype=torch.long)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import EmbedConfig
 from .errors import ConfigError
+from .packing import PackedBatch, packed_eos_last, packed_mean, unpack
 
 
 def head_dims(cfg: EmbedConfig, hidden: int) -> tuple[int, int, int]:
@@ -63,6 +64,12 @@ class PoolingHead(nn.Module):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def forward_packed(self, last_hidden: torch.Tensor, pack: PackedBatch, hidden_states=None) -> torch.Tensor:
+        """The same vectors from packed states [1, T, H] (see embed_core.packing): by default the states are
+        unpacked into a right-padded [n, Lmax, H] view and `forward` runs on it."""
+        hs = tuple(unpack(h, pack) for h in hidden_states) if hidden_states is not None else None
+        return self(unpack(last_hidden, pack), pack.pad_mask, hidden_states=hs)
+
 
 class EosLastPooling(PoolingHead):
     name = "eos_last"
@@ -70,12 +77,18 @@ class EosLastPooling(PoolingHead):
     def forward(self, last_hidden, attention_mask, hidden_states=None):
         return eos_last(last_hidden, attention_mask)
 
+    def forward_packed(self, last_hidden, pack, hidden_states=None):
+        return packed_eos_last(last_hidden, pack)
+
 
 class MeanPooling(PoolingHead):
     name = "mean"
 
     def forward(self, last_hidden, attention_mask, hidden_states=None):
         return masked_mean(last_hidden, attention_mask)
+
+    def forward_packed(self, last_hidden, pack, hidden_states=None):
+        return packed_mean(last_hidden, pack)
 
 
 class LatentCrossAttention(nn.Module):
@@ -145,6 +158,16 @@ class MultiLayerTrainablePooling(PoolingHead):
             raise ValueError("multi_layer_trainable pooling needs all hidden states (output_hidden_states=True)")
         vecs = self.layer_vectors(hidden_states, attention_mask).to(self.layer_embed.dtype) + self.layer_embed
         return self.attn(vecs)
+
+    def forward_packed(self, last_hidden, pack, hidden_states=None):
+        if hidden_states is None:
+            raise ValueError("multi_layer_trainable pooling needs all hidden states (output_hidden_states=True)")
+        layers = hidden_states[1:]
+        if len(layers) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layer outputs, got {len(layers)}")
+        pool = packed_eos_last if self.causal else packed_mean
+        vecs = torch.stack([pool(h, pack) for h in layers], dim=1)  # [n,L,H], no per-layer unpacking
+        return self.attn(vecs.to(self.layer_embed.dtype) + self.layer_embed)
 
 
 def build_pooling(cfg: EmbedConfig, hidden: int, num_layers: int) -> PoolingHead:

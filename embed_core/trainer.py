@@ -65,7 +65,7 @@ import torch.distributed as dist
 
 from .config import EmbedConfig, dataclass_from_dict, read_versioned_json
 from .errors import ConfigError, DataError
-from .gradcache import full_batch_step, grad_cache_step, iter_chunks
+from .gradcache import full_batch_step, grad_cache_step, iter_chunks, merged_batch_step
 from .loss import check_finite, dist_world, info_nce
 from .model import EmbeddingModel
 
@@ -133,6 +133,9 @@ class TrainConfig:
     max_bad_fraction: malformed JSONL rows tolerated per file (see embed_core.data.read_jsonl).
     precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
     length_grouping: batch examples of similar length together (less padding).
+    packing: embed packed rows (embed_core.packing: no padding, per-document attention masks) instead of
+        padded batches; without GradCache all roles go through ONE packed forward. Same loss and gradients;
+        pair with the model's ``attn_implementation="flex_attention"`` on GPU (and ``compile``).
     log_dir: TensorBoard directory (rank 0 writes); None disables TensorBoard.
     deepspeed_overrides: merged (recursively) into the generated DeepSpeed config, e.g.
         ``{"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}``; the batch-size and
@@ -161,6 +164,7 @@ class TrainConfig:
     max_bad_fraction: float = 0.01
     precision: str = "auto"
     length_grouping: bool = True
+    packing: bool = False
     log_dir: str | None = None
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -211,6 +215,8 @@ class TrainConfig:
             raise ConfigError(f"eval_every={self.eval_every} needs val_size >= 2 held-out examples, got {self.val_size}")
         if not _is_number(self.max_bad_fraction) or not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction!r}")
+        if not isinstance(self.packing, bool):
+            raise ConfigError(f"packing must be true or false, got {self.packing!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.model.lora_r == 0 and self.model.pooling in ("eos_last", "mean"):
@@ -564,11 +570,15 @@ class Trainer:
         self._writer = None
 
     # ------------------------------------------------------------------ one step
-    def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, Any]:
+        if self.tcfg.packing:  # token-id lists; each chunk is packed (and copied) in _embed
+            return {"ids": self.model.token_ids(texts)}
         enc = self.model.tokenize(texts)
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def _embed(self, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _embed(self, chunk: dict[str, Any]) -> torch.Tensor:
+        if "ids" in chunk:
+            return self.engine(packed=self.model.pack(chunk["ids"]).to(self.device))
         return self.engine(chunk["input_ids"], chunk["attention_mask"])
 
     def _loss(self, reps: dict[str, torch.Tensor]):
@@ -593,10 +603,13 @@ class Trainer:
         roles = {"query": self._tokenize(batch["queries"]), "positive": self._tokenize(batch["positives"])}
         if batch.get("negatives"):
             roles["negative"] = self._tokenize(batch["negatives"])
-        tokens = int(sum(r["attention_mask"].sum().item() for r in roles.values()))
+        if self.tcfg.packing:
+            tokens = sum(len(x) for r in roles.values() for x in r["ids"])
+        else:
+            tokens = int(sum(r["attention_mask"].sum().item() for r in roles.values()))
         chunk = self.tcfg.chunk_size
         if chunk is None:
-            step_fn, n_backward = full_batch_step, 1
+            step_fn, n_backward = (merged_batch_step if self.tcfg.packing else full_batch_step), 1
         else:
             step_fn = grad_cache_step
             n_backward = sum(len(iter_chunks(r, chunk, name)) for name, r in roles.items())

@@ -1,0 +1,220 @@
+"""Sequence packing: many texts in one row, no padding, with a per-document attention mask.
+
+A `PackedBatch` holds n documents concatenated into one row of ``total`` tokens (rounded up to a multiple
+of ``pad_to`` with filler tokens that form their own dummy document), position ids restarting at 0 for every
+document, and the indices needed to pool per document. The attention mask keeps every document to itself,
+causal or bidirectional:
+
+* ``flex_attention``: a FlexAttention `BlockMask` built directly from the document boundaries (block-level
+  sparsity computed with a few tensor ops, no dense [T, T] mask, no host sync), so the cost is the sum of
+  the documents' squared lengths, not the square of the row;
+* ``sdpa`` / ``eager``: a dense 4D additive block-diagonal mask (exact, O(T^2) memory: for CPU and tests).
+
+transformers passes a ready 4D mask (or BlockMask) through untouched; it infers packed documents from
+position ids only when no mask is given -- we always give one, so documents never attend to each other.
+
+This module imports torch only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+FLEX_BLOCK = 128
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor      # [1, T] long
+    position_ids: torch.Tensor   # [1, T] long, restarting per document
+    doc_ids: torch.Tensor        # [T] long, document index per token (n for the filler tail)
+    lengths: torch.Tensor        # [n] long, tokens per document
+    starts: torch.Tensor         # [n] long, first token of each document
+    gather_index: torch.Tensor   # [n, Lmax] long, token index of (doc, offset), clamped to the doc
+    pad_mask: torch.Tensor       # [n, Lmax] long, 1 where offset < length (a right-padded view)
+    num_real_tokens: int         # sum(lengths), known on the host
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        return self.starts + self.lengths - 1
+
+    def to(self, device, non_blocking: bool = True) -> "PackedBatch":
+        """One host->device copy: every index tensor (all int64) goes in one flat buffer, pinned when the target
+        is a GPU, so the copy is asynchronous and costs one transfer, not eight."""
+        device = torch.device(device)
+        names = [k for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)]
+        tensors = [getattr(self, k) for k in names]
+        if all(t.device == device for t in tensors):
+            return self
+        flat = torch.cat([t.reshape(-1).to(torch.long) for t in tensors])
+        if device.type == "cuda" and flat.device.type == "cpu":
+            flat = flat.pin_memory()
+        parts = flat.to(device, non_blocking=non_blocking).split([t.numel() for t in tensors])
+        fields = dict(self.__dict__)
+        fields.update({k: p.view(t.shape) for k, p, t in zip(names, parts, tensors)})
+        return PackedBatch(**fields)
+
+
+def pack_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int = 1) -> PackedBatch:
+    """Concatenate token-id lists (EOS already appended, truncated) into one packed row, on the host."""
+    if len(ids) == 0:
+        raise ValueError("pack_ids needs at least one document")
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    if int(lengths.min()) < 1:
+        raise ValueError("pack_ids got an empty document: every text keeps at least its EOS token")
+    n = len(ids)
+    real = int(lengths.sum())
+    total = -(-real // pad_to) * pad_to
+    flat = torch.full((total,), pad_id, dtype=torch.long)
+    flat[:real] = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+    starts = torch.cumsum(lengths, 0) - lengths
+    doc_ids = torch.full((total,), n, dtype=torch.long)
+    doc_ids[:real] = torch.repeat_interleave(torch.arange(n), lengths)
+    pos = torch.arange(total, dtype=torch.long)
+    pos[:real] -= torch.repeat_interleave(starts, lengths)
+    pos[real:] -= real
+    lmax = int(lengths.max())
+    off = torch.arange(lmax)[None, :]
+    pad_mask = (off < lengths[:, None]).long()
+    gather = starts[:, None] + torch.minimum(off, lengths[:, None] - 1)
+    return PackedBatch(flat[None], pos[None], doc_ids, lengths, starts, gather, pad_mask, real)
+
+
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, pad_to: int = 1) -> PackedBatch:
+    """Pack a padded batch (left or right padding) -- the same documents, no padding."""
+    rows = [r[m.bool()].tolist() for r, m in zip(input_ids.cpu(), attention_mask.cpu())]
+    return pack_ids(rows, pad_id, pad_to)
+
+
+def unpack(states: torch.Tensor, pack: PackedBatch) -> torch.Tensor:
+    """[1 or -, T, H] packed states -> [n, Lmax, H] right-padded (pads repeat the last real state)."""
+    return states.reshape(-1, states.shape[-1])[pack.gather_index]
+
+
+def packed_eos_last(states: torch.Tensor, pack: PackedBatch) -> torch.Tensor:
+    return states.reshape(-1, states.shape[-1])[pack.last_index]
+
+
+def packed_mean(states: torch.Tensor, pack: PackedBatch) -> torch.Tensor:
+    flat = states.reshape(-1, states.shape[-1])
+    out = torch.zeros(pack.num_docs + 1, flat.shape[-1], dtype=torch.float32, device=flat.device)
+    out.index_add_(0, pack.doc_ids, flat.float())
+    return (out[:-1] / pack.lengths[:, None].to(torch.float32)).to(states.dtype)
+
+
+# ------------------------------------------------------------------------------------------ masks
+def dense_mask(pack: PackedBatch, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, T, T] additive mask: same document (and kv <= q when causal)."""
+    d = pack.doc_ids
+    keep = d[:, None] == d[None, :]
+    if causal:
+        t = d.shape[0]
+        keep = keep & torch.ones(t, t, dtype=torch.bool, device=d.device).tril()
+    mask = torch.zeros(keep.shape, dtype=dtype, device=d.device)
+    return mask.masked_fill(~keep, torch.finfo(dtype).min)[None, None]
+
+
+def doc_mask_mod(doc_ids: torch.Tensor, causal: bool):
+    if causal:
+        def mask_mod(b, h, q, kv):
+            return (doc_ids[q] == doc_ids[kv]) & (q >= kv)
+    else:
+        def mask_mod(b, h, q, kv):
+            return doc_ids[q] == doc_ids[kv]
+    return mask_mod
+
+
+def flex_block_mask(pack: PackedBatch, causal: bool, block: int = FLEX_BLOCK):
+    """FlexAttention BlockMask for the packed row, from the document boundaries (documents are contiguous,
+    so each block spans the document range [first, last]; two blocks interact iff their ranges overlap)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    d = pack.doc_ids
+    t = d.shape[0]
+    nb = -(-t // block)
+    padded = torch.cat([d, d[-1:].expand(nb * block - t)]) if nb * block != t else d
+    blocks = padded.view(nb, block)
+    lo, hi = blocks[:, 0], blocks[:, -1]  # doc ids are non-decreasing along the row
+    overlap = (lo[:, None] <= hi[None, :]) & (lo[None, :] <= hi[:, None])
+    full = (lo == hi)[:, None] & (lo == hi)[None, :] & (lo[:, None] == lo[None, :])
+    if nb * block != t:  # the last block has out-of-range positions: never 'full'
+        full[-1, :] = False
+        full[:, -1] = False
+    qi = torch.arange(nb, device=d.device)
+    if causal:
+        overlap &= qi[None, :] <= qi[:, None]
+        full &= qi[None, :] < qi[:, None]
+    partial = overlap & ~full
+
+    def to_idx(m: torch.Tensor):
+        num = m.sum(-1).to(torch.int32)
+        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num[None, None], idx[None, None]
+
+    kv_num, kv_idx = to_idx(partial)
+    full_num, full_idx = to_idx(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=doc_mask_mod(d, causal), seq_lengths=(t, t))
+
+
+def packed_attention_mask(pack: PackedBatch, causal: bool, attn_implementation: str, dtype: torch.dtype):
+    if attn_implementation == "flex_attention":
+        return flex_block_mask(pack, causal)
+    return dense_mask(pack, causal, dtype)
+
+
+# ------------------------------------------------------------------------------------------ attention
+FLEX_IMPL_NAME = "embed_flex"
+_compiled = None
+
+
+def _flex_fn(is_cuda: bool):
+    """torch.compile'd flex_attention on GPU (the fused kernel; automatic dynamic shapes after the first
+    length); eager on CPU (a reference implementation, for tests)."""
+    global _compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not is_cuda:
+        return flex_attention
+    if _compiled is None:
+        _compiled = torch.compile(flex_attention)
+    return _compiled
+
+
+def flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function: FlexAttention when given a BlockMask (the packed path), else SDPA
+    with the explicit 4D mask (the padded path), so one backbone serves both. [B,H,T,D] -> [B,T,H,D]."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(attention_mask, BlockMask):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if dropout and module.training:
+        raise ValueError("attention dropout is not supported on the packed FlexAttention path: set it to 0")
+    gqa = query.shape[1] != key.shape[1]
+    if not query.is_cuda and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        # FlexAttention has no CPU backward: the same mask, materialised, through SDPA (CPU tests only)
+        from torch.nn.attention.flex_attention import create_mask
+
+        t = query.shape[2]
+        dense = create_mask(attention_mask.mask_mod, 1, 1, t, t, device=query.device)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense, scale=scaling,
+                                                               enable_gqa=gqa)
+    else:
+        out = _flex_fn(query.is_cuda)(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_flex() -> str:
+    """Register `flex_attention_forward` with transformers; returns the attn_implementation name to load with."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FLEX_IMPL_NAME, flex_attention_forward)
+    return FLEX_IMPL_NAME
