@@ -15,7 +15,8 @@ with per-instance scores whose aggregate is checked against mteb's main score. A
 pairs whose files are there and valid; a failed task never loses the others' results: everything that finished
 is saved before :class:`EvaluationFailed` is raised.
 
-Quick mode subsamples the local tasks (:data:`QUICK_SUBSAMPLE`); its results go to the revision
+Quick mode subsamples the local tasks (:data:`QUICK_SUBSAMPLE`; classification probes run
+:data:`QUICK_CLASSIFICATION_EXPERIMENTS` experiments instead of 10); its results go to the revision
 ``<fingerprint>-quick`` (``-sub<N>`` for an explicit ``subsample``) and its run labels say
 ``comparable_to_mteb: false``, so they never mix with full results.
 """
@@ -46,6 +47,7 @@ __all__ = ["EvalSummary", "EvaluationFailed", "QUICK_SUBSAMPLE", "REFERENCE_PATH
 REFERENCE_PATH = "reference:all-MiniLM-L6-v2"
 REFERENCE_NAME = "reference/all-MiniLM-L6-v2"
 #: Quick-mode subsample per task type (local tasks): STS pairs, classification eval rows, SciFact queries.
+QUICK_CLASSIFICATION_EXPERIMENTS = 3
 QUICK_SUBSAMPLE = {"STS": 64, "Classification": 64, "Retrieval": 30, "PairClassification": 64, "Clustering": 64,
                    "Reranking": 30}
 TMP_DIR = ".eval_tmp"
@@ -355,6 +357,11 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, run_tmp: str, revision:
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     enc = cached(_load_encoder(spec, revision, batch_size, device))
     task = ref.build(data_dir, subsample=subsample, seed=seed)
+    if quick and subsample is not None and hasattr(task, "n_experiments"):
+        # classification probes: mteb draws samples_per_label x labels training texts per experiment (Banking77:
+        # ~600 per experiment, 10 experiments); in quick mode 3 experiments keep most of the signal at a third of
+        # the encoding (the score is not comparable to MTEB's anyway)
+        task.n_experiments = min(task.n_experiments, QUICK_CLASSIFICATION_EXPERIMENTS)
     tmp = Path(run_tmp) / uuid.uuid4().hex
     try:
         res = mteb.evaluate(enc, [task], cache=mteb.ResultCache(tmp / "cache"), prediction_folder=tmp / "pred",
