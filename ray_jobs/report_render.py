@@ -287,9 +287,9 @@ def _group_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path])
         rows.append([c + (" (baseline)" if c == g.baseline else ""), len(rs),
                      ", ".join(str(r.labels.seed) for r in rs),
                      ", ".join(map(str, lr)) or "-", ", ".join(f"{x:g}" for x in lrs) or "-",
-                     _f(sum(r.labels.gpu_hours for r in rs), ".2f"),
+                     _f(sum(r.labels.gpu_hours for r in rs), ".2f"), _f(sum(r.labels.cpu_hours for r in rs), ".3f"),
                      f"{sum(1 for t in g.tasks if t in g.mean[c])}/{len(g.tasks)}"])
-    b.append(Table(["config", "checkpoints", "seeds", "LoRA r", "LR", "GPU-h", "tasks"], rows,
+    b.append(Table(["config", "checkpoints", "seed(s)", "LoRA r", "LR", "GPU-h", "CPU-h", "tasks"], rows,
                    "Checkpoints compared (replicates = same base model and config, different seeds)."))
     if not g.baseline_present:
         b.append(P(f"The baseline `{g.baseline}` is not among this base model's configs: scores are absolute "
