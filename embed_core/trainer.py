@@ -397,6 +397,28 @@ def init_single_process_group(backend: str = "gloo") -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
+def destroy_single_process_group() -> None:
+    """Tear down the group of :func:`init_single_process_group` so that a later one works in this process
+    (notebooks, test modules): DeepSpeed caches its comm backend and a clone of the world group
+    (``deepspeed.utils.groups._WORLD_GROUP``); a new ``deepspeed.initialize`` would reuse the dead clone
+    ("Group ... is not registered")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    try:
+        import deepspeed.comm.comm as ds_comm
+        from deepspeed.utils import groups
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return
+    ds_comm.cdb = None
+    groups._WORLD_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+    groups.mesh_device = None
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name).clear()
+
+
 def _prepare_deepspeed(on_gpu: bool) -> None:
     """Import DeepSpeed with its INFO logging muted; on CPU, keep it from JIT-compiling its shared-memory
     all-reduce op (~100 s with a C++ compiler, only used for inference all-reduce): gloo does the work."""

@@ -38,6 +38,7 @@ from embed_core.trainer import (  # noqa: E402
     batch_fingerprint,
     ds_config,
     gathered_trainable_state,
+    destroy_single_process_group,
     init_single_process_group,
     read_trainer_state,
 )
@@ -86,10 +87,7 @@ def single_process():
     init_single_process_group()
     yield
     torch.set_num_threads(threads)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    import deepspeed.comm.comm as ds_comm
-    ds_comm.cdb = None
+    destroy_single_process_group()
 
 
 def trainable_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
