@@ -59,3 +59,16 @@ def data_dir() -> Path:
     from embed_core.paths import data_dir as resolve
 
     return resolve()
+
+
+def save_tiny_checkpoint(base_model: Path, out: Path, seed: int = 0, **cfg) -> Path:
+    """A saved EmbeddingModel on a tiny backbone whose LoRA B matrices are random (non-zero), so checkpoints of
+    different seeds really differ; `cfg`: EmbedConfig fields (lora_r defaults to 4)."""
+    from embed_core.model import EmbeddingModel
+
+    m = EmbeddingModel.from_config(EmbedConfig(base_model=str(base_model), **{"lora_r": 4, **cfg}), seed=seed)
+    with torch.no_grad():
+        for n, p in m.backbone.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return m.save(out)

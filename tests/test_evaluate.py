@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from embed_core.config import EmbedConfig
 from embed_core.model import EmbeddingModel
 from ray_jobs import layout
+from tests.conftest import save_tiny_checkpoint
 from ray_jobs.evaluate import EvaluationFailed, evaluate_checkpoints, specs_from_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,14 +27,8 @@ def tiny_ckpts(tiny_dirs, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("ckpts")
     out = []
     for seed, (pooling, attention) in enumerate((("eos_last", "causal"), ("mean", "bidirectional"))):
-        cfg = EmbedConfig(base_model=str(tiny_dirs["llama"]), lora_r=4, pooling=pooling, attention=attention,
-                          max_length=64)
-        m = EmbeddingModel.from_config(cfg, seed=seed)
-        with torch.no_grad():
-            for n, p in m.backbone.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-        out.append(m.save(root / f"ckpt{seed}"))
+        out.append(save_tiny_checkpoint(tiny_dirs["llama"], root / f"ckpt{seed}", seed, pooling=pooling,
+                                        attention=attention, max_length=64))
     return out
 
 

@@ -10,12 +10,12 @@ os.environ.setdefault("MTEB_CACHE", tempfile.mkdtemp(prefix="embed-core-test-mte
 import mteb  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from embed_core.config import EmbedConfig  # noqa: E402
 from embed_core.model import EmbeddingModel  # noqa: E402
 from embed_core.mteb_encoder import load_encoder, make_encoder  # noqa: E402
 from embed_core.mteb_tasks import local_task  # noqa: E402
+from tests.conftest import save_tiny_checkpoint  # noqa: E402
 
 
 def _score(result):
@@ -44,15 +44,8 @@ def test_smollm2_encoder_on_local_stsbenchmark(tmp_path):
 
 
 def test_each_checkpoint_gets_its_own_revision_and_result(tiny_dirs, tmp_path):
-    cfg = EmbedConfig(base_model=str(tiny_dirs["llama"]), lora_r=4, pooling="mean", attention="bidirectional")
-    dirs = []
-    for seed in (0, 1):
-        m = EmbeddingModel.from_config(cfg, seed=seed)
-        with torch.no_grad():
-            for n, p in m.backbone.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-        dirs.append(m.save(tmp_path / f"ckpt{seed}"))
+    dirs = [save_tiny_checkpoint(tiny_dirs["llama"], tmp_path / f"ckpt{seed}", seed, pooling="mean",
+                                 attention="bidirectional") for seed in (0, 1)]
     encs = [load_encoder(d, name="embed-sweeps/tiny") for d in dirs]
     revs = [e.mteb_model_meta.revision for e in encs]
     assert revs[0] != revs[1] and all(len(r) == 16 for r in revs)
