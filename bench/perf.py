@@ -64,19 +64,20 @@ def qwen2_05b(quick: bool):
                        rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)
 
 
-def build(args, attn: str, packing: bool, ckpt: bool = False, pooling: str = "mean", compile: bool = False):
+def build(args, attn: str, packing: bool, ckpt: bool = False, pooling: str = "mean", compile: bool = False,
+          fused: bool = False):
     from transformers import AutoModel
 
     from embed_core.config import EmbedConfig
     from embed_core.model import EmbeddingModel, _apply_lora
-    from embed_core.packing import register_flex
+    from embed_core.packing import register_flex, register_varlen
     from embed_core.pooling import build_pooling
 
     hc = qwen2_05b(args.quick)
     cfg = EmbedConfig(base_model="qwen2-0.5b-shaped", attention="bidirectional", pooling=pooling, attn_implementation=attn,
-                      lora_r=16, dtype="bfloat16", packing=packing, max_length=512, compile=compile)
+                      lora_r=16, dtype="bfloat16", packing=packing, max_length=512, compile=compile, fused_lora=fused)
     torch.manual_seed(0)
-    impl = register_flex() if attn == "flex_attention" else attn
+    impl = {"flex_attention": register_flex, "flash_varlen": register_varlen}.get(attn, lambda: attn)()
     bb = AutoModel.from_config(hc, attn_implementation=impl).to(torch.bfloat16)  # from_config ignores dtype
     bb.config.use_cache = False
     bb = _apply_lora(bb, cfg, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -169,6 +170,10 @@ def train_variant(args, name: str, model, batches: list[dict], mode: str, chunk:
     step_fn = grad_cache_step if chunk else (merged_batch_step if merged else full_batch_step)
     times, toks = [], []
     reset(args)
+    gc.disable()  # no collector pauses inside timed steps (the token-id lists are millions of Python ints)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     for i, b in enumerate(batches):
         roles = {r: {"ids": ids} for r, ids in b.items()}
         sync(args)
@@ -184,12 +189,15 @@ def train_variant(args, name: str, model, batches: list[dict], mode: str, chunk:
             toks.append(sum(len(x) for ids in b.values() for x in ids))
         print(f"  {name} step {i} {dt * 1000:.0f} ms loss {float(loss):.3f}", flush=True)
         LAST["step_ms"] = dt * 1000
+    gc.enable()
     tok_s = sum(toks) / sum(times)
     ex_s = len(batches[0]["query"]) * len(times) / sum(times)
     res = {"variant": name, "mode": mode, "merged_roles": merged, "triplets": len(batches[0]["query"]), "chunk": chunk,
            "step_s_median": sorted(times)[len(times) // 2], "useful_tokens_per_s": tok_s, "triplets_per_s": ex_s,
            "mfu": mfu(args, tok_s, 4), "peak_gib": peak_gib(args),
-           "useful_tokens_per_step": sum(toks) / len(toks), "measured_steps": len(times)}
+           "useful_tokens_per_step": sum(toks) / len(toks), "measured_steps": len(times),
+           "step_s_all": [round(t, 4) for t in times], "graph_breaks": sum(counters["graph_break"].values()),
+           "graph_break_reasons": sorted({k.splitlines()[0][:120] for k in counters["graph_break"]})}
     del opt
     return res
 
@@ -350,7 +358,8 @@ def section_profile(args, results):
     vocab = qwen2_05b(args.quick).vocab_size
     n = 512 if not args.quick else 32
     batches = [roles_of(project_triplets(n, lengths, random.Random(900 + i)), vocab, random.Random(900 + i)) for i in range(3)]
-    m = build(args, "flex_attention", packing=True, compile=True)
+    attn, fused = FAST_VARIANTS[args.profile_variant]
+    m = build(args, attn, packing=True, compile=True, fused=fused)
     saved = (args.warmup, args.steps)
     args.warmup, args.steps = 2, 0
     train_variant(args, "profile warm-up", m, batches[:2] + batches[:1], "packed", merged=True)
@@ -371,11 +380,92 @@ def section_profile(args, results):
     top = [{"name": e.key[:120], "self_us": getattr(e, key, 0), "share": getattr(e, key, 0) / total, "calls": e.count}
            for e in evs[:20]]
     results["profile_packed_train_512"] = top
+    cats: dict[str, float] = {}
+    for e in evs:
+        k = e.key.lower()
+        cat = ("attention" if any(w in k for w in ("flash", "flex_attention", "fmha", "attention")) else
+               "gemm" if any(w in k for w in ("nvjet", "gemm", "cutlass", "xmma", "splitk")) else
+               "optimizer" if any(w in k for w in ("adam", "multi_tensor", "foreach")) else
+               "fused elementwise (triton)" if k.startswith("triton") else "other")
+        cats[cat] = cats.get(cat, 0.0) + getattr(e, key, 0) / total
+    results["profile_categories"] = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
+    print("  by category: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["profile_categories"].items()))
+    results["profile_variant"] = args.profile_variant
     print("\n== profile (packed training step, 512 triplets): top kernels by self device time")
     for t in top[:15]:
         print(f"  {100 * t['share']:5.1f}%  {t['calls']:6d}  {t['name'][:100]}")
     del m
     reset_cuda()
+
+
+FAST_VARIANTS = {  # name: (attn_implementation, fused LoRA)
+    "flex+compile": ("flex_attention", False),
+    "varlen+compile": ("flash_varlen", False),
+    "varlen+fused+compile": ("flash_varlen", True),
+    "flex+fused+compile": ("flex_attention", True),
+}
+
+
+def section_fast(args, results):
+    """The packed path's kernels side by side in one run: FlexAttention block masks vs variable-length
+    FlashAttention, and PEFT's LoRA vs the fused LoRA GEMMs, all compiled, roles merged, at 64 / 256 / 512
+    triplets of the real mix; the naive baseline at 64; GradCache 2048 and packed encoding with the fastest."""
+    import numpy as np
+
+    lengths = load_lengths()
+    vocab = qwen2_05b(args.quick).vocab_size
+    steps = args.warmup + args.steps
+    sizes = (64, 256, 512) if not args.quick else (16,)
+    big = {n: [roles_of(project_triplets(n, lengths, random.Random(1000 * n + i)), vocab, random.Random(1000 * n + i))
+               for i in range(steps)] for n in sizes}
+    m = build(args, "sdpa", packing=False, ckpt=True)
+    naive = guarded(lambda: train_variant(args, f"naive padded-512 +ckpt, {sizes[0]}", m, big[sizes[0]], "padded512"),
+                    "naive")
+    del m
+    reset_cuda()
+    rows = [naive]
+    enc_rows, embs = [], []
+    pool = [x for v in lengths["eval"].values() for x in v]
+    rng = random.Random(3)
+    n_enc = 8192 if not args.quick else 256
+    enc_ids = ids_of([rng.choice(pool) for _ in range(n_enc)], vocab, rng)
+    for vname in [v for v in args.variants.split(",") if v]:
+        attn, fused = FAST_VARIANTS[vname]
+        m = build(args, attn, packing=True, compile=True, fused=fused)
+        if fused:
+            results.setdefault("fused_counts", m.info.get("fused_lora"))
+        for n in sizes:
+            name = f"{vname}, merged, {n}"
+            rows.append(guarded(lambda: train_variant(args, name, m, big[n], "packed", merged=True), name))
+        for k in range(2):  # the first pass compiles the eval-mode graphs; the second is the steady state
+            name = f"encode packed {vname}" + (" (steady)" if k else " (1st, compiles)")
+            r = guarded(lambda: encode_variant(args, name, m, enc_ids, "packed"), name)
+            if k:
+                embs.append(r.pop("_emb", None))
+                enc_rows.append(r)
+        del m
+        reset_cuda()
+    results["fast_train"] = table(rows, naive) if "error" not in naive else rows
+    print_rows("fast paths, training, real mix (all compiled, roles merged)", rows)
+    if len(embs) > 1 and all(e is not None for e in embs):
+        results["fast_encode_min_cosine_vs_first"] = float(min((embs[0] * e).sum(-1).min() for e in embs[1:]))
+    results["fast_encode"] = enc_rows
+    print_rows("fast paths, encoding 8192 eval texts (steady state)", enc_rows)
+    print(f"  min cosine between the variants' embeddings: {results.get('fast_encode_min_cosine_vs_first')}")
+    if args.gradcache_variant:
+        attn, fused = FAST_VARIANTS[args.gradcache_variant]
+        n = 2048 if not args.quick else 64
+        gb = [roles_of(project_triplets(n, lengths, random.Random(50 + i)), vocab, random.Random(50 + i)) for i in range(2)]
+        m = build(args, attn, packing=True, compile=True, fused=fused)
+        saved, args.warmup = args.warmup, 1
+        name = f"GradCache {args.gradcache_variant}, {n} triplets, chunk 512"
+        r = guarded(lambda: train_variant(args, name, m, gb, "packed", chunk=512), name)
+        args.warmup = saved
+        del m
+        reset_cuda()
+        results["fast_gradcache_2048"] = [r]
+        print_rows("GradCache at 2048 triplets", [r])
+    del np
 
 
 def main() -> None:
@@ -386,6 +476,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--encode-compile", action="store_true")
+    ap.add_argument("--variants", default=",".join(FAST_VARIANTS), help="section fast: " + ", ".join(FAST_VARIANTS))
+    ap.add_argument("--gradcache-variant", default="varlen+fused+compile")
+    ap.add_argument("--profile-variant", default="flex+compile")
     args = ap.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
@@ -414,7 +507,7 @@ def main() -> None:
     t0 = time.time()
     for s in args.sections.split(","):
         fn = {"train": section_train, "gradcache": section_gradcache, "encode": section_encode,
-              "profile": section_profile}[s]
+              "profile": section_profile, "fast": section_fast}[s]
         guarded(lambda: fn(args, results), s)
         results.setdefault("section_seconds", {})[s] = round(time.time() - t0, 1)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

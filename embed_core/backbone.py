@@ -241,6 +241,9 @@ def load_backbone(source: BackboneSource, cfg: EmbedConfig, dtype: torch.dtype) 
     if impl == "flex_attention":  # our own FlexAttention function (packed BlockMask; SDPA for 4D masks)
         from .packing import register_flex
         impl = register_flex()
+    elif impl == "flash_varlen":  # variable-length FlashAttention over packed documents (SDPA for 4D masks)
+        from .packing import register_varlen
+        impl = register_varlen()
     try:
         with _quiet_transformers() if extra else contextlib.nullcontext():
             model = AutoModel.from_pretrained(

@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 POOLINGS = ("eos_last", "mean", "last_layer_trainable", "multi_layer_trainable")
 ATTENTIONS = ("causal", "bidirectional")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_varlen")
 PADDING_SIDES = ("left", "right")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -75,13 +75,17 @@ class EmbedConfig:
     lora_target_modules: module-name suffixes; None = all attention and MLP projections found.
     truncate_layers: keep only the first N decoder layers (depth truncation for quick CPU runs;
         None keeps all). A truncated model is a different model: results say so.
-    attn_implementation: ``sdpa`` | ``eager`` | ``flex_attention`` (the fast packed path on GPU).
+    attn_implementation: ``sdpa`` | ``eager`` | ``flex_attention`` | ``flash_varlen`` (the fast packed paths on
+        GPU: FlexAttention block masks, or torch's variable-length FlashAttention, the faster one on Hopper).
     packing: `encode` packs the (length-sorted) texts into rows of up to ``pack_tokens`` tokens with no
         padding and a per-document attention mask (embed_core.packing); same vectors as the padded path.
         Packing with ``sdpa`` / ``eager`` uses a dense [T, T] mask (fine on CPU, slow on GPU): pair it with
-        ``flex_attention`` on GPU.
+        ``flash_varlen`` or ``flex_attention`` on GPU.
     pack_tokens: token budget of one packed row in `encode`; >= max_length.
     compile: torch.compile each decoder layer (dynamic shapes) on the first forward on a GPU; CPU stays eager.
+    fused_lora: run every LoRA linear as one GEMM with the low-rank path folded in, and a gated MLP's gate and
+        up projections as one (embed_core.fused_lora); the same math, fewer memory passes. Needs
+        lora_dropout 0; ZeRO-3 partitioned layers fall back to PEFT's forward.
     """
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -107,6 +111,7 @@ class EmbedConfig:
     packing: bool = False
     pack_tokens: int = 16384
     compile: bool = False
+    fused_lora: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -147,6 +152,11 @@ class EmbedConfig:
             raise ConfigError(f"packing must be true or false, got {self.packing!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.fused_lora, bool):
+            raise ConfigError(f"fused_lora must be true or false, got {self.fused_lora!r}")
+        if self.fused_lora and self.lora_dropout > 0:
+            raise ConfigError(f"fused_lora needs lora_dropout 0 (the fused GEMM has no dropout on the LoRA input), "
+                              f"got {self.lora_dropout}: set lora_dropout: 0 or fused_lora: false")
         if isinstance(self.pack_tokens, bool) or not isinstance(self.pack_tokens, int) or self.pack_tokens < self.max_length:
             raise ConfigError(f"pack_tokens must be an int >= max_length ({self.max_length}): one packed row must hold "
                               f"the longest text, got {self.pack_tokens!r}")

@@ -58,6 +58,10 @@ class EmbeddingModel(nn.Module):
         self.info = info  # hidden_size, num_layers, lora_targets, backbone_source
         self.bidirectional = cfg.attention == "bidirectional"
         attn.set_causal(self.backbone, not self.bidirectional)
+        if cfg.fused_lora and cfg.lora_r > 0:
+            from .fused_lora import fuse_lora
+
+            self.info["fused_lora"] = fuse_lora(self.backbone)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -106,12 +110,22 @@ class EmbeddingModel(nn.Module):
 
     def forward_packed(self, packed: pk.PackedBatch) -> torch.Tensor:
         """One packed row: position ids restart per document, and an explicit per-document mask (a BlockMask
-        under flex_attention, else a dense 4D mask) keeps documents apart, causal or bidirectional."""
-        mask = pk.packed_attention_mask(packed, causal=not self.bidirectional,
-                                        attn_implementation=self.cfg.attn_implementation, dtype=self.dtype)
-        out = self.backbone(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                            use_cache=False, output_hidden_states=self.pooler.needs_all_layers, return_dict=True)
+        under flex_attention, the documents' boundaries under flash_varlen, else a dense 4D mask) keeps documents
+        apart, causal or bidirectional."""
+        out = self.backbone(**self.packed_inputs(packed), output_hidden_states=self.pooler.needs_all_layers,
+                            return_dict=True)
         return self.pooler.forward_packed(out.last_hidden_state, packed, hidden_states=out.hidden_states)
+
+    def packed_inputs(self, packed: pk.PackedBatch) -> dict:
+        """Backbone keyword arguments for one packed row: ids, restarting positions, no KV cache, and the
+        per-document mask (or, under flash_varlen, the document boundaries)."""
+        kw = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False,
+              "attention_mask": pk.packed_attention_mask(packed, causal=not self.bidirectional,
+                                                         attn_implementation=self.cfg.attn_implementation,
+                                                         dtype=self.dtype)}
+        if self.cfg.attn_implementation == "flash_varlen":
+            kw.update(pk.varlen_kwargs(packed))
+        return kw
 
     def compile_layers(self) -> int:
         """torch.compile every decoder layer (dynamic shapes: packed rows vary in length); fuses the elementwise

@@ -8,6 +8,9 @@ causal or bidirectional:
 * ``flex_attention``: a FlexAttention `BlockMask` built directly from the document boundaries (block-level
   sparsity computed with a few tensor ops, no dense [T, T] mask, no host sync), so the cost is the sum of
   the documents' squared lengths, not the square of the row;
+* ``flash_varlen``: no mask at all -- the documents' cumulative lengths (``cu_seqlens``) go to the
+  variable-length FlashAttention kernel (`torch.nn.attention.varlen`), which computes each document's
+  attention on its own: no block rounding, no work outside the documents, causal or bidirectional;
 * ``sdpa`` / ``eager``: a dense 4D additive block-diagonal mask (exact, O(T^2) memory: for CPU and tests).
 
 transformers passes a ready 4D mask (or BlockMask) through untouched; it infers packed documents from
@@ -163,9 +166,31 @@ def flex_block_mask(pack: PackedBatch, causal: bool, block: int = FLEX_BLOCK):
                                     mask_mod=doc_mask_mod(d, causal), seq_lengths=(t, t))
 
 
+def cu_seqlens(pack: PackedBatch) -> torch.Tensor:
+    """[n + 1] int32 cumulative document lengths (the filler tail, if any, is one more document)."""
+    ends = torch.cumsum(pack.lengths, 0)
+    total = pack.input_ids.shape[-1]
+    parts = [ends.new_zeros(1), ends]
+    if total > pack.num_real_tokens:
+        parts.append(ends.new_full((1,), total))
+    return torch.cat(parts).to(torch.int32)
+
+
+def varlen_kwargs(pack: PackedBatch) -> dict:
+    """Keyword arguments that carry the document boundaries through a transformers backbone to
+    `varlen_attention_forward` (decoder layers pass their **kwargs to the attention function)."""
+    cu = cu_seqlens(pack)
+    total = pack.input_ids.shape[-1]
+    # the longest document is the width of gather_index: a shape, known on the host (no device sync)
+    longest = max(int(pack.gather_index.shape[1]), total - pack.num_real_tokens)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def packed_attention_mask(pack: PackedBatch, causal: bool, attn_implementation: str, dtype: torch.dtype):
     if attn_implementation == "flex_attention":
         return flex_block_mask(pack, causal)
+    if attn_implementation == "flash_varlen":
+        return None  # the boundaries travel as varlen_kwargs
     return dense_mask(pack, causal, dtype)
 
 
@@ -218,3 +243,83 @@ def register_flex() -> str:
 
     AttentionInterface.register(FLEX_IMPL_NAME, flex_attention_forward)
     return FLEX_IMPL_NAME
+
+
+# ------------------------------------------------------------------------------------------ varlen attention
+VARLEN_IMPL_NAME = "embed_varlen"
+
+
+def _varlen_reference(q, k, v, cu, causal: bool, scale):
+    """The same computation as the varlen kernel, per document through SDPA (CPU; tests)."""
+    outs = []
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qd, kd, vd = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qd, kd, vd, is_causal=causal, scale=scale, enable_gqa=qd.shape[0] != kd.shape[0]).transpose(0, 1))
+    return torch.cat(outs)
+
+
+_VARLEN = None  # (op, takes window_size, takes enable_gqa): resolved once, outside any compiled region
+
+
+def _varlen_kernel():
+    """torch's variable-length FlashAttention op and how to ask it for causal / GQA (its keywords changed
+    between torch releases: `is_causal` at first, `window_size` in 2.11, `enable_gqa` later)."""
+    global _VARLEN
+    if _VARLEN is None:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        _VARLEN = (varlen_attn, "window_size" in params, "enable_gqa" in params)
+    return _VARLEN
+
+
+def varlen_attention(q, k, v, cu, max_len: int, causal: bool, scale=None):
+    """[T, H, D] packed q / k / v (k, v may have fewer heads) -> [T, H, D], each document on its own."""
+    if not q.is_cuda:
+        return _varlen_reference(q, k, v, cu, causal, scale)
+    fn, has_window, has_gqa = _VARLEN or _varlen_kernel()
+    kw = {"scale": scale}
+    if has_window:
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kw["is_causal"] = causal
+    if has_gqa and q.shape[1] != k.shape[1]:
+        kw["enable_gqa"] = True
+    # Without the flag (torch 2.11) the FlashAttention kernel takes fewer kv heads natively: the same output
+    # and gradients as repeated heads (checked on an H100 by bench/probe_varlen_gqa.py), without the copies.
+    return fn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function: variable-length FlashAttention over packed documents when the
+    backbone got `varlen_kwargs` (the packed path), else SDPA with the explicit 4D mask (the padded path).
+    Causal or bidirectional follows the module's ``is_causal`` flag (attention.set_causal). [1,H,T,D] -> [1,T,H,D]."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        if attention_mask is None:  # a packed row without its boundaries would attend across documents
+            raise ValueError("flash_varlen attention got neither document boundaries (cu_seq_lens_q) nor a 4D "
+                             "mask: call the backbone with EmbeddingModel.packed_inputs(...) or a padded 4D mask")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if dropout and module.training:
+        raise ValueError("attention dropout is not supported on the packed varlen path: set it to 0")
+    if query.shape[0] != 1:
+        raise ValueError(f"the varlen path takes one packed row, got a batch of {query.shape[0]}")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    out = varlen_attention(q, k, v, cu, int(kwargs["max_length_q"]), bool(module.is_causal), scaling)
+    return out[None], None
+
+
+def register_varlen() -> str:
+    """Register `varlen_attention_forward` with transformers; returns the attn_implementation name to load with."""
+    from transformers import AttentionInterface
+
+    if torch.cuda.is_available():
+        _varlen_kernel()
+    AttentionInterface.register(VARLEN_IMPL_NAME, varlen_attention_forward)
+    return VARLEN_IMPL_NAME

@@ -135,7 +135,7 @@ class TrainConfig:
     length_grouping: batch examples of similar length together (less padding).
     packing: embed packed rows (embed_core.packing: no padding, per-document attention masks) instead of
         padded batches; without GradCache all roles go through ONE packed forward. Same loss and gradients;
-        pair with the model's ``attn_implementation="flex_attention"`` on GPU (and ``compile``).
+        pair with the model's ``attn_implementation="flash_varlen"`` (or ``"flex_attention"``) on GPU (and ``compile``).
     log_dir: TensorBoard directory (rank 0 writes); None disables TensorBoard.
     deepspeed_overrides: merged (recursively) into the generated DeepSpeed config, e.g.
         ``{"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}``; the batch-size and

@@ -20,7 +20,7 @@ from .test_trainer import make_config, reference_step, single_process, train_fil
 
 TEXTS = ["A man is playing a guitar.", "Two dogs run across a snowy field while a child watches the dogs play.",
          "Hi", "The quick brown fox jumps over the lazy dog near the river bank at dawn."]
-IMPLS = ("sdpa", "flex_attention")
+IMPLS = ("sdpa", "flex_attention", "flash_varlen")
 
 
 def tiny(tiny_dirs, arch="qwen2", **kw) -> EmbeddingModel:
@@ -52,6 +52,26 @@ def test_flex_block_mask_equals_dense_mask(causal):
     assert int(block_mask.kv_num_blocks[0, 0, 0]) + int(block_mask.full_kv_num_blocks[0, 0, 0]) <= 2
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_equals_dense_mask(causal):
+    """The varlen path's boundaries (cu_seqlens, the filler tail as its own document) give the dense
+    per-document mask's attention, with GQA (fewer kv heads)."""
+    torch.manual_seed(0)
+    ids = [[1] * n for n in (5, 40, 1, 17)]
+    pack = pk.pack_ids(ids, 2, pad_to=16)
+    cu = pk.cu_seqlens(pack)
+    assert cu.tolist() == [0, 5, 45, 46, 63, 64] and cu.dtype == torch.int32
+    kw = pk.varlen_kwargs(pack)
+    assert kw["max_length_q"] == 40 and kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"]
+    t = pack.input_ids.shape[1]
+    q, k, v = torch.randn(t, 4, 8), torch.randn(t, 2, 8), torch.randn(t, 2, 8)
+    out = pk.varlen_attention(q, k, v, cu, kw["max_length_q"], causal)
+    keep = pk.dense_mask(pack, causal, torch.float32)[0] == 0
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=keep,
+                                         enable_gqa=True).transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_pack_ids_layout_and_device_copy():
     pack = pk.pack_ids([[5, 6, 2], [7, 2], [2]], pad_id=0, pad_to=4)
     assert pack.input_ids.tolist() == [[5, 6, 2, 7, 2, 2, 0, 0]]
@@ -77,7 +97,7 @@ def test_packed_equals_padded(tiny_dirs, impl, attention, pooling):
         ref = model(padded["input_ids"], padded["attention_mask"])
         out = model(packed=model.pack(rows))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
-    if pooling in ("mean", "multi_layer_trainable") or impl == "flex_attention" and attention == "bidirectional":
+    if pooling in ("mean", "multi_layer_trainable") or impl != "sdpa" and attention == "bidirectional":
         # gradients too (the FlexAttention path runs its CPU fallback with the same mask under autograd)
         model.train()
         model.zero_grad()
@@ -88,15 +108,19 @@ def test_packed_equals_padded(tiny_dirs, impl, attention, pooling):
         g = _lora_grads(model)
         assert g.keys() == g_ref.keys() and g
         for n in g:
-            torch.testing.assert_close(g[n], g_ref[n], atol=1e-5, rtol=1e-3, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(g[n], g_ref[n], atol=5e-5, rtol=1e-3, msg=lambda m: f"{n}: {m}")
 
 
 def _states(model, pack):
-    mask = pk.packed_attention_mask(pack, causal=not model.bidirectional,
-                                    attn_implementation=model.cfg.attn_implementation, dtype=model.dtype)
     with torch.no_grad():
-        return model.backbone(input_ids=pack.input_ids, attention_mask=mask, position_ids=pack.position_ids,
-                              use_cache=False).last_hidden_state[0]
+        return model.backbone(**model.packed_inputs(pack)).last_hidden_state[0]
+
+
+def test_varlen_backbone_refuses_a_row_without_boundaries(tiny_dirs):
+    model = tiny(tiny_dirs, attn_implementation="flash_varlen").eval()
+    pack = model.pack(model.token_ids(TEXTS[:2]))
+    with pytest.raises(ValueError, match="neither document boundaries"):
+        model.backbone(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -154,7 +178,7 @@ def test_merged_batch_step_equals_full_batch_step(tiny_dirs):
         merged_batch_step(embed, roles, loss_fn, chunk_size=2)
 
 
-@pytest.mark.parametrize("impl, chunk", [("sdpa", None), ("flex_attention", 3)])
+@pytest.mark.parametrize("impl, chunk", [("sdpa", None), ("flex_attention", 3), ("flash_varlen", None)])
 def test_trainer_packing_is_exact(single_process, reference_step, tiny_dirs, train_file, impl, chunk):  # noqa: F811
     """Trainer(packing=True) through DeepSpeed: the merged packed step and the packed GradCache step give
     the padded plain-autograd loss and gradients."""
