@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -212,7 +213,11 @@ def ray_head(tmp_path):
     # Ray's socket paths live under the temp dir and must stay under 107 bytes (AF_UNIX): pytest's tmp_path is
     # too deep for them on CI, so the cluster gets a short folder of its own.
     raytmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
-    env = _env(RAY_TMPDIR=str(raytmp), RAY_AUTH_MODE="token")
+    # token auth (Ray >= 2.59) with a token of its own: `ray start` does not create one, and a fresh machine has
+    # no ~/.ray/auth_token; the head and the `ray job submit` client read the same file
+    token = raytmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = _env(RAY_TMPDIR=str(raytmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     ray_bin = str(Path(sys.executable).parent / "ray")
     log = open(tmp_path / "head.log", "w")
