@@ -1,0 +1,217 @@
+"""The project's Trainer (embed_core.trainer: DeepSpeed ZeRO-2, its data path, tokenisation, packing inside the
+step, GradCache) on the fast path, on a Qwen2-0.5B-shaped model with random weights (device machine; CI has no GPU).
+
+bench/perf.py measures the fast path with a plain AdamW loop; this checks that the real Trainer gets the same
+throughput. Everything is generated on the machine, nothing is carried but the code (and the DeepSpeed bundle):
+a word-level tokenizer ("w17" is one token) built in code, and training JSONL whose texts have exactly the
+token lengths of bench/data/lengths.json (the project's real training mix). Each variant runs in its own process.
+
+    source .devbundle*/gpu_env.sh && python -m bench.trainer_fast --out $OUT/trainer_fast.json
+    python -m bench.trainer_fast --quick --variants plain-512,fast-512     # CPU smoke test (tiny model)
+
+Variants: plain-512 = the same fast model in a plain PyTorch loop (fused AdamW, merged roles; the reference);
+fast-512 / fast-varlen-512 = Trainer, packing + fused LoRA + compile, FlexAttention / varlen FlashAttention,
+512 triplets, no GradCache; fast-gc-2048 = the same at 2048 triplets in GradCache chunks of 512;
+padded-gc-512 = Trainer on the previous default path (SDPA, padded per chunk, no fused LoRA, no compile),
+512 triplets in GradCache chunks of 64.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VOCAB = 32000
+FAST = {"packing": True, "compile": True, "fused_lora": True}
+VARIANTS = {  # name: (engine, attn_implementation, fast, batch, chunk)
+    "plain-512": ("plain", "flex_attention", True, 512, None),
+    "fast-512": ("trainer", "flex_attention", True, 512, None),
+    "fast-varlen-512": ("trainer", "flash_varlen", True, 512, None),
+    "fast-gc-2048": ("trainer", "flex_attention", True, 2048, 512),
+    "padded-gc-512": ("trainer", "sdpa", False, 512, 64),
+}
+
+
+def make_inputs(root: Path, quick: bool, rows: int) -> tuple[Path, Path]:
+    """A Qwen2-0.5B-shaped model folder (random bf16 weights + a word-level tokenizer) and training JSONL."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModel, PreTrainedTokenizerFast
+
+    from bench.perf import load_lengths, qwen2_05b
+
+    model_dir, data = root / ("model-quick" if quick else "model"), root / f"train-{rows}.jsonl"
+    if not (model_dir / ".complete").is_file():
+        vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+        cfg = qwen2_05b(quick)
+        cfg.vocab_size = max(cfg.vocab_size, VOCAB) if not quick else VOCAB
+        cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id = 1, 0, None
+        torch.manual_seed(0)
+        AutoModel.from_config(cfg).to(torch.bfloat16).save_pretrained(str(model_dir))
+        # in a folder of its own: next to a Qwen2 config.json, AutoTokenizer would build a Qwen2 (BPE) tokenizer
+        fast.save_pretrained(str(model_dir / "wordtok"))
+        (model_dir / ".complete").write_text("ok")
+    if not data.is_file():
+        lengths, rng = load_lengths()["train"], random.Random(0)
+        words = lambda n: " ".join(f"w{rng.randrange(VOCAB - 3)}" for _ in range(max(n - 1, 1)))  # noqa: E731  (+ EOS)
+        with data.open("w") as fh:
+            for _ in range(rows):
+                fh.write(json.dumps({"query": words(rng.choice(lengths["query"])),
+                                     "positive": words(rng.choice(lengths["positive"])),
+                                     "negatives": [words(rng.choice(lengths["negative"]))]}) + "\n")
+    return model_dir, data
+
+
+def nonembed_params(quick: bool) -> int:
+    from bench.perf import nonembed_params as ne
+
+    return ne(argparse.Namespace(quick=quick))
+
+
+def variant_main(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from embed_core.trainer import TrainConfig, Trainer, init_single_process_group
+
+    engine, attn, fast, batch, chunk = VARIANTS[args.variant]
+    if args.quick:
+        batch, chunk = 16, (8 if chunk else None)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:%d" % (29500 + os.getpid() % 1000), rank=0,
+                                world_size=1)
+        torch.cuda.set_device(0)
+    else:
+        init_single_process_group()
+    torch._dynamo.config.cache_size_limit = 64
+    model = {"base_model": args.model_dir, "pooling": "mean", "attention": "bidirectional", "lora_r": 16,
+             "max_length": 512, "attn_implementation": attn, **(FAST if fast else {})}
+    steps = args.warmup + args.steps
+    tcfg = TrainConfig(model=model, train_data=[args.data], batch_size=batch, chunk_size=chunk, num_negatives=1,
+                       lr=1e-5, max_steps=steps, zero_stage=2, seed=0, packing=fast, eval_every=0)
+    from embed_core.backbone import prepare_tokenizer
+    from embed_core.model import EmbeddingModel
+    from embed_core.trainer import _model_config
+    from transformers import PreTrainedTokenizerFast
+
+    mcfg = _model_config(tcfg, on_gpu)
+    m = EmbeddingModel.from_config(mcfg, device="cuda" if on_gpu else "cpu", seed=0)
+    m.tokenizer = prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(str(Path(args.model_dir) / "wordtok")), mcfg)
+    probe = m.token_ids(["w5 w77 w12"])[0]
+    assert len(probe) == 4 and probe[-1] == m.tokenizer.eos_token_id, probe  # 3 words + EOS
+    rows = []
+    if engine == "plain":
+        from embed_core.gradcache import merged_batch_step
+        from embed_core.loss import info_nce
+        from embed_core.trainer import TrainData
+
+        m.train()
+        data = TrainData(tcfg)
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=on_gpu)
+        loss_fn = lambda r: info_nce(r["query"], r["positive"], r.get("negative"), temperature=0.05)  # noqa: E731
+        embed = lambda c: m(packed=m.pack(c["ids"]).to(m.device))  # noqa: E731
+        for step in range(steps):
+            b = data.local_batch(step, 0, 1, m.cfg.format_query)
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            roles = {r: {"ids": m.token_ids(b[k])} for r, k in
+                     (("query", "queries"), ("positive", "positives"), ("negative", "negatives"))}
+            loss, _ = merged_batch_step(embed, roles, loss_fn)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if on_gpu:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            toks = sum(len(x) for r in roles.values() for x in r["ids"])
+            rows.append({"step_time_s": dt, "tokens_per_s": toks / dt, "loss": float(loss),
+                         "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")})
+            print(f"  {args.variant} step {step} {dt * 1000:.0f} ms loss {float(loss):.3f}", flush=True)
+    else:
+        trainer = Trainer(tcfg, model=m)
+        for step in range(steps):
+            r = trainer.run_step()
+            rows.append(r)
+            print(f"  {args.variant} step {step} {r['step_time_s'] * 1000:.0f} ms loss {r['loss']:.3f}", flush=True)
+    meas = rows[args.warmup:]
+    t = statistics.median(r["step_time_s"] for r in meas)
+    tok_s = sum(r["tokens_per_s"] * r["step_time_s"] for r in meas) / sum(r["step_time_s"] for r in meas)
+    import deepspeed
+    import peft
+    import transformers
+
+    return {"variant": args.variant, "engine": engine, "attn": attn, "fast": fast, "batch": batch, "chunk": chunk,
+            "median_step_s": t, "useful_tokens_per_s": tok_s, "triplets_per_s": batch / t,
+            "mfu": 4 * nonembed_params(args.quick) * tok_s / 989.4e12,
+            "peak_gib": max(r.get("gpu_mem_gb", float("nan")) for r in rows), "loss_first": rows[0]["loss"],
+            "loss_last": rows[-1]["loss"], "step_s_all": [round(r["step_time_s"], 4) for r in rows],
+            "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "deepspeed": deepspeed.__version__}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="trainer_fast.json")
+    p.add_argument("--root", default="/tmp/trainer_fast")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(variant_main(args)), flush=True)
+        return 0
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+    names = [v for v in args.variants.split(",") if v]
+    rows_needed = max(VARIANTS[v][3] for v in names) * (args.steps + args.warmup) if not args.quick else 64
+    model_dir, data = make_inputs(Path(args.root), args.quick, rows_needed)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {"bench": "trainer_fast", "rows": []}
+    for name in names:
+        cmd = [sys.executable, "-m", "bench.trainer_fast", "--variant", name, "--model-dir", str(model_dir),
+               "--data", str(data), "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if " step " in ln))
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            results["rows"].append({"variant": name, "error": proc.stderr[-3000:]})
+        else:
+            r = json.loads(line[0][7:])
+            r["wall_s"] = round(time.time() - t0, 1)
+            results["rows"].append(r)
+        out.write_text(json.dumps(results, indent=1))
+    base = next((r for r in results["rows"] if r.get("variant") == "plain-512" and "error" not in r), None)
+    print(f"\n{'variant':16s} {'batch':>5s} {'chunk':>5s} {'s/step':>7s} {'useful tok/s':>12s} {'MFU':>6s} {'GiB':>6s} {'vs plain':>8s}")
+    for r in results["rows"]:
+        if "error" in r:
+            print(f"{r['variant']:16s} FAILED")
+            continue
+        if base:
+            r["ratio_vs_plain"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
+        print(f"{r['variant']:16s} {r['batch']:5d} {str(r['chunk']):>5s} {r['median_step_s']:7.3f} "
+              f"{r['useful_tokens_per_s']:12.0f} {100 * r['mfu']:5.1f}% {r['peak_gib']:6.2f} {r.get('ratio_vs_plain', float('nan')):8.2f}")
+    out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
