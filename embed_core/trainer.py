@@ -132,7 +132,8 @@ class TrainConfig:
         margin between the positive's similarity and the best other candidate's.
     max_bad_fraction: malformed JSONL rows tolerated per file (see embed_core.data.read_jsonl).
     precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
-    length_grouping: batch examples of similar length together (less padding).
+    length_grouping: batch examples of similar length together (less padding); not with ``packing`` (nothing to
+        save there, and all-long batches would need several times the memory of the average one).
     packing: embed packed rows (embed_core.packing: no padding, per-document attention masks) instead of
         padded batches; without GradCache all roles go through ONE packed forward. Same loss and gradients;
         pair with the model's ``attn_implementation="flash_varlen"`` (or ``"flex_attention"``) on GPU (and ``compile``).
@@ -349,8 +350,10 @@ class TrainData:
         if len(self.train) < tcfg.batch_size:
             raise DataError(f"{len(self.train)} training examples (after holding out val_size={tcfg.val_size}) "
                             f"do not fill one global batch of {tcfg.batch_size}: add data or lower batch_size")
+        # packed rows have no padding to save, and length-grouped batches would swing the tokens per step (and
+        # the activation memory) several-fold between an all-short and an all-long batch
         self.batcher = LengthGroupedBatcher(self.train, tcfg.batch_size, seed=tcfg.seed,
-                                            length_grouping=tcfg.length_grouping, drop_last=True)
+                                            length_grouping=tcfg.length_grouping and not tcfg.packing, drop_last=True)
         self.steps_per_epoch = len(self.batcher)
 
     def position(self, step: int) -> tuple[int, int]:

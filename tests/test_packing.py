@@ -206,6 +206,15 @@ def test_packing_config_errors(changes, match):
         EmbedConfig(base_model="x", max_length=32, **changes)
 
 
+def test_packing_turns_off_length_grouping(tiny_dirs, train_file):  # noqa: F811
+    """Packed batches are random mixes: grouping by length would make the longest batch's packed row (and its
+    memory) several times the average one."""
+    from embed_core.trainer import TrainData
+
+    assert TrainData(make_config(tiny_dirs, train_file)).batcher.length_grouping
+    assert not TrainData(make_config(tiny_dirs, train_file, packing=True)).batcher.length_grouping
+
+
 def test_train_config_packing_must_be_bool():
     with pytest.raises(ConfigError, match="packing must be true or false"):
         TrainConfig(model={"base_model": "x"}, train_data=["a.jsonl"], packing=1)
