@@ -35,6 +35,7 @@ VARIANTS = {  # name: (engine, attn_implementation, fast, batch, chunk)
     "fast-varlen-512": ("trainer", "flash_varlen", True, 512, None),
     "fast-gc-2048": ("trainer", "flex_attention", True, 2048, 512),
     "padded-gc-512": ("trainer", "sdpa", False, 512, 64),
+    "fast-512-zero1": ("trainer", "flex_attention", True, 512, None),
 }
 
 
@@ -99,7 +100,8 @@ def variant_main(args) -> dict:
              "max_length": 512, "attn_implementation": attn, **(FAST if fast else {})}
     steps = args.warmup + args.steps
     tcfg = TrainConfig(model=model, train_data=[args.data], batch_size=batch, chunk_size=chunk, num_negatives=1,
-                       lr=1e-5, max_steps=steps, zero_stage=2, seed=0, packing=fast, eval_every=0)
+                       lr=1e-5, max_steps=steps, zero_stage=1 if args.variant.endswith("zero1") else 2, seed=0,
+                       packing=fast, eval_every=0)
     from embed_core.backbone import prepare_tokenizer
     from embed_core.model import EmbeddingModel
     from embed_core.trainer import _model_config
@@ -110,7 +112,7 @@ def variant_main(args) -> dict:
     m.tokenizer = prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(str(Path(args.model_dir) / "wordtok")), mcfg)
     probe = m.token_ids(["w5 w77 w12"])[0]
     assert len(probe) == 4 and probe[-1] == m.tokenizer.eos_token_id, probe  # 3 words + EOS
-    rows = []
+    rows, profile_rows = [], None
     if engine == "plain":
         from embed_core.gradcache import merged_batch_step
         from embed_core.loss import info_nce
@@ -143,6 +145,20 @@ def variant_main(args) -> dict:
     else:
         trainer = Trainer(tcfg, model=m)
         for step in range(steps):
+            if args.profile and step == steps - 1:  # the last (warm) step under the profiler: where host time goes
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    r = trainer.run_step()
+                evs = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+                gpu = sum(e.self_device_time_total for e in prof.key_averages() if e.self_cpu_time_total == 0)
+                profile_rows = {"step_wall_ms": r["step_time_s"] * 1000, "gpu_kernels_busy_ms": gpu / 1000,
+                                "top_host_ops": [{"name": e.key[:100], "self_cpu_ms": e.self_cpu_time_total / 1000,
+                                                  "calls": e.count} for e in evs[:25]]}
+                rows.append(r)
+                print(f"  {args.variant} profiled step {r['step_time_s'] * 1000:.0f} ms, GPU busy {gpu / 1000:.0f} ms",
+                      flush=True)
+                continue
             r = trainer.run_step()
             rows.append(r)
             print(f"  {args.variant} step {step} {r['step_time_s'] * 1000:.0f} ms loss {r['loss']:.3f}", flush=True)
@@ -159,7 +175,8 @@ def variant_main(args) -> dict:
             "peak_gib": max(r.get("gpu_mem_gb", float("nan")) for r in rows), "loss_first": rows[0]["loss"],
             "loss_last": rows[-1]["loss"], "step_s_all": [round(r["step_time_s"], 4) for r in rows],
             "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "deepspeed": deepspeed.__version__}
+            "transformers": transformers.__version__, "peft": peft.__version__, "deepspeed": deepspeed.__version__,
+            "profile": profile_rows}
 
 
 def main() -> int:
@@ -170,6 +187,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile the last step of each Trainer variant")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -186,7 +204,8 @@ def main() -> int:
     results = json.loads(out.read_text()) if out.is_file() else {"bench": "trainer_fast", "rows": []}
     for name in names:
         cmd = [sys.executable, "-m", "bench.trainer_fast", "--variant", name, "--model-dir", str(model_dir),
-               "--data", str(data), "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+               "--data", str(data), "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
+               ["--quick"] if args.quick else []) + (["--profile"] if args.profile else [])
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if " step " in ln))
