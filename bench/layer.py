@@ -75,14 +75,13 @@ def categories(fn) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    from bench.perf import kernel_category
+
     cats: dict[str, float] = {}
     for e in prof.key_averages():
         if e.self_cpu_time_total != 0 or e.self_device_time_total <= 0:
             continue
-        k = e.key.lower()
-        cat = ("attention" if any(w in k for w in ("flash", "flex", "fmha", "attention")) else
-               "gemm" if any(w in k for w in ("nvjet", "gemm", "cutlass", "xmma", "splitk")) else
-               "elementwise (triton)" if k.startswith("triton") else "other: " + e.key[:40])
+        cat = kernel_category(e.key) or "other: " + e.key[:40]
         cats[cat] = cats.get(cat, 0.0) + e.self_device_time_total / 1000
     return dict(sorted(cats.items(), key=lambda kv: -kv[1])[:8])
 
@@ -105,11 +104,11 @@ def main() -> None:
     else:  # the project's real training mix (queries, positives, negatives), as in bench.perf
         import random
 
-        from bench.perf import load_lengths
+        from bench.perf import load_lengths, project_triplets
 
-        rng, train, lens = random.Random(0), load_lengths()["train"], []
+        rng, lengths, lens = random.Random(0), load_lengths(), []
         while sum(lens) < args.tokens:
-            lens += [rng.choice(train[r]) for r in ("query", "positive", "negative")]
+            lens += project_triplets(1, lengths, rng)[0]
     ids = [[5] * n for n in lens]
     flex = args.attn == "flex_attention"
     pack = pk.pack_ids(ids, 2, pad_to=pk.FLEX_BLOCK if flex else 1).to("cuda")

@@ -230,6 +230,18 @@ def encode_variant(args, name: str, model, ids: list[list[int]], mode: str) -> d
             "texts_per_s": n / dt, "mfu": mfu(args, toks / dt, 2), "peak_gib": peak_gib(args), "_emb": out}
 
 
+def kernel_category(name: str) -> str | None:
+    """A GPU kernel's category for the profile summaries (None: none of these)."""
+    k = name.lower()
+    if any(w in k for w in ("flash", "flex", "fmha", "attention")):
+        return "attention"
+    if any(w in k for w in ("nvjet", "gemm", "cutlass", "xmma", "splitk")):
+        return "gemm"
+    if any(w in k for w in ("adam", "multi_tensor", "foreach")):
+        return "optimizer"
+    return "fused elementwise (triton)" if k.startswith("triton") else None
+
+
 def table(rows: list[dict], base: dict) -> list[dict]:
     for r in rows:
         r["ratio_vs_naive"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
@@ -382,11 +394,7 @@ def section_profile(args, results):
     results["profile_packed_train_512"] = top
     cats: dict[str, float] = {}
     for e in evs:
-        k = e.key.lower()
-        cat = ("attention" if any(w in k for w in ("flash", "flex_attention", "fmha", "attention")) else
-               "gemm" if any(w in k for w in ("nvjet", "gemm", "cutlass", "xmma", "splitk")) else
-               "optimizer" if any(w in k for w in ("adam", "multi_tensor", "foreach")) else
-               "fused elementwise (triton)" if k.startswith("triton") else "other")
+        cat = kernel_category(e.key) or "other"
         cats[cat] = cats.get(cat, 0.0) + getattr(e, key, 0) / total
     results["profile_categories"] = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
     print("  by category: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["profile_categories"].items()))
@@ -410,8 +418,6 @@ def section_fast(args, results):
     """The packed path's kernels side by side in one run: FlexAttention block masks vs variable-length
     FlashAttention, and PEFT's LoRA vs the fused LoRA GEMMs, all compiled, roles merged, at 64 / 256 / 512
     triplets of the real mix; the naive baseline at 64; GradCache 2048 and packed encoding with the fastest."""
-    import numpy as np
-
     lengths = load_lengths()
     vocab = qwen2_05b(args.quick).vocab_size
     steps = args.warmup + args.steps
@@ -465,7 +471,6 @@ def section_fast(args, results):
         reset_cuda()
         results["fast_gradcache_2048"] = [r]
         print_rows("GradCache at 2048 triplets", [r])
-    del np
 
 
 def main() -> None:

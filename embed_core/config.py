@@ -76,7 +76,8 @@ class EmbedConfig:
     truncate_layers: keep only the first N decoder layers (depth truncation for quick CPU runs;
         None keeps all). A truncated model is a different model: results say so.
     attn_implementation: ``sdpa`` | ``eager`` | ``flex_attention`` | ``flash_varlen`` (the fast packed paths on
-        GPU: FlexAttention block masks, or torch's variable-length FlashAttention, the faster one on Hopper).
+        GPU: FlexAttention block masks, or torch's variable-length FlashAttention; on an H100 with short texts
+        Flex trained faster and varlen encoded faster, see README Performance).
     packing: `encode` packs the (length-sorted) texts into rows of up to ``pack_tokens`` tokens with no
         padding and a per-document attention mask (embed_core.packing); same vectors as the padded path.
         Packing with ``sdpa`` / ``eager`` uses a dense [T, T] mask (fine on CPU, slow on GPU): pair it with

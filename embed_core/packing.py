@@ -281,7 +281,7 @@ def varlen_attention(q, k, v, cu, max_len: int, causal: bool, scale=None):
     """[T, H, D] packed q / k / v (k, v may have fewer heads) -> [T, H, D], each document on its own."""
     if not q.is_cuda:
         return _varlen_reference(q, k, v, cu, causal, scale)
-    fn, has_window, has_gqa = _VARLEN or _varlen_kernel()
+    fn, has_window, has_gqa = _varlen_kernel()
     kw = {"scale": scale}
     if has_window:
         kw["window_size"] = (-1, 0) if causal else (-1, -1)

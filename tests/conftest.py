@@ -67,8 +67,13 @@ def save_tiny_checkpoint(base_model: Path, out: Path, seed: int = 0, **cfg) -> P
     from embed_core.model import EmbeddingModel
 
     m = EmbeddingModel.from_config(EmbedConfig(base_model=str(base_model), **{"lora_r": 4, **cfg}), seed=seed)
-    with torch.no_grad():
-        for n, p in m.backbone.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    randomize_lora_b(m, 0.1)
     return m.save(out)
+
+
+@torch.no_grad()
+def randomize_lora_b(model, std: float, generator: torch.Generator | None = None) -> None:
+    """LoRA B matrices start at zero; random ones make the low-rank path contribute (and A get gradients)."""
+    for n, p in model.backbone.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, std, generator=generator)

@@ -13,6 +13,7 @@ from embed_core.errors import ConfigError
 from embed_core.fused_lora import LoraLinearFn, fuse_lora, lora_parts, unfuse_lora
 from embed_core.model import EmbeddingModel, pad_ids
 
+from .conftest import randomize_lora_b
 from .test_trainer import make_config, reference_step, single_process, train_file, trainable_grads  # noqa: F401
 
 TEXTS = ["A man is playing a guitar.", "Two dogs run across a snowy field while a child watches.", "Hi",
@@ -38,11 +39,7 @@ def test_lora_linear_fn_gradcheck(out_f, in_f, with_bias):
 def _model(tiny_dirs, arch, **kw) -> EmbeddingModel:
     cfg = EmbedConfig(base_model=str(tiny_dirs[arch]), **{"lora_r": 4, "num_latents": 4, "max_length": 64, **kw})
     m = EmbeddingModel.from_config(cfg, seed=0)
-    with torch.no_grad():  # non-zero B: the low-rank path really contributes (and A gets gradients)
-        g = torch.Generator().manual_seed(1)
-        for n, p in m.backbone.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_lora_b(m, 0.2, torch.Generator().manual_seed(1))
     return m
 
 
