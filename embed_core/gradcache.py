@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["RandContext", "grad_cache_step", "full_batch_step", "merged_batch_step", "iter_chunks"]
+__all__ = ["RandContext", "grad_cache_step", "merged_grad_cache_step", "merged_chunks", "merged_chunk_count",
+           "full_batch_step",
+           "merged_batch_step", "iter_chunks"]
 
 Field = torch.Tensor | Sequence[Any]
 Chunk = dict[str, Field]
@@ -148,45 +150,57 @@ def grad_cache_step(
         (accumulated onto any existing grads, as ``loss.backward()`` would).
     """
     _validate(roles, chunk_size)
-    chunks = {role: iter_chunks(fields, chunk_size, role) for role, fields in roles.items()}
+    names = list(roles)
+    chunks = [(role, c) for role in names for c in iter_chunks(roles[role], chunk_size, role)]
+    sizes = [_role_length(r, roles[r]) for r in names]
 
+    def role_loss(all_reps: torch.Tensor):
+        return loss_fn(dict(zip(names, torch.split(all_reps, sizes))))
+
+    return _grad_cache(embed_fn, chunks, role_loss, backward_fn)
+
+
+def _grad_cache(
+    embed_fn: EmbedFn,
+    chunks: list[tuple[str, Chunk]],
+    loss_on_reps: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, Any]]],
+    backward_fn: BackwardFn | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The GradCache core over an explicit list of (label, chunk): the chunks' representations, concatenated in
+    list order, are what `loss_on_reps` gets."""
     # (a) representations without a graph; one RNG snapshot per chunk
-    rand_states: dict[str, list[RandContext]] = {}
-    reps: dict[str, torch.Tensor] = {}
-    for role, role_chunks in chunks.items():
-        rand_states[role] = []
-        parts = []
-        for chunk in role_chunks:
-            rand_states[role].append(RandContext(*chunk.values()))
-            with torch.no_grad():
-                n = _role_length(role, chunk)
-                parts.append(_check_reps(role, embed_fn(chunk), n))
-        reps[role] = torch.cat(parts, dim=0).detach().requires_grad_(True)
+    rand_states: list[RandContext] = []
+    parts: list[torch.Tensor] = []
+    for label, chunk in chunks:
+        rand_states.append(RandContext(*chunk.values()))
+        with torch.no_grad():
+            parts.append(_check_reps(label, embed_fn(chunk), _role_length(label, chunk)))
+    reps = torch.cat(parts, dim=0).detach().requires_grad_(True)
+    del parts
 
     # (b) loss on the whole (possibly gathered) batch; gradient w.r.t. the cached representations
-    loss, metrics = loss_fn(reps)
+    loss, metrics = loss_on_reps(reps)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError("loss_fn must return (scalar loss tensor, metrics)")
-    role_names = list(reps)
-    grads = torch.autograd.grad(loss, [reps[r] for r in role_names], allow_unused=True)
-    cached = {r: (g if g is not None else torch.zeros_like(reps[r])) for r, g in zip(role_names, grads)}
+    (cached,) = torch.autograd.grad(loss, [reps], allow_unused=True)
+    if cached is None:
+        cached = torch.zeros_like(reps)
     loss = loss.detach()
-    del reps, grads
+    del reps
 
     # (c) re-embed each chunk with grad under its saved RNG state, backprop the cached gradient
-    for role, role_chunks in chunks.items():
-        start = 0
-        for chunk, rand in zip(role_chunks, rand_states[role]):
-            n = _role_length(role, chunk)
-            grad_chunk = cached[role][start:start + n]
-            start += n
-            with rand:
-                reps_chunk = _check_reps(role, embed_fn(chunk), n)
-            if backward_fn is None:
-                torch.autograd.backward(reps_chunk, grad_tensors=grad_chunk)
-            else:
-                backward_fn((reps_chunk * grad_chunk.detach()).sum())
-            del reps_chunk
+    start = 0
+    for (label, chunk), rand in zip(chunks, rand_states):
+        n = _role_length(label, chunk)
+        grad_chunk = cached[start:start + n]
+        start += n
+        with rand:
+            reps_chunk = _check_reps(label, embed_fn(chunk), n)
+        if backward_fn is None:
+            torch.autograd.backward(reps_chunk, grad_tensors=grad_chunk)
+        else:
+            backward_fn((reps_chunk * grad_chunk.detach()).sum())
+        del reps_chunk
     return loss, metrics
 
 
@@ -238,15 +252,72 @@ def merged_batch_step(
     _validate(roles, None)
     names = list(roles)
     sizes = [_role_length(r, roles[r]) for r in names]
-    keys = list(roles[names[0]])
-    if any(list(roles[r]) != keys for r in names):
-        raise ValueError("merged_batch_step needs the same fields in every role")
-    merged: Chunk = {}
-    for k in keys:
-        parts = [roles[r][k] for r in names]
-        merged[k] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [x for p in parts for x in p]
+    merged = _merge_fields([roles[r] for r in names])
 
     def split_loss(reps: dict[str, torch.Tensor]):
         return loss_fn(dict(zip(names, torch.split(reps["all"], sizes))))
 
     return full_batch_step(embed_fn, {"all": merged}, split_loss, None, backward_fn)
+
+
+def _merge_fields(parts: list[Chunk]) -> Chunk:
+    keys = list(parts[0])
+    if any(list(p) != keys for p in parts):
+        raise ValueError("merging roles needs the same fields in every role")
+    return {k: (torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor)
+                else [x for p in parts for x in p[k]]) for k in keys}
+
+
+def merged_chunk_count(roles: Roles, chunk_size: int) -> int:
+    """How many chunks `merged_chunks` makes: ceil(rows of all roles / chunk_size), at most the rows of the
+    largest role (so no chunk is empty)."""
+    sizes = [_role_length(r, f) for r, f in roles.items()]
+    return min(-(-sum(sizes) // chunk_size), max(sizes))
+
+
+def merged_chunks(roles: Roles, chunk_size: int) -> tuple[list[Chunk], list[list[tuple[str, int, int]]]]:
+    """Split a batch into ceil(total rows / `chunk_size`) chunks that each hold EVERY role: chunk j of n holds
+    rows [s*j//n, s*(j+1)//n) of each role of s rows, so a chunk has about `chunk_size` rows in all (at most
+    one more per role; with a `chunk_size` below the number of roles, one row of the largest role) and the roles in the batch's proportions (e.g. per query one positive and K hard
+    negatives). Returns (merged chunks, for each chunk its pieces as (role, start, stop) in merge order)."""
+    _validate(roles, chunk_size)
+    if chunk_size is None:
+        raise ValueError("merged_chunks needs a chunk_size")
+    names = list(roles)
+    sizes = {r: _role_length(r, roles[r]) for r in names}
+    n = merged_chunk_count(roles, chunk_size)
+    chunks, layout = [], []
+    for j in range(n):
+        pieces = [(r, sizes[r] * j // n, sizes[r] * (j + 1) // n) for r in names]
+        pieces = [p for p in pieces if p[2] > p[1]]
+        chunks.append(_merge_fields([{k: v[a:b] for k, v in roles[r].items()} for r, a, b in pieces]))
+        layout.append(pieces)
+    return chunks, layout
+
+
+def merged_grad_cache_step(
+    embed_fn: EmbedFn,
+    roles: Roles,
+    loss_fn: LossFn,
+    chunk_size: int | None,
+    backward_fn: BackwardFn | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`grad_cache_step` whose chunks each hold all roles of a slice of the batch (`merged_chunks`): with
+    packing, chunk j's queries, positives and hard negatives go through the backbone as ONE packed row, as
+    `merged_batch_step` does for the whole batch, instead of one chunk per role (a chunk of queries alone is a
+    short row of short texts). `chunk_size` counts rows of all roles together, so peak activation memory stays
+    that of about `chunk_size` texts. Same loss and gradients as `grad_cache_step` (dropout masks are drawn
+    differently)."""
+    chunks, layout = merged_chunks(roles, chunk_size)
+    names = list(roles)
+    sizes = [_role_length(r, roles[r]) for r in names]
+    # position in the role-ordered batch of every row of the merged order
+    offsets = dict(zip(names, [sum(sizes[:i]) for i in range(len(names))]))
+    order = torch.cat([torch.arange(offsets[r] + a, offsets[r] + b) for pieces in layout for r, a, b in pieces])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+
+    def role_loss(merged_reps: torch.Tensor):
+        return loss_fn(dict(zip(names, torch.split(merged_reps[inverse.to(merged_reps.device)], sizes))))
+
+    return _grad_cache(embed_fn, [("merged chunk", c) for c in chunks], role_loss, backward_fn)

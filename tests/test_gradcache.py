@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from embed_core import gradcache
-from embed_core.gradcache import RandContext, full_batch_step, grad_cache_step, iter_chunks
+from embed_core.gradcache import (RandContext, full_batch_step, grad_cache_step, iter_chunks, merged_chunk_count,
+                                  merged_chunks, merged_grad_cache_step)
 from embed_core.loss import info_nce
 
 VOCAB = 40
@@ -150,6 +151,35 @@ def test_backward_fn_hook_is_used_per_chunk():
     seen = []
     run(full_batch_step, None, dropout=0.2, backward_fn=lambda l: (seen.append(l), l.backward()))
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 9, 1000])
+def test_merged_grad_cache_matches_full_batch(chunk):
+    """Chunks holding every role (the packed Trainer's GradCache): the full-batch loss, metrics and gradients,
+    one backward per merged chunk."""
+    calls = []
+    ref_loss, ref_m, ref_g, _ = run(full_batch_step, None)
+    loss, m, g, _ = run(merged_grad_cache_step, chunk, backward_fn=lambda s: (calls.append(1), s.backward()))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert m == pytest.approx(ref_m)
+    assert_grads_close(g, ref_g)
+    assert len(calls) == merged_chunk_count(make_roles(10), chunk) == min(-(-40 // chunk), 20)
+
+
+def test_merged_chunks_cover_every_row_once_in_proportion():
+    roles = {"query": {"row": list(range(10))}, "positive": {"row": list(range(100, 110))},
+             "negative": {"row": list(range(200, 220))}}  # 2 hard negatives per query
+    chunks, layout = merged_chunks(roles, 8)
+    assert len(chunks) == merged_chunk_count(roles, 8) == 5
+    assert sorted(x for c in chunks for x in c["row"]) == sorted(x for f in roles.values() for x in f["row"])
+    for c, pieces in zip(chunks, layout):
+        assert len(c["row"]) <= 8 + len(roles) - 1
+        assert [r for r, _, _ in pieces] == ["query", "positive", "negative"]  # every chunk holds every role
+        sizes = {r: b - a for r, a, b in pieces}
+        assert sizes["query"] == sizes["positive"] and sizes["negative"] == 2 * sizes["query"]
+        assert c["row"] == [x for r, a, b in pieces for x in roles[r]["row"][a:b]]
+    with pytest.raises(ValueError, match="same fields"):
+        merged_chunks({"query": {"row": [1]}, "positive": {"ids": [2]}}, 1)
 
 
 def test_grads_accumulate_like_backward():
