@@ -13,7 +13,12 @@ Variants: plain-512 = the same fast model in a plain PyTorch loop (fused AdamW, 
 fast-512 / fast-varlen-512 = Trainer, packing + fused LoRA + compile, FlexAttention / varlen FlashAttention,
 512 triplets, no GradCache; fast-gc-2048 = the same at 2048 triplets in GradCache chunks of 512;
 padded-gc-512 = Trainer on the previous default path (SDPA, padded per chunk, no fused LoRA, no compile),
-512 triplets in GradCache chunks of 64.
+512 triplets in GradCache chunks of 64; fast-512-noexp = fast-512 with the CUDA allocator's default (no expandable
+segments); plain-512-exp = plain-512 with expandable segments; fast-512-sync = fast-512 with the Trainer's earlier
+loss call (metrics copied to the host and the loss checked for NaN between the forward and the backward);
+fast-512-nocontig = ZeRO-2 without contiguous gradients; fast-512-zero1 = ZeRO-1. With packing the Trainer's
+GradCache chunks hold every role (gradcache.merged_grad_cache_step; chunk = texts of all roles together):
+fast-gc-2048-c1024 = chunks of 1024 texts; fast-gc-2048-perrole = the earlier one-role-per-chunk GradCache.
 """
 from __future__ import annotations
 
@@ -36,7 +41,20 @@ VARIANTS = {  # name: (engine, attn_implementation, fast, batch, chunk)
     "fast-gc-2048": ("trainer", "flex_attention", True, 2048, 512),
     "padded-gc-512": ("trainer", "sdpa", False, 512, 64),
     "fast-512-zero1": ("trainer", "flex_attention", True, 512, None),
+    "fast-512-noexp": ("trainer", "flex_attention", True, 512, None),
+    "plain-512-exp": ("plain", "flex_attention", True, 512, None),
+    "fast-512-sync": ("trainer", "flex_attention", True, 512, None),
+    "fast-512-nocontig": ("trainer", "flex_attention", True, 512, None),
+    "fast-gc-2048-perrole": ("trainer", "flex_attention", True, 2048, 512),
+    "fast-gc-2048-c1024": ("trainer", "flex_attention", True, 2048, 1024),
 }
+# DeepSpeed settings of a variant (TrainConfig.deepspeed_overrides)
+VARIANT_DS = {"fast-512-nocontig": {"zero_optimization": {"contiguous_gradients": False}}}
+# extra environment of a variant's process: the Trainer turns on expandable segments in the CUDA allocator unless
+# the environment configures the allocator (embed_core.trainer.configure_cuda_allocator); these variants measure
+# the Trainer without it and the plain loop with it
+VARIANT_ENV = {"fast-512-noexp": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"},
+               "plain-512-exp": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
 
 
 def make_inputs(root: Path, quick: bool, rows: int) -> tuple[Path, Path]:
@@ -78,6 +96,33 @@ def nonembed_params(quick: bool) -> int:
     return ne(argparse.Namespace(quick=quick))
 
 
+class PhaseTimer:
+    """--phases: wall time of each phase of a step with the GPU synchronised at both ends (changes the overlap a
+    little; the sum is close to the unsynchronised step). Where a step's time goes: forward+backward vs the
+    optimizer step."""
+
+    def __init__(self, on_gpu: bool) -> None:
+        self.on_gpu, self.times = on_gpu, {}
+
+    def wrap(self, name: str, fn):
+        import torch
+
+        def timed(*a, **kw):
+            if self.on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            if self.on_gpu:
+                torch.cuda.synchronize()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return timed
+
+    def take(self) -> dict:
+        out, self.times = {k: round(v, 5) for k, v in self.times.items()}, {}
+        return out
+
+
 def variant_main(args) -> dict:
     import torch
     import torch.distributed as dist
@@ -101,6 +146,7 @@ def variant_main(args) -> dict:
     steps = args.warmup + args.steps
     tcfg = TrainConfig(model=model, train_data=[args.data], batch_size=batch, chunk_size=chunk, num_negatives=1,
                        lr=1e-5, max_steps=steps, zero_stage=1 if args.variant.endswith("zero1") else 2, seed=0,
+                       deepspeed_overrides=VARIANT_DS.get(args.variant, {}),
                        packing=fast, eval_every=0)
     from embed_core.backbone import prepare_tokenizer
     from embed_core.model import EmbeddingModel
@@ -113,6 +159,7 @@ def variant_main(args) -> dict:
     probe = m.token_ids(["w5 w77 w12"])[0]
     assert len(probe) == 4 and probe[-1] == m.tokenizer.eos_token_id, probe  # 3 words + EOS
     rows, profile_rows = [], None
+    phases = PhaseTimer(on_gpu) if args.phases else None
     if engine == "plain":
         from embed_core.gradcache import merged_batch_step
         from embed_core.loss import info_nce
@@ -124,6 +171,13 @@ def variant_main(args) -> dict:
         opt = torch.optim.AdamW(params, lr=1e-5, fused=on_gpu)
         loss_fn = lambda r: info_nce(r["query"], r["positive"], r.get("negative"), temperature=0.05)  # noqa: E731
         embed = lambda c: m(packed=m.pack(c["ids"]).to(m.device))  # noqa: E731
+
+        def opt_step():
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        fwd_bwd = phases.wrap("forward_backward", merged_batch_step) if phases else merged_batch_step
+        opt_step = phases.wrap("optimizer_step", opt_step) if phases else opt_step
         for step in range(steps):
             b = data.local_batch(step, 0, 1, m.cfg.format_query)
             if on_gpu:
@@ -131,19 +185,39 @@ def variant_main(args) -> dict:
             t0 = time.perf_counter()
             roles = {r: {"ids": m.token_ids(b[k])} for r, k in
                      (("query", "queries"), ("positive", "positives"), ("negative", "negatives"))}
-            loss, _ = merged_batch_step(embed, roles, loss_fn)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, _ = fwd_bwd(embed, roles, loss_fn)
+            opt_step()
             if on_gpu:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             toks = sum(len(x) for r in roles.values() for x in r["ids"])
             rows.append({"step_time_s": dt, "tokens_per_s": toks / dt, "loss": float(loss),
-                         "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")})
+                         "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan"),
+                         **({"phases": phases.take()} if phases else {})})
             print(f"  {args.variant} step {step} {dt * 1000:.0f} ms loss {float(loss):.3f}", flush=True)
     else:
-        trainer = Trainer(tcfg, model=m)
+        cls = Trainer
+        if "perrole" in args.variant:  # the Trainer's earlier packed GradCache: one role per chunk
+            import embed_core.trainer as trainer_module
+            from embed_core.gradcache import grad_cache_step, iter_chunks
+
+            trainer_module.merged_grad_cache_step = grad_cache_step
+            trainer_module.merged_chunk_count = lambda roles, c: sum(len(iter_chunks(f, c, r)) for r, f in roles.items())
+        if args.variant.endswith("-sync"):
+            from embed_core.loss import check_finite, info_nce
+
+            class SyncedTrainer(Trainer):  # the earlier _loss: two host syncs between the forward and the backward
+                def _loss(self, reps):
+                    loss, metrics = info_nce(reps["query"], reps["positive"], reps.get("negative"),
+                                             temperature=self.tcfg.temperature, gather=True)
+                    check_finite(loss, self.step + 1)
+                    return loss, metrics
+
+            cls = SyncedTrainer
+        trainer = cls(tcfg, model=m)
+        if phases:
+            trainer.forward_backward = phases.wrap("forward_backward", trainer.forward_backward)
+            trainer.engine.step = phases.wrap("optimizer_step", trainer.engine.step)
         for step in range(steps):
             if args.profile and step == steps - 1:  # the last (warm) step under the profiler: where host time goes
                 from torch.profiler import ProfilerActivity, profile
@@ -160,6 +234,8 @@ def variant_main(args) -> dict:
                       flush=True)
                 continue
             r = trainer.run_step()
+            if phases:
+                r["phases"] = phases.take()
             rows.append(r)
             print(f"  {args.variant} step {step} {r['step_time_s'] * 1000:.0f} ms loss {r['loss']:.3f}", flush=True)
     meas = rows[args.warmup:]
@@ -176,6 +252,10 @@ def variant_main(args) -> dict:
             "loss_last": rows[-1]["loss"], "step_s_all": [round(r["step_time_s"], 4) for r in rows],
             "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "deepspeed": deepspeed.__version__,
+            "phases_median_s": {k: statistics.median(r["phases"][k] for r in meas) for k in meas[0]["phases"]}
+            if phases else None,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or (
+                getattr(trainer, "allocator_setting", None) if engine == "trainer" else None),
             "profile": profile_rows}
 
 
@@ -188,6 +268,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile", action="store_true", help="profile the last step of each Trainer variant")
+    p.add_argument("--phases", action="store_true", help="time forward+backward and the optimizer step apart")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -205,9 +286,10 @@ def main() -> int:
     for name in names:
         cmd = [sys.executable, "-m", "bench.trainer_fast", "--variant", name, "--model-dir", str(model_dir),
                "--data", str(data), "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
-               ["--quick"] if args.quick else []) + (["--profile"] if args.profile else [])
+               ["--quick"] if args.quick else []) + (["--profile"] if args.profile else []) + (
+               ["--phases"] if args.phases else [])
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **VARIANT_ENV.get(name, {})})
         sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if " step " in ln))
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -227,7 +309,9 @@ def main() -> int:
         if base:
             r["ratio_vs_plain"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
         print(f"{r['variant']:16s} {r['batch']:5d} {str(r['chunk']):>5s} {r['median_step_s']:7.3f} "
-              f"{r['useful_tokens_per_s']:12.0f} {100 * r['mfu']:5.1f}% {r['peak_gib']:6.2f} {r.get('ratio_vs_plain', float('nan')):8.2f}")
+              f"{r['useful_tokens_per_s']:12.0f} {100 * r['mfu']:5.1f}% {r['peak_gib']:6.2f} {r.get('ratio_vs_plain', float('nan')):8.2f}"
+              + ("  phases " + " ".join(f"{k}={v * 1000:.0f}ms" for k, v in r["phases_median_s"].items())
+                 if r.get("phases_median_s") else ""))
     out.write_text(json.dumps(results, indent=1))
     return 0
 

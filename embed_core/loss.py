@@ -102,6 +102,7 @@ def info_nce(
     negs: torch.Tensor | None = None,
     temperature: float = 0.05,
     gather: bool = True,
+    sync: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """InfoNCE loss with in-batch and hard negatives, exact across data-parallel ranks.
 
@@ -128,6 +129,8 @@ def info_nce(
         ``acc`` top-1 accuracy over the candidate set, ``pos_sim`` mean cos(q_i, p_i),
         ``neg_sim`` mean cosine to all non-target candidates, and ``hard_neg_sim`` mean cosine to
         the global hard negatives when `negs` is given.
+        With ``sync=False`` the metrics stay 0-dim device tensors (no host sync between the forward
+        and the backward: the caller converts them after launching the backward, as the Trainer does).
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -176,7 +179,8 @@ def info_nce(
         n_pos_global = pn.shape[0]
         if n_cand > n_pos_global:
             stats.append(sims[:, n_pos_global:].mean())
-        vals = torch.stack(stats).tolist()  # one device sync
+        stacked = torch.stack(stats)
+        vals = stacked.tolist() if sync else list(stacked.unbind())  # one device sync, or none
     metrics = {"acc": vals[0], "pos_sim": vals[1], "neg_sim": vals[2]}
     if len(vals) > 3:
         metrics["hard_neg_sim"] = vals[3]

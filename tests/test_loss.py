@@ -114,6 +114,18 @@ def test_info_nce_gradcheck_and_shapes():
     assert info_nce(q, p, n, gather=True)[0].item() == info_nce(q, p, n, gather=False)[0].item()
 
 
+def test_unsynced_metrics_are_device_tensors_with_the_same_values():
+    """sync=False (the Trainer's call: no host sync between forward and backward) keeps the metrics as
+    0-dim tensors; their values are the synced floats."""
+    q, p, n = _rand(5, 8), _rand(5, 8, seed=1), _rand(5, 2, 8, seed=2)
+    loss, floats = info_nce(q, p, n, temperature=0.05)
+    loss2, tensors = info_nce(q, p, n, temperature=0.05, sync=False)
+    assert loss2.item() == loss.item() and set(tensors) == set(floats) == {"acc", "pos_sim", "neg_sim", "hard_neg_sim"}
+    for k, v in tensors.items():
+        assert isinstance(v, torch.Tensor) and v.dim() == 0 and isinstance(floats[k], float)
+        assert v.item() == pytest.approx(floats[k], rel=1e-12)
+
+
 def test_check_finite_guard():
     check_finite(torch.tensor(0.3), step=1)
     check_finite(2.5, step=2)

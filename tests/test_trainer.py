@@ -36,6 +36,7 @@ from embed_core.trainer import (  # noqa: E402
     Trainer,
     WarmupLinear,
     batch_fingerprint,
+    configure_cuda_allocator,
     ds_config,
     gathered_trainable_state,
     destroy_single_process_group,
@@ -391,3 +392,17 @@ def test_ray_nan_loss_fails_the_run_without_retrying_it(ray_local, ray_config, t
     assert "already diverged" in str(info.value)  # the retried worker group stopped before training
     marker = json.loads((tmp_path / "nan" / DIVERGED_FILE).read_text())
     assert marker["step"] == 1 and "non-finite training loss" in marker["error"]
+
+
+def test_cuda_allocator_setting_respects_the_users_environment(monkeypatch):
+    """The Trainer turns on expandable segments on a GPU (packed rows change size every step) unless the user
+    configured the allocator; without a GPU it does nothing."""
+    applied = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", applied.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert configure_cuda_allocator({}) is None and applied == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for users in ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}):
+        assert configure_cuda_allocator(users) is None and applied == []
+    assert configure_cuda_allocator({"PYTORCH_CUDA_ALLOC_CONF": ""}) == "expandable_segments:True"
+    assert applied == ["expandable_segments:True"]
