@@ -9,6 +9,10 @@ token lengths of bench/data/lengths.json (the project's real training mix). Each
     source .devbundle*/gpu_env.sh && python -m bench.trainer_fast --out $OUT/trainer_fast.json
     python -m bench.trainer_fast --quick --variants plain-512,fast-512     # CPU smoke test (tiny model)
 
+A variant name may end in "@<pooling>+<attention>" (e.g. fast-512@multi_layer_trainable+causal): the paper's
+designs on the fast path; without it, mean pooling, bidirectional. --check-save saves a Trainer checkpoint, loads
+it and compares the encodings.
+
 Variants: plain-512 = the same fast model in a plain PyTorch loop (fused AdamW, merged roles; the reference);
 fast-512 / fast-varlen-512 = Trainer, packing + fused LoRA + compile, FlexAttention / varlen FlashAttention,
 512 triplets, no GradCache; fast-gc-2048 = the same at 2048 triplets in GradCache chunks of 512;
@@ -57,6 +61,15 @@ VARIANT_ENV = {"fast-512-noexp": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segment
                "plain-512-exp": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
 
 
+def split_variant(name: str) -> tuple[str, str, str]:
+    """"fast-512@eos_last+causal" -> ("fast-512", "eos_last", "causal"); without "@": mean pooling, bidirectional."""
+    base, _, design = name.partition("@")
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown variant {base!r}: one of {', '.join(VARIANTS)}")
+    pooling, _, attention = (design or "mean+bidirectional").partition("+")
+    return base, pooling, attention
+
+
 def make_inputs(root: Path, quick: bool, rows: int) -> tuple[Path, Path]:
     """A Qwen2-0.5B-shaped model folder (random bf16 weights + a word-level tokenizer) and training JSONL."""
     import torch
@@ -96,6 +109,34 @@ def nonembed_params(quick: bool) -> int:
     return ne(argparse.Namespace(quick=quick))
 
 
+def check_save(args, trainer, model, on_gpu: bool) -> dict:
+    """--check-save: write the Trainer's checkpoint, load its model/ with EmbeddingModel.load and compare the two
+    models' `encode` (the configured packed path) on 256 texts of the real length mix."""
+    import numpy as np
+
+    from bench.perf import load_lengths
+    from embed_core.model import EmbeddingModel
+    from embed_core.trainer import MODEL_DIR
+
+    rng = random.Random(1)
+    lengths = load_lengths()["train"]["positive"]
+    texts = [" ".join(f"w{rng.randrange(VOCAB - 3)}" for _ in range(max(rng.choice(lengths) - 1, 1)))
+             for _ in range(256)]
+    ckpt = trainer.save_checkpoint(Path(args.root) / f"ckpt-{args.variant}")
+    a = model.encode(texts, batch_size=64)
+    loaded = EmbeddingModel.load(ckpt / MODEL_DIR, device="cuda" if on_gpu else "cpu")
+    b = loaded.encode(texts, batch_size=64)
+    cos = (a * b).sum(axis=1)  # both L2-normalised
+    from embed_core.trainer import gathered_trainable_state
+
+    want, got = gathered_trainable_state(trainer.engine, model)[0], loaded.trainable_state()[0]
+    return {"texts": len(texts), "min_cosine": float(cos.min()), "max_abs_diff": float(np.abs(a - b).max()),
+            "finite": bool(np.isfinite(a).all() and np.isfinite(b).all()),
+            "adapter_keys_equal": sorted(want) == sorted(got),
+            "adapter_max_abs_diff": max(float((want[k].float() - got[k].float().cpu()).abs().max()) for k in want),
+            "lora_b_abs_max": max(float(v.float().abs().max()) for k, v in want.items() if "lora_B" in k)}
+
+
 class PhaseTimer:
     """--phases: wall time of each phase of a step with the GPU synchronised at both ends (changes the overlap a
     little; the sum is close to the unsynchronised step). Where a step's time goes: forward+backward vs the
@@ -129,7 +170,8 @@ def variant_main(args) -> dict:
 
     from embed_core.trainer import TrainConfig, Trainer, init_single_process_group
 
-    engine, attn, fast, batch, chunk = VARIANTS[args.variant]
+    base, pooling, attention = split_variant(args.variant)
+    engine, attn, fast, batch, chunk = VARIANTS[base]
     if args.quick:
         batch, chunk = 16, (8 if chunk else None)
     on_gpu = torch.cuda.is_available()
@@ -141,12 +183,12 @@ def variant_main(args) -> dict:
     else:
         init_single_process_group()
     torch._dynamo.config.cache_size_limit = 64
-    model = {"base_model": args.model_dir, "pooling": "mean", "attention": "bidirectional", "lora_r": 16,
+    model = {"base_model": args.model_dir, "pooling": pooling, "attention": attention, "lora_r": 16,
              "max_length": 512, "attn_implementation": attn, **(FAST if fast else {})}
     steps = args.warmup + args.steps
     tcfg = TrainConfig(model=model, train_data=[args.data], batch_size=batch, chunk_size=chunk, num_negatives=1,
-                       lr=1e-5, max_steps=steps, zero_stage=1 if args.variant.endswith("zero1") else 2, seed=0,
-                       deepspeed_overrides=VARIANT_DS.get(args.variant, {}),
+                       lr=1e-5, max_steps=steps, zero_stage=1 if base.endswith("zero1") else 2, seed=0,
+                       deepspeed_overrides=VARIANT_DS.get(base, {}),
                        packing=fast, eval_every=0)
     from embed_core.backbone import prepare_tokenizer
     from embed_core.model import EmbeddingModel
@@ -238,6 +280,7 @@ def variant_main(args) -> dict:
                 r["phases"] = phases.take()
             rows.append(r)
             print(f"  {args.variant} step {step} {r['step_time_s'] * 1000:.0f} ms loss {r['loss']:.3f}", flush=True)
+    saved = check_save(args, trainer, m, on_gpu) if args.check_save and engine == "trainer" else None
     meas = rows[args.warmup:]
     t = statistics.median(r["step_time_s"] for r in meas)
     tok_s = sum(r["tokens_per_s"] * r["step_time_s"] for r in meas) / sum(r["step_time_s"] for r in meas)
@@ -254,6 +297,7 @@ def variant_main(args) -> dict:
             "transformers": transformers.__version__, "peft": peft.__version__, "deepspeed": deepspeed.__version__,
             "phases_median_s": {k: statistics.median(r["phases"][k] for r in meas) for k in meas[0]["phases"]}
             if phases else None,
+            "pooling": pooling, "attention": attention, "save_check": saved,
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or (
                 getattr(trainer, "allocator_setting", None) if engine == "trainer" else None),
             "profile": profile_rows}
@@ -269,6 +313,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile", action="store_true", help="profile the last step of each Trainer variant")
     p.add_argument("--phases", action="store_true", help="time forward+backward and the optimizer step apart")
+    p.add_argument("--check-save", action="store_true",
+                   help="Trainer variants: save a checkpoint, load it, compare encode of the two models")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -279,7 +325,7 @@ def main() -> int:
     if args.quick:
         args.steps, args.warmup = 2, 1
     names = [v for v in args.variants.split(",") if v]
-    rows_needed = max(VARIANTS[v][3] for v in names) * (args.steps + args.warmup) if not args.quick else 64
+    rows_needed = max(VARIANTS[split_variant(v)[0]][3] for v in names) * (args.steps + args.warmup) if not args.quick else 64
     model_dir, data = make_inputs(Path(args.root), args.quick, rows_needed)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"bench": "trainer_fast", "rows": []}
@@ -287,9 +333,10 @@ def main() -> int:
         cmd = [sys.executable, "-m", "bench.trainer_fast", "--variant", name, "--model-dir", str(model_dir),
                "--data", str(data), "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
                ["--quick"] if args.quick else []) + (["--profile"] if args.profile else []) + (
-               ["--phases"] if args.phases else [])
+               ["--phases"] if args.phases else []) + (["--check-save"] if args.check_save else []) + [
+               "--root", args.root]
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **VARIANT_ENV.get(name, {})})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **VARIANT_ENV.get(split_variant(name)[0], {})})
         sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if " step " in ln))
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
