@@ -114,6 +114,13 @@ def test_presets_validate_and_cli_sets_apply() -> None:
     assert (t.batch_size, t.max_steps, t.lr, t.model.lora_r, t.temperature) == (2048, 1000, 1e-5, 16, 0.05)
     assert {c.base_model for c in paper.cells()} == {"Qwen/Qwen2-0.5B", "mistralai/Mistral-7B-v0.1"}
     assert len({c.design for c in paper.cells()}) == 5
+    # Qwen2-0.5B trains on the fast GPU path, GradCache in merged chunks; Mistral-7B (ZeRO-3, 4 GPUs) padded
+    for cell in paper.cells():
+        t = paper.train_config(cell, *paper.probe_values())
+        fast = cell.base_model == "Qwen/Qwen2-0.5B"
+        assert (t.packing, t.model.packing, t.model.compile, t.model.fused_lora) == (fast,) * 4
+        assert t.model.attn_implementation == ("flex_attention" if fast else "sdpa")
+        assert (t.chunk_size, t.zero_stage) == ((1024, 2) if fast else (16, 3))
     s = load_sweep_config("demo", ["training.max_steps=3", "search.lr=0.001", "name=other"], storage_path="/tmp/y")
     assert s.training["max_steps"] == 3 and s.lr.value == 0.001 and str(s.sweep_dir) == "/tmp/y/other"
     with pytest.raises(ConfigError, match="no such file and no such preset"):
