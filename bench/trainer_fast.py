@@ -182,7 +182,6 @@ def variant_main(args) -> dict:
         torch.cuda.set_device(0)
     else:
         init_single_process_group()
-    torch._dynamo.config.cache_size_limit = 64
     model = {"base_model": args.model_dir, "pooling": pooling, "attention": attention, "lora_r": 16,
              "max_length": 512, "attn_implementation": attn, **(FAST if fast else {})}
     steps = args.warmup + args.steps

@@ -199,6 +199,20 @@ FLEX_IMPL_NAME = "embed_flex"
 _compiled = None
 
 
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-function recompile limit to `limit` (never lower it). Packed rows change length every
+    step and causal / bidirectional, training / no-grad and FlexAttention's masks each add compiled variants; past
+    the default limit (8) dynamo silently runs the function eagerly from then on, and an eager FlexAttention is
+    orders of magnitude slower. The benchmarks ran with 64."""
+    import torch._dynamo as dynamo
+
+    if dynamo.config.cache_size_limit < limit:
+        dynamo.config.cache_size_limit = limit
+
+
 def _flex_fn(is_cuda: bool):
     """torch.compile'd flex_attention on GPU (the fused kernel; automatic dynamic shapes after the first
     length); eager on CPU (a reference implementation, for tests)."""
@@ -208,6 +222,7 @@ def _flex_fn(is_cuda: bool):
     if not is_cuda:
         return flex_attention
     if _compiled is None:
+        allow_recompiles()
         _compiled = torch.compile(flex_attention)
     return _compiled
 

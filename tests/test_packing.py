@@ -218,3 +218,19 @@ def test_packing_turns_off_length_grouping(tiny_dirs, train_file):  # noqa: F811
 def test_train_config_packing_must_be_bool():
     with pytest.raises(ConfigError, match="packing must be true or false"):
         TrainConfig(model={"base_model": "x"}, train_data=["a.jsonl"], packing=1)
+
+
+def test_compiling_raises_the_recompile_limit_only_upwards(tiny_dirs, monkeypatch):
+    """Packed rows change length every step: past dynamo's default limit of 8 compiled variants the layer (and
+    FlexAttention) would silently run eagerly, so compiling raises the limit to what the benchmarks used."""
+    import torch._dynamo as dynamo
+
+    from embed_core.packing import RECOMPILE_LIMIT
+
+    model = tiny(tiny_dirs)
+    monkeypatch.setattr(dynamo.config, "cache_size_limit", 8)
+    assert model.compile_layers() == model.backbone.config.num_hidden_layers
+    assert dynamo.config.cache_size_limit == RECOMPILE_LIMIT == 64
+    monkeypatch.setattr(dynamo.config, "cache_size_limit", 500)
+    model.compile_layers()
+    assert dynamo.config.cache_size_limit == 500
