@@ -37,8 +37,7 @@ from typing import Any
 import torch
 
 __all__ = ["RandContext", "grad_cache_step", "merged_grad_cache_step", "merged_chunks", "merged_chunk_count",
-           "full_batch_step",
-           "merged_batch_step", "iter_chunks"]
+           "full_batch_step", "merged_batch_step", "iter_chunks"]
 
 Field = torch.Tensor | Sequence[Any]
 Chunk = dict[str, Field]
@@ -278,8 +277,9 @@ def merged_chunk_count(roles: Roles, chunk_size: int) -> int:
 def merged_chunks(roles: Roles, chunk_size: int) -> tuple[list[Chunk], list[list[tuple[str, int, int]]]]:
     """Split a batch into ceil(total rows / `chunk_size`) chunks that each hold EVERY role: chunk j of n holds
     rows [s*j//n, s*(j+1)//n) of each role of s rows, so a chunk has about `chunk_size` rows in all (at most
-    one more per role; with a `chunk_size` below the number of roles, one row of the largest role) and the roles in the batch's proportions (e.g. per query one positive and K hard
-    negatives). Returns (merged chunks, for each chunk its pieces as (role, start, stop) in merge order)."""
+    one more per role; with a `chunk_size` below the number of roles, one row of the largest role) and the roles
+    in the batch's proportions (e.g. per query one positive and K hard negatives). Returns (merged chunks, for
+    each chunk its pieces as (role, start, stop) in merge order)."""
     _validate(roles, chunk_size)
     if chunk_size is None:
         raise ValueError("merged_chunks needs a chunk_size")

@@ -65,7 +65,8 @@ import torch.distributed as dist
 
 from .config import EmbedConfig, dataclass_from_dict, read_versioned_json
 from .errors import ConfigError, DataError
-from .gradcache import full_batch_step, grad_cache_step, iter_chunks, merged_batch_step, merged_grad_cache_step, merged_chunk_count
+from .gradcache import (full_batch_step, grad_cache_step, iter_chunks, merged_batch_step, merged_chunk_count,
+                        merged_grad_cache_step)
 from .loss import check_finite, dist_world, info_nce
 from .model import EmbeddingModel
 
@@ -431,11 +432,12 @@ def configure_cuda_allocator(environ: dict | None = None) -> str | None:
     """Turn on expandable segments in PyTorch's CUDA caching allocator unless the user configured it.
 
     Packed training asks for activations of a different size every step (the packed row's length follows the
-    batch's texts). With the default allocator the cached blocks then stop fitting, and near the memory limit it
-    frees its cache and maps new memory inside the step: synchronising cudaFree / cudaMalloc calls, ~105 ms of a
-    ~450-565 ms step for Qwen2-0.5B at 512 triplets on an H100 (bench/results/trainer_profile_h100.json).
-    Expandable segments grow one mapping instead. Returns the setting applied, or None when the environment
-    already sets ``PYTORCH_CUDA_ALLOC_CONF`` / ``PYTORCH_ALLOC_CONF`` (the user's choice wins) or there is no GPU.
+    batch's texts); with fixed-size cached blocks the allocator can end up freeing its cache and mapping new
+    memory inside the step (synchronising cudaFree / cudaMalloc). One profile of Qwen2-0.5B at 512 triplets on an
+    H100 showed ~105 ms of those in a ~565 ms step (bench/results/trainer_profile_h100.json); later runs did not
+    reproduce it, and with expandable segments the step was 0.388 vs 0.408 s (trainer_alloc_h100.json): a guard,
+    small gain at most. Returns the setting applied, or None when the environment already sets
+    ``PYTORCH_CUDA_ALLOC_CONF`` / ``PYTORCH_ALLOC_CONF`` (the user's choice wins) or there is no GPU.
     """
     environ = os.environ if environ is None else environ
     if any(environ.get(k) for k in ALLOC_ENV_VARS) or not torch.cuda.is_available():
