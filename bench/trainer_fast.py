@@ -116,7 +116,7 @@ def check_save(args, trainer, model, on_gpu: bool) -> dict:
 
     from bench.perf import load_lengths
     from embed_core.model import EmbeddingModel
-    from embed_core.trainer import MODEL_DIR
+    from embed_core.trainer import MODEL_DIR, gathered_trainable_state
 
     rng = random.Random(1)
     lengths = load_lengths()["train"]["positive"]
@@ -127,8 +127,6 @@ def check_save(args, trainer, model, on_gpu: bool) -> dict:
     loaded = EmbeddingModel.load(ckpt / MODEL_DIR, device="cuda" if on_gpu else "cpu")
     b = loaded.encode(texts, batch_size=64)
     cos = (a * b).sum(axis=1)  # both L2-normalised
-    from embed_core.trainer import gathered_trainable_state
-
     want, got = gathered_trainable_state(trainer.engine, model)[0], loaded.trainable_state()[0]
     return {"texts": len(texts), "min_cosine": float(cos.min()), "max_abs_diff": float(np.abs(a - b).max()),
             "finite": bool(np.isfinite(a).all() and np.isfinite(b).all()),
@@ -335,7 +333,8 @@ def main() -> int:
                ["--phases"] if args.phases else []) + (["--check-save"] if args.check_save else []) + [
                "--root", args.root]
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **VARIANT_ENV.get(split_variant(name)[0], {})})
+        env = {**os.environ, **VARIANT_ENV.get(split_variant(name)[0], {})}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if " step " in ln))
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
