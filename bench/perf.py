@@ -70,14 +70,14 @@ def build(args, attn: str, packing: bool, ckpt: bool = False, pooling: str = "me
 
     from embed_core.config import EmbedConfig
     from embed_core.model import EmbeddingModel, _apply_lora
-    from embed_core.packing import register_flex, register_varlen
+    from embed_core.packing import register_attention
     from embed_core.pooling import build_pooling
 
     hc = qwen2_05b(args.quick)
     cfg = EmbedConfig(base_model="qwen2-0.5b-shaped", attention="bidirectional", pooling=pooling, attn_implementation=attn,
                       lora_r=16, dtype="bfloat16", packing=packing, max_length=512, compile=compile, fused_lora=fused)
     torch.manual_seed(0)
-    impl = {"flex_attention": register_flex, "flash_varlen": register_varlen}.get(attn, lambda: attn)()
+    impl = register_attention(attn)
     bb = AutoModel.from_config(hc, attn_implementation=impl).to(torch.bfloat16)  # from_config ignores dtype
     bb.config.use_cache = False
     bb = _apply_lora(bb, cfg, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -411,6 +411,7 @@ FAST_VARIANTS = {  # name: (attn_implementation, fused LoRA)
     "varlen+compile": ("flash_varlen", False),
     "varlen+fused+compile": ("flash_varlen", True),
     "flex+fused+compile": ("flex_attention", True),
+    "bucketed+fused+compile": ("bucketed", True),
 }
 
 

@@ -237,13 +237,10 @@ def load_backbone(source: BackboneSource, cfg: EmbedConfig, dtype: torch.dtype) 
 
     # a truncated config loads only the kept layers; the skipped layers' weights are expected to be left over
     extra = {"config": load_config(source, cfg)} if cfg.truncate_layers is not None else {}
-    impl = cfg.attn_implementation
-    if impl == "flex_attention":  # our own FlexAttention function (packed BlockMask; SDPA for 4D masks)
-        from .packing import register_flex
-        impl = register_flex()
-    elif impl == "flash_varlen":  # variable-length FlashAttention over packed documents (SDPA for 4D masks)
-        from .packing import register_varlen
-        impl = register_varlen()
+    # flex_attention / flash_varlen / bucketed: our own attention functions over packed rows (embed_core.packing;
+    # each runs SDPA when given a padded 4D mask)
+    from .packing import register_attention
+    impl = register_attention(cfg.attn_implementation)
     try:
         with _quiet_transformers() if extra else contextlib.nullcontext():
             model = AutoModel.from_pretrained(
