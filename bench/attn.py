@@ -1,7 +1,7 @@
-"""Attention alone on one packed row of the real training mix (device machine): FlexAttention block masks,
-varlen FlashAttention and the bucketed attention (embed_core.packing), forward and forward + backward, with
-CUDA-event timing; and each one's error against a float64 per-document reference on a smaller row, outputs
-and gradients, causal and bidirectional. Qwen2-0.5B heads (14 query / 2 kv heads of 64).
+"""Attention alone on one packed row of the real training mix (device machine): FlexAttention block masks and
+varlen FlashAttention (embed_core.packing), forward and forward + backward, with CUDA-event timing; and each
+one's error against a float64 per-document reference on a smaller row, outputs and gradients, causal and
+bidirectional. Qwen2-0.5B heads (14 query / 2 kv heads of 64). What a new packed attention has to beat.
 
     python -m bench.attn --out $OUT/attn.json
 """
@@ -28,11 +28,10 @@ def lengths_of(tokens: int, seed: int) -> list[int]:
     return lens
 
 
-def make(lens: list[int], impl: str, causal: bool, compiled: bool):
+def make(lens: list[int], impl: str, causal: bool):
     """(pack, fn(q, k, v) -> [T, HQ, D]) for one implementation."""
     flex = impl == "flex_attention"
-    pack = pk.pack_ids([[5] * n for n in lens], 2, pad_to=pk.FLEX_BLOCK if flex else 1,
-                       bucketed=impl.startswith("bucketed")).to("cuda")
+    pack = pk.pack_ids([[5] * n for n in lens], 2, pad_to=pk.FLEX_BLOCK if flex else 1).to("cuda")
     if flex:
         bm = pk.flex_block_mask(pack, causal)
         f = pk._flex_fn(True)
@@ -41,10 +40,7 @@ def make(lens: list[int], impl: str, causal: bool, compiled: bool):
     if impl == "flash_varlen":
         kw = pk.varlen_kwargs(pack)
         return pack, lambda q, k, v: pk.varlen_attention(q, k, v, kw["cu_seq_lens_q"], kw["max_length_q"], causal)
-    kw = pk.bucketed_kwargs(pack)
-    fn = torch.compile(pk.bucketed_attention, dynamic=True) if compiled else pk.bucketed_attention
-    return pack, lambda q, k, v: fn(q, k, v, kw["bucket_slots"], kw["bucket_lengths"], kw["bucket_long"],
-                                    kw["bucket_long_max"], kw["bucket_inverse"], causal)
+    raise SystemExit(f"unknown attention implementation {impl!r}: flex_attention or flash_varlen")
 
 
 def qkv(t: int, dtype=torch.bfloat16, seed: int = 0):
@@ -67,8 +63,8 @@ def timed(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def accuracy(impl: str, compiled: bool, causal: bool, lens: list[int]) -> dict:
-    pack, fn = make(lens, impl, causal, compiled)
+def accuracy(impl: str, causal: bool, lens: list[int]) -> dict:
+    pack, fn = make(lens, impl, causal)
     t = pack.input_ids.shape[1]
     q, k, v = qkv(t, seed=1)
     out = fn(q, k, v)[: pack.num_real_tokens]
@@ -89,19 +85,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=45000)
     ap.add_argument("--check-tokens", type=int, default=4096)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--impls", default="flex_attention,flash_varlen,bucketed,bucketed-eager")
+    ap.add_argument("--impls", default="flex_attention,flash_varlen")
     ap.add_argument("--out", default="attn.json")
     args = ap.parse_args()
     pk.allow_recompiles()
     lens, small = lengths_of(args.tokens, 0), lengths_of(args.check_tokens, 7)
     rows = []
     for impl in args.impls.split(","):
-        compiled = impl != "bucketed-eager"
-        base = "bucketed" if impl.startswith("bucketed") else impl
         for causal in (False, True):
             row = {"impl": impl, "causal": causal, "tokens": sum(lens), "docs": len(lens)}
             try:
-                pack, fn = make(lens, base, causal, compiled)
+                pack, fn = make(lens, impl, causal)
                 q, k, v = qkv(pack.input_ids.shape[1])
                 go = torch.randn(q.shape, device="cuda", dtype=q.dtype)
 
@@ -113,7 +107,7 @@ def main() -> None:
                     torch.autograd.backward(fn(q, k, v), go)
 
                 row["fwd_ms"], row["fwd_bwd_ms"] = timed(fwd, args.iters), timed(fwd_bwd, args.iters)
-                row["rel_err"] = accuracy(base, compiled, causal, small)
+                row["rel_err"] = accuracy(impl, causal, small)
             except Exception as e:  # one failing implementation must not lose the others
                 import traceback
 

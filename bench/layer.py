@@ -4,7 +4,7 @@ category. Isolates the LoRA linears from the rest of a training step (run on the
 
     python -m bench.layer --tokens 45000 --out $OUT/layer.json            # appends rows to --out
     python -m bench.layer --shape mistral-7b --tokens 16384 --variants 10,11 --out $OUT/layer.json
-    python -m bench.layer --attn flex_attention,flash_varlen,bucketed --variants 11 --out $OUT/layer.json
+    python -m bench.layer --attn flex_attention,flash_varlen --variants 11 --out $OUT/layer.json
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=45000)
     ap.add_argument("--doc", type=int, default=0, help="tokens per document; 0 = the real training mix (bench/data)")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--attn", default="flash_varlen", help="comma-separated: flex_attention, flash_varlen, bucketed")
+    ap.add_argument("--attn", default="flash_varlen", help="comma-separated: flex_attention, flash_varlen")
     ap.add_argument("--shape", default="qwen2-0.5b", choices=list(SHAPES))
     ap.add_argument("--variants", default="00,01,10,11", help="compiled+fused bits, e.g. 10 = compiled, PEFT LoRA")
     ap.add_argument("--out", default="layer.json")
@@ -144,13 +144,11 @@ def main() -> None:
     rows = []
     for attn in args.attn.split(","):
         flex = attn == "flex_attention"
-        pack = pk.pack_ids(ids, 2, pad_to=pk.FLEX_BLOCK if flex else 1, bucketed=attn == "bucketed").to("cuda")
+        pack = pk.pack_ids(ids, 2, pad_to=pk.FLEX_BLOCK if flex else 1).to("cuda")
         t = pack.input_ids.shape[1]
         kw = {"attention_mask": pk.flex_block_mask(pack, causal=False) if flex else None}
         if attn == "flash_varlen":
             kw.update(pk.varlen_kwargs(pack))
-        elif attn == "bucketed":
-            kw.update(pk.bucketed_kwargs(pack))
         for bits in args.variants.split(","):
             try:
                 rows.append(layer_row(args, attn, bits, pack, t, kw, params, h))

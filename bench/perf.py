@@ -411,7 +411,6 @@ FAST_VARIANTS = {  # name: (attn_implementation, fused LoRA)
     "varlen+compile": ("flash_varlen", False),
     "varlen+fused+compile": ("flash_varlen", True),
     "flex+fused+compile": ("flex_attention", True),
-    "bucketed+fused+compile": ("bucketed", True),
 }
 
 

@@ -23,6 +23,8 @@ loss call (metrics copied to the host and the loss checked for NaN between the f
 fast-512-nocontig = ZeRO-2 without contiguous gradients; fast-512-zero1 = ZeRO-1. With packing the Trainer's
 GradCache chunks hold every role (gradcache.merged_grad_cache_step; chunk = texts of all roles together):
 fast-gc-2048-c1024 = chunks of 1024 texts; fast-gc-2048-perrole = the earlier one-role-per-chunk GradCache.
+fast-512-dscheck = fast-512 with DeepSpeed's per-tensor bf16 gradient overflow check back on
+(bf16.check_grad_overflow; the Trainer turns it off and checks the gradients with one fused reduction instead).
 """
 from __future__ import annotations
 
@@ -51,9 +53,11 @@ VARIANTS = {  # name: (engine, attn_implementation, fast, batch, chunk)
     "fast-512-nocontig": ("trainer", "flex_attention", True, 512, None),
     "fast-gc-2048-perrole": ("trainer", "flex_attention", True, 2048, 512),
     "fast-gc-2048-c1024": ("trainer", "flex_attention", True, 2048, 1024),
+    "fast-512-dscheck": ("trainer", "flex_attention", True, 512, None),
 }
 # DeepSpeed settings of a variant (TrainConfig.deepspeed_overrides)
-VARIANT_DS = {"fast-512-nocontig": {"zero_optimization": {"contiguous_gradients": False}}}
+VARIANT_DS = {"fast-512-nocontig": {"zero_optimization": {"contiguous_gradients": False}},
+              "fast-512-dscheck": {"bf16": {"check_grad_overflow": True}}}
 # extra environment of a variant's process: the Trainer turns on expandable segments in the CUDA allocator unless
 # the environment configures the allocator (embed_core.trainer.configure_cuda_allocator); these variants measure
 # the Trainer without it and the plain loop with it

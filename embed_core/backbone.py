@@ -237,7 +237,7 @@ def load_backbone(source: BackboneSource, cfg: EmbedConfig, dtype: torch.dtype) 
 
     # a truncated config loads only the kept layers; the skipped layers' weights are expected to be left over
     extra = {"config": load_config(source, cfg)} if cfg.truncate_layers is not None else {}
-    # flex_attention / flash_varlen / bucketed: our own attention functions over packed rows (embed_core.packing;
+    # flex_attention / flash_varlen: our own attention functions over packed rows (embed_core.packing;
     # each runs SDPA when given a padded 4D mask)
     from .packing import register_attention
     impl = register_attention(cfg.attn_implementation)

@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 POOLINGS = ("eos_last", "mean", "last_layer_trainable", "multi_layer_trainable")
 ATTENTIONS = ("causal", "bidirectional")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_varlen", "bucketed")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_varlen")
 PADDING_SIDES = ("left", "right")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -75,10 +75,9 @@ class EmbedConfig:
     lora_target_modules: module-name suffixes; None = all attention and MLP projections found.
     truncate_layers: keep only the first N decoder layers (depth truncation for quick CPU runs;
         None keeps all). A truncated model is a different model: results say so.
-    attn_implementation: ``sdpa`` | ``eager`` | ``flex_attention`` | ``flash_varlen`` | ``bucketed`` (the fast
-        packed paths on GPU: FlexAttention block masks; torch's variable-length FlashAttention; or bucketed:
-        texts of up to 128 tokens attend densely inside slots of 16-128 tokens, longer ones through varlen
-        FlashAttention; see README Performance for which is faster on which data).
+    attn_implementation: ``sdpa`` | ``eager`` | ``flex_attention`` | ``flash_varlen`` (the fast packed paths on
+        GPU: FlexAttention block masks, or torch's variable-length FlashAttention; on an H100 with short texts
+        Flex trained faster and varlen encoded faster, see README Performance).
     packing: `encode` packs the (length-sorted) texts into rows of up to ``pack_tokens`` tokens with no
         padding and a per-document attention mask (embed_core.packing); same vectors as the padded path.
         Packing with ``sdpa`` / ``eager`` uses a dense [T, T] mask (fine on CPU, slow on GPU): pair it with

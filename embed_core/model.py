@@ -118,15 +118,13 @@ class EmbeddingModel(nn.Module):
 
     def packed_inputs(self, packed: pk.PackedBatch) -> dict:
         """Backbone keyword arguments for one packed row: ids, restarting positions, no KV cache, and the
-        per-document mask (or, under flash_varlen, the document boundaries; under bucketed, its slot layout)."""
+        per-document mask (or, under flash_varlen, the document boundaries)."""
         kw = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False,
               "attention_mask": pk.packed_attention_mask(packed, causal=not self.bidirectional,
                                                          attn_implementation=self.cfg.attn_implementation,
                                                          dtype=self.dtype)}
         if self.cfg.attn_implementation == "flash_varlen":
             kw.update(pk.varlen_kwargs(packed))
-        elif self.cfg.attn_implementation == "bucketed":
-            kw.update(pk.bucketed_kwargs(packed))
         return kw
 
     def compile_layers(self) -> int:
@@ -155,8 +153,7 @@ class EmbeddingModel(nn.Module):
 
     def pack(self, ids: Sequence[Sequence[int]]) -> pk.PackedBatch:
         """Token-id lists (as from `token_ids`) -> one PackedBatch on the host (`.to(device)` moves it)."""
-        return pk.pack_ids(ids, self.tokenizer.pad_token_id, self.pack_multiple,
-                           bucketed=self.cfg.attn_implementation == "bucketed")
+        return pk.pack_ids(ids, self.tokenizer.pad_token_id, self.pack_multiple)
 
     def token_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """Tokenise with truncation and EOS appended (exactly the rows `tokenize` pads), no padding."""

@@ -11,12 +11,6 @@ causal or bidirectional:
 * ``flash_varlen``: no mask at all -- the documents' cumulative lengths (``cu_seqlens``) go to the
   variable-length FlashAttention kernel (`torch.nn.attention.varlen`), which computes each document's
   attention on its own: no block rounding, no work outside the documents, causal or bidirectional;
-* ``bucketed``: made for the very short texts of embedding training (median 14-36 tokens): documents of up to
-  128 tokens are laid out in slots of 16 / 32 / 64 / 128 tokens and attend densely inside their slot (two
-  batched matmuls and a masked softmax per width, the query heads of one kv head stacked so GQA needs no
-  repeated heads); longer documents go to the variable-length FlashAttention kernel. FlexAttention and varlen
-  FlashAttention spend a whole 128-row tile (and per-tile setup) on each short text; here the work is the
-  slots' own size. Host-side layout, built once per packed row (`bucket_layout`);
 * ``sdpa`` / ``eager``: a dense 4D additive block-diagonal mask (exact, O(T^2) memory: for CPU and tests).
 
 transformers passes a ready 4D mask (or BlockMask) through untouched; it infers packed documents from
@@ -44,14 +38,6 @@ class PackedBatch:
     gather_index: torch.Tensor   # [n, Lmax] long, token index of (doc, offset), clamped to the doc
     pad_mask: torch.Tensor       # [n, Lmax] long, 1 where offset < length (a right-padded view)
     num_real_tokens: int         # sum(lengths), known on the host
-    # the bucketed attention's layout (bucket_layout; None unless packed for attn_implementation="bucketed")
-    slot_index: torch.Tensor | None = None    # [sum n_w * w] token index of each slot position, widths in order
-    slot_lengths: torch.Tensor | None = None  # [sum n_w] document length in each slot (1 for filler slots)
-    slot_counts: tuple[int, ...] | None = None  # n_w per width of BUCKET_WIDTHS (host ints)
-    long_index: torch.Tensor | None = None    # [T_long] token index of the documents longer than the widest slot
-    long_cu: torch.Tensor | None = None       # [n_long + 1] cumulative lengths of those documents
-    long_max: int = 0                         # the longest of them
-    inverse: torch.Tensor | None = None       # [T] row of each packed token in the concatenated slot/long outputs
 
     @property
     def num_docs(self) -> int:
@@ -78,9 +64,8 @@ class PackedBatch:
         return PackedBatch(**fields)
 
 
-def pack_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int = 1, bucketed: bool = False) -> PackedBatch:
-    """Concatenate token-id lists (EOS already appended, truncated) into one packed row, on the host.
-    `bucketed`: also build the bucketed attention's layout (`bucket_layout`)."""
+def pack_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int = 1) -> PackedBatch:
+    """Concatenate token-id lists (EOS already appended, truncated) into one packed row, on the host."""
     if len(ids) == 0:
         raise ValueError("pack_ids needs at least one document")
     lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
@@ -101,72 +86,7 @@ def pack_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int = 1, buckete
     off = torch.arange(lmax)[None, :]
     pad_mask = (off < lengths[:, None]).long()
     gather = starts[:, None] + torch.minimum(off, lengths[:, None] - 1)
-    pack = PackedBatch(flat[None], pos[None], doc_ids, lengths, starts, gather, pad_mask, real)
-    if bucketed:
-        for k, v in bucket_layout(lengths, total).items():
-            setattr(pack, k, v)
-    return pack
-
-
-BUCKET_WIDTHS = (16, 32, 64, 128)  # slot widths of the bucketed attention; longer documents go to varlen
-MIN_SLOTS = 2  # every width keeps >= 2 slots (filler slots if need be): no 0/1-size specialisation in compile
-
-
-def bucket_layout(lengths: torch.Tensor, total: int, widths: Sequence[int] = BUCKET_WIDTHS) -> dict:
-    """The bucketed attention's layout of one packed row, on the host (PackedBatch fields).
-
-    Document d of length L <= widths[-1] gets a slot of the smallest width w >= L: ``slot_index`` holds its w
-    token positions (offsets past L repeat its last token; they are masked as keys and their outputs are never
-    read). Longer documents are listed token by token in ``long_index`` with their boundaries ``long_cu``. A
-    filler tail (rows rounded up) is one more document. Each width gets filler slots up to MIN_SLOTS (token 0,
-    length 1) and the long part a 2-token filler document if it is empty, so the compiled graph sees the same
-    structure for every row. ``inverse[t]`` is the row of token t in cat(flattened slot outputs, long outputs)."""
-    lens = lengths.tolist()
-    real = sum(lens)
-    if total > real:
-        lens.append(total - real)
-    starts = [0] * len(lens)
-    for i in range(1, len(lens)):
-        starts[i] = starts[i - 1] + lens[i - 1]
-    by_width: list[list[int]] = [[] for _ in widths]
-    longs: list[int] = []
-    for d, n in enumerate(lens):
-        for b, w in enumerate(widths):
-            if n <= w:
-                by_width[b].append(d)
-                break
-        else:
-            longs.append(d)
-    inverse = torch.empty(total, dtype=torch.long)
-    slot_index, slot_lengths, counts, row = [], [], [], 0
-    for b, w in enumerate(widths):
-        docs = by_width[b]
-        if docs:
-            st = torch.tensor([starts[d] for d in docs])
-            ln = torch.tensor([lens[d] for d in docs])
-            off = torch.arange(w)
-            idx = st[:, None] + torch.minimum(off[None, :], ln[:, None] - 1)  # [n, w]
-            valid = off[None, :] < ln[:, None]
-            rows = row + torch.arange(len(docs) * w).view(len(docs), w)
-            inverse[idx[valid]] = rows[valid]
-        else:
-            idx, ln = torch.zeros(0, w, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        fill = max(MIN_SLOTS - len(docs), 0)
-        idx = torch.cat([idx, torch.zeros(fill, w, dtype=torch.long)])
-        ln = torch.cat([ln, torch.ones(fill, dtype=torch.long)])
-        slot_index.append(idx.reshape(-1))
-        slot_lengths.append(ln)
-        counts.append(int(ln.shape[0]))
-        row += int(ln.shape[0]) * w
-    if longs:
-        long_index = torch.cat([torch.arange(starts[d], starts[d] + lens[d]) for d in longs])
-        long_lens = torch.tensor([lens[d] for d in longs])
-        inverse[long_index] = row + torch.arange(long_index.shape[0])
-    else:
-        long_index, long_lens = torch.zeros(2, dtype=torch.long), torch.tensor([2])
-    long_cu = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(long_lens, 0)])
-    return {"slot_index": torch.cat(slot_index), "slot_lengths": torch.cat(slot_lengths), "slot_counts": tuple(counts),
-            "long_index": long_index, "long_cu": long_cu, "long_max": int(long_lens.max()), "inverse": inverse}
+    return PackedBatch(flat[None], pos[None], doc_ids, lengths, starts, gather, pad_mask, real)
 
 
 def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, pad_to: int = 1) -> PackedBatch:
@@ -266,25 +186,11 @@ def varlen_kwargs(pack: PackedBatch) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def bucketed_kwargs(pack: PackedBatch, widths: Sequence[int] = BUCKET_WIDTHS) -> dict:
-    """Keyword arguments that carry the bucketed layout through a transformers backbone to
-    `bucketed_attention_forward` (per-width views of the flat slot tensors; the split sizes are host ints)."""
-    if pack.slot_index is None:
-        raise ValueError("this PackedBatch has no bucketed layout: pack it with pack_ids(..., bucketed=True) "
-                         "(EmbeddingModel.pack does so under attn_implementation='bucketed')")
-    counts = pack.slot_counts
-    slots = tuple(t.view(n, w) for t, n, w in zip(pack.slot_index.split([n * w for n, w in zip(counts, widths)]),
-                                                  counts, widths))
-    return {"bucket_slots": slots, "bucket_lengths": tuple(pack.slot_lengths.split(list(counts))),
-            "bucket_long": (pack.long_index, pack.long_cu.to(torch.int32)), "bucket_long_max": pack.long_max,
-            "bucket_inverse": pack.inverse}
-
-
 def packed_attention_mask(pack: PackedBatch, causal: bool, attn_implementation: str, dtype: torch.dtype):
     if attn_implementation == "flex_attention":
         return flex_block_mask(pack, causal)
-    if attn_implementation in ("flash_varlen", "bucketed"):
-        return None  # the boundaries / the layout travel as keyword arguments
+    if attn_implementation == "flash_varlen":
+        return None  # the boundaries travel as varlen_kwargs
     return dense_mask(pack, causal, dtype)
 
 
@@ -434,83 +340,8 @@ def register_varlen() -> str:
     return VARLEN_IMPL_NAME
 
 
-# ------------------------------------------------------------------------------------------ bucketed attention
-BUCKETED_IMPL_NAME = "embed_bucketed"
-
-
-def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q @ k^T in at least float32: on CUDA a bf16 / fp16 GEMM writes fp32 itself (as a flash kernel keeps its
-    scores in fp32); elsewhere the product in the inputs' dtype, promoted."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
-    return torch.bmm(q, k.transpose(1, 2)).to(torch.promote_types(q.dtype, torch.float32))
-
-
-def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor,
-                   causal: bool, scale: float) -> torch.Tensor:
-    """Dense attention inside slots of one width: q [T, Hq, D], k / v [T, Hk, D], idx [n, w] token positions,
-    lengths [n] -> [n * w, Hq, D] (rows past a slot's length are computed and never read). The Hq / Hk query
-    heads sharing a kv head are stacked along the query axis: one [g * w, w] score matrix per (slot, kv head)."""
-    n, w = idx.shape
-    hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
-    g = hq // hk
-    qs = q[idx].view(n, w, hk, g, d).permute(0, 2, 3, 1, 4).reshape(n * hk, g * w, d)
-    ks = k[idx].permute(0, 2, 1, 3).reshape(n * hk, w, d)
-    vs = v[idx].permute(0, 2, 1, 3).reshape(n * hk, w, d)
-    s = _scores(qs, ks).view(n, hk, g, w, w) * scale
-    pos = torch.arange(w, device=q.device)
-    keep = (pos[None, :] < lengths[:, None])[:, None, None, None, :]  # [n, 1, 1, 1, w] real keys
-    if causal:
-        keep = keep & (pos[None, :] <= pos[:, None])  # key offset <= query offset
-    p = s.masked_fill(~keep, float("-inf")).softmax(-1).to(q.dtype).view(n * hk, g * w, w)
-    out = torch.bmm(p, vs)  # [n * hk, g * w, d]
-    return out.view(n, hk, g, w, d).permute(0, 3, 1, 2, 4).reshape(n * w, hq, d)
-
-
-def bucketed_attention(q, k, v, slots, lengths, long, long_max: int, inverse, causal: bool, scale=None):
-    """[T, Hq, D] packed q and [T, Hk, D] k / v -> [T, Hq, D]: each document attends to itself only, short ones
-    densely in their slots, long ones through `varlen_attention`."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    outs = [slot_attention(q, k, v, idx, ln, causal, scale) for idx, ln in zip(slots, lengths)]
-    long_index, long_cu = long
-    outs.append(varlen_attention(q[long_index], k[long_index], v[long_index], long_cu, long_max, causal, scale))
-    return torch.cat(outs)[inverse]
-
-
-def bucketed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """A transformers attention function: bucketed attention over packed documents when the backbone got
-    `bucketed_kwargs` (the packed path), else SDPA with the explicit 4D mask (the padded path). Causal or
-    bidirectional follows the module's ``is_causal`` flag. [1,H,T,D] -> [1,T,H,D]."""
-    slots = kwargs.get("bucket_slots")
-    if slots is None:
-        if attention_mask is None:  # a packed row without its layout would attend across documents
-            raise ValueError("bucketed attention got neither its layout (bucket_slots) nor a 4D mask: call the "
-                             "backbone with EmbeddingModel.packed_inputs(...) or a padded 4D mask")
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if dropout and module.training:
-        raise ValueError("attention dropout is not supported on the packed bucketed path: set it to 0")
-    if query.shape[0] != 1:
-        raise ValueError(f"the bucketed path takes one packed row, got a batch of {query.shape[0]}")
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    out = bucketed_attention(q, k, v, slots, kwargs["bucket_lengths"], kwargs["bucket_long"],
-                             int(kwargs["bucket_long_max"]), kwargs["bucket_inverse"], bool(module.is_causal), scaling)
-    return out[None], None
-
-
-def register_bucketed() -> str:
-    """Register `bucketed_attention_forward` with transformers; returns the attn_implementation name to load with."""
-    from transformers import AttentionInterface
-
-    if torch.cuda.is_available():
-        _varlen_kernel()
-    AttentionInterface.register(BUCKETED_IMPL_NAME, bucketed_attention_forward)
-    return BUCKETED_IMPL_NAME
-
-
 def register_attention(attn_implementation: str) -> str:
-    """The name to load a transformers model with: this module's attention function for ``flex_attention``,
-    ``flash_varlen`` and ``bucketed`` (registered with transformers), anything else unchanged."""
-    fn = {"flex_attention": register_flex, "flash_varlen": register_varlen, "bucketed": register_bucketed}
+    """The name to load a transformers model with: this module's attention function for ``flex_attention`` and
+    ``flash_varlen`` (registered with transformers), anything else unchanged."""
+    fn = {"flex_attention": register_flex, "flash_varlen": register_varlen}
     return fn[attn_implementation]() if attn_implementation in fn else attn_implementation

@@ -491,13 +491,37 @@ def ds_config(tcfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(tcfg.grad_clip),
         "zero_optimization": {"stage": tcfg.zero_stage},
-        "bf16": {"enabled": resolve_precision(tcfg, on_gpu) == "bf16"},
+        # ZeRO-1/2: check_grad_overflow off. DeepSpeed's own check runs ~7 small ops per gradient tensor (336
+        # with LoRA on a 24-layer model: 35-60 ms of a step's optimizer phase, measured on an H200); the Trainer
+        # checks the same gradients with one fused reduction in its per-step sync instead (pending_gradients,
+        # gradients_finite_flag) and refuses the step, weights untouched, as DeepSpeed's check did. ZeRO-3 keeps
+        # DeepSpeed's check. A user override of this key wins.
+        "bf16": {"enabled": resolve_precision(tcfg, on_gpu) == "bf16",
+                 "check_grad_overflow": tcfg.zero_stage not in (1, 2)},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW client optimizer
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     return _deep_merge(conf, tcfg.deepspeed_overrides)
+
+
+def pending_gradients(engine) -> list[torch.Tensor] | None:
+    """The gradients DeepSpeed's ZeRO-1/2 optimizer will step on (this rank's partition, reduced), between the
+    last backward of a step and ``engine.step()``; None where they are not reachable that way (ZeRO-3, another
+    optimizer): then DeepSpeed's own overflow check stays in charge."""
+    groups = getattr(getattr(engine, "optimizer", None), "averaged_gradients", None)
+    if not isinstance(groups, dict) or getattr(engine, "zero_optimization_stage", lambda: None)() not in (1, 2):
+        return None
+    return [g for gs in groups.values() if gs for g in gs if g is not None]
+
+
+def gradients_finite_flag(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """0-dim float64 device tensor: the sum of the gradients' L1 norms, non-finite iff any gradient holds a NaN
+    or inf (one fused multi-tensor reduction, no host sync)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(torch._foreach_norm(grads, 1)).to(torch.float64).sum()
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -607,6 +631,8 @@ class Trainer:
             _model_config(tcfg, self.on_gpu), device=self.device, seed=tcfg.seed)
         self.engine = build_engine(self.model, tcfg, self.world_size, self.on_gpu)
         self.engine.train()
+        # the Trainer's own fused gradient check (train_step); under fp16 DeepSpeed's loss scaler owns overflow
+        self._own_grad_check = not self.engine.fp16_enabled()
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.resumes: list[int] = []
@@ -682,16 +708,24 @@ class Trainer:
         # before the optimizer step (the weights stay as they were)
         local = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device)
                              for x in [loss.detach()] + [m[k] for k in keys]])  # metrics: tensors or floats
+        # the gradients too, when DeepSpeed's per-tensor overflow check is off (ds_config): one fused reduction
+        grads = pending_gradients(self.engine) if self._own_grad_check else None
+        grad_flag = gradients_finite_flag(grads, self.device) if grads is not None else local.new_zeros(())
         summed = torch.cat([local, torch.tensor([tokens, len(batch["queries"])], dtype=torch.float64,
-                                                device=self.device)])
+                                                device=self.device), grad_flag[None]])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(summed, op=dist.ReduceOp.SUM)
         vals = torch.cat([summed, local[:1]]).tolist()
-        sums, own_loss = vals[:-1], vals[-1]
+        sums, grad_sum, own_loss = vals[:-2], vals[-2], vals[-1]
         if not math.isfinite(sums[0]):
             check_finite(own_loss, self.step + 1)  # raises here if this rank's own loss is the bad one
             raise FloatingPointError(f"non-finite training loss on another rank at step {self.step + 1}: "
                                      "see that rank's error for the causes to check")
+        if not math.isfinite(grad_sum):
+            raise FloatingPointError(
+                f"non-finite gradients (NaN or inf) at step {self.step + 1} with a finite loss: the optimizer step "
+                "was not taken (the weights are as before the step). Lower the learning rate, keep gradient "
+                "clipping on, prefer bf16 over fp16 and check the batch of this step.")
         self.engine.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,6 +1,6 @@
 """The packed fast path (embed_core.packing) on CPU: the FlexAttention block mask equals the dense per-document
 mask; packed embeddings equal the padded ones for every pooling, both attention modes and both attention
-implementations (SDPA dense mask, FlexAttention BlockMask, varlen boundaries, bucketed slots), gradients included; bidirectional stays
+implementations (SDPA dense mask, FlexAttention BlockMask), gradients included; bidirectional stays
 bidirectional inside a document, documents in one pack never see each other; packed `encode`, the merged-roles
 step and the Trainer's packed steps (plain and GradCache, through DeepSpeed) give the padded results."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .test_trainer import make_config, reference_step, single_process, train_fil
 
 TEXTS = ["A man is playing a guitar.", "Two dogs run across a snowy field while a child watches the dogs play.",
          "Hi", "The quick brown fox jumps over the lazy dog near the river bank at dawn."]
-IMPLS = ("sdpa", "flex_attention", "flash_varlen", "bucketed")
+IMPLS = ("sdpa", "flex_attention", "flash_varlen")
 
 
 def tiny(tiny_dirs, arch="qwen2", **kw) -> EmbeddingModel:
@@ -72,65 +72,6 @@ def test_varlen_attention_equals_dense_mask(causal):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pad_to", [1, 16])
-@pytest.mark.parametrize("causal", [True, False])
-def test_bucketed_attention_equals_dense_mask(causal, pad_to):
-    """Slots of every width (documents on and just past each width), documents longer than the widest slot
-    (varlen part), a filler tail, GQA: the dense per-document mask's attention and gradients, in float64."""
-    torch.manual_seed(0)
-    lens = [5, 40, 1, 17, 16, 17, 130, 300, 64, 65, 128, 129, 2, 32, 33]
-    pack = pk.pack_ids([[1] * n for n in lens], 2, pad_to=pad_to, bucketed=True)
-    kw = pk.bucketed_kwargs(pack)
-    t = pack.input_ids.shape[1]
-    q, k, v = (torch.randn(t, h, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
-    out = pk.bucketed_attention(q, k, v, kw["bucket_slots"], kw["bucket_lengths"], kw["bucket_long"],
-                                kw["bucket_long_max"], kw["bucket_inverse"], causal)
-    keep = pk.dense_mask(pack, causal, torch.float32)[0] == 0
-    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=keep,
-                                         enable_gqa=True).transpose(0, 1)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
-    go = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
-
-
-def test_bucket_layout():
-    lens = [3, 16, 17, 200, 1, 129]
-    pack = pk.pack_ids([[1] * n for n in lens], 2, pad_to=8, bucketed=True)
-    t = pack.input_ids.shape[1]
-    assert t == 368 and pack.num_real_tokens == 366
-    # widths 16 / 32 / 64 / 128: {3, 16, 1, filler of 2} / {17} + 1 filler slot / 2 filler slots / 2 filler slots
-    assert pack.slot_counts == (4, 2, 2, 2)
-    assert pack.slot_lengths.tolist() == [3, 16, 1, 2, 17, 1, 1, 1, 1, 1]
-    slots = pk.bucketed_kwargs(pack)["bucket_slots"]
-    assert [tuple(x.shape) for x in slots] == [(4, 16), (2, 32), (2, 64), (2, 128)]
-    assert slots[0][0].tolist() == [0, 1, 2] + [2] * 13  # past its length a slot repeats the doc's last token
-    assert pack.long_index.tolist() == list(range(36, 236)) + list(range(237, 366))
-    assert pack.long_cu.tolist() == [0, 200, 329] and pack.long_max == 200
-    # every token (the filler tail too) is read back from exactly one slot position or long row
-    assert sorted(pack.inverse.tolist()) == sorted(set(pack.inverse.tolist())) and pack.inverse.shape == (t,)
-    flat = torch.cat([x.reshape(-1) for x in slots] + [pack.long_index])
-    assert torch.equal(flat[pack.inverse], torch.arange(t))
-    none_long = pk.pack_ids([[1] * 3], 2, bucketed=True)  # no long document: a 2-token filler one
-    assert none_long.long_cu.tolist() == [0, 2] and none_long.slot_counts == (2, 2, 2, 2)
-    moved = pack.to("meta")
-    assert moved.slot_counts == pack.slot_counts and moved.long_max == 200 and moved.inverse.shape == (t,)
-    with pytest.raises(ValueError, match="no bucketed layout"):
-        pk.bucketed_kwargs(pk.pack_ids([[1] * 3], 2))
-
-
-def test_bucketed_long_documents_equal_padded(tiny_dirs):
-    """Whole model, documents past the widest slot (the varlen part) next to short ones: packed == padded."""
-    model = tiny(tiny_dirs, attention="bidirectional", pooling="mean", attn_implementation="bucketed", max_length=320)
-    rows = [list(range(10, 10 + n)) + [2] for n in (150, 4, 299, 20)]
-    padded = pad_ids(rows, model.tokenizer, model.cfg.max_length)
-    model.eval()
-    with torch.no_grad():
-        ref = model(padded["input_ids"], padded["attention_mask"])
-        out = model(packed=model.pack(rows))
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
-
-
 def test_pack_ids_layout_and_device_copy():
     pack = pk.pack_ids([[5, 6, 2], [7, 2], [2]], pad_id=0, pad_to=4)
     assert pack.input_ids.tolist() == [[5, 6, 2, 7, 2, 2, 0, 0]]
@@ -175,12 +116,10 @@ def _states(model, pack):
         return model.backbone(**model.packed_inputs(pack)).last_hidden_state[0]
 
 
-@pytest.mark.parametrize("impl, match", [("flash_varlen", "neither document boundaries"),
-                                         ("bucketed", "neither its layout")])
-def test_packed_backbone_refuses_a_row_without_boundaries(tiny_dirs, impl, match):
-    model = tiny(tiny_dirs, attn_implementation=impl).eval()
+def test_varlen_backbone_refuses_a_row_without_boundaries(tiny_dirs):
+    model = tiny(tiny_dirs, attn_implementation="flash_varlen").eval()
     pack = model.pack(model.token_ids(TEXTS[:2]))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match="neither document boundaries"):
         model.backbone(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False)
 
 
@@ -239,8 +178,7 @@ def test_merged_batch_step_equals_full_batch_step(tiny_dirs):
         merged_batch_step(embed, roles, loss_fn, chunk_size=2)
 
 
-@pytest.mark.parametrize("impl, chunk", [("sdpa", None), ("flex_attention", 3), ("flash_varlen", None),
-                                         ("bucketed", 3)])
+@pytest.mark.parametrize("impl, chunk", [("sdpa", None), ("flex_attention", 3), ("flash_varlen", None)])
 def test_trainer_packing_is_exact(single_process, reference_step, tiny_dirs, train_file, impl, chunk):  # noqa: F811
     """Trainer(packing=True) through DeepSpeed: the merged packed step and the packed GradCache step give
     the padded plain-autograd loss and gradients."""

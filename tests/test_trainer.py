@@ -189,6 +189,11 @@ def test_ds_config_and_schedule(tiny_dirs, train_file):
     assert conf["gradient_accumulation_steps"] == 1 and conf["zero_optimization"]["stage"] == 3
     assert conf["gradient_clipping"] == 0.5 and conf["bf16"]["enabled"] is False
     assert ds_config(tcfg, 2, on_gpu=True)["bf16"]["enabled"] is True  # precision auto: bf16 on GPU
+    # DeepSpeed's per-tensor overflow check: kept for ZeRO-3, replaced by the Trainer's fused one for ZeRO-1/2
+    assert conf["bf16"]["check_grad_overflow"] is True
+    assert ds_config(tcfg.replace(zero_stage=2), 2, on_gpu=True)["bf16"]["check_grad_overflow"] is False
+    back_on = tcfg.replace(zero_stage=2, deepspeed_overrides={"bf16": {"check_grad_overflow": True}})
+    assert ds_config(back_on, 2, on_gpu=True)["bf16"] == {"enabled": True, "check_grad_overflow": True}
     sched = WarmupLinear(warmup=2, total=6)
     assert [round(sched(s), 4) for s in range(6)] == [0.3333, 0.6667, 1.0, 0.75, 0.5, 0.25]
 
@@ -305,6 +310,39 @@ def test_nan_loss_stops_with_clear_error(single_process, tiny_dirs, train_file):
     assert trainer.step == 0 and trainer.history == []
     after = gathered_trainable_state(trainer.engine, trainer.model)[0]
     assert all(torch.equal(after[k], before[k]) for k in before)  # stopped before any update
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_nan_gradient_with_finite_loss_stops_before_the_update(stage, single_process, tiny_dirs, train_file):
+    """DeepSpeed's per-tensor overflow check is off for ZeRO-1/2 (ds_config): the Trainer's own fused check finds a
+    NaN gradient behind a finite loss in the gradients DeepSpeed would step on, and refuses the step."""
+    from embed_core.trainer import gradients_finite_flag, pending_gradients
+
+    trainer = Trainer(make_config(tiny_dirs, train_file, zero_stage=stage))
+    grads = pending_gradients(trainer.engine)
+    assert grads is not None
+    trainer.run_step()  # a clean step: the check passes and the update happens
+    assert trainer.step == 1
+    before = gathered_trainable_state(trainer.engine, trainer.model)[0]
+    name, param = next((n, p) for n, p in trainer.model.backbone.named_parameters() if "lora_B" in n)
+    handle = param.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite gradients .* at step 2 with a finite loss"):
+        trainer.run_step()
+    handle.remove()
+    grads = pending_gradients(trainer.engine)
+    assert grads and not torch.isfinite(gradients_finite_flag(grads, trainer.device))  # the NaN reached them
+    assert trainer.step == 1 and len(trainer.history) == 1
+    after = gathered_trainable_state(trainer.engine, trainer.model)[0]
+    assert all(torch.equal(after[k], before[k]) for k in before)  # no update
+    trainer.close()
+
+
+def test_zero3_leaves_the_gradient_check_to_deepspeed(single_process, tiny_dirs, train_file):
+    from embed_core.trainer import pending_gradients
+
+    trainer = Trainer(make_config(tiny_dirs, train_file, zero_stage=3))
+    assert pending_gradients(trainer.engine) is None
+    trainer.close()
 
 
 # ============================================================================================ Ray Train
