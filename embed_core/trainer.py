@@ -506,6 +506,12 @@ def ds_config(tcfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any
     return _deep_merge(conf, tcfg.deepspeed_overrides)
 
 
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
 def pending_gradients(engine) -> list[torch.Tensor] | None:
     """The gradients DeepSpeed's ZeRO-1/2 optimizer will step on (this rank's partition, reduced), between the
     last backward of a step and ``engine.step()``; None where they are not reachable that way (ZeRO-3, another
@@ -633,6 +639,11 @@ class Trainer:
         self.engine.train()
         # the Trainer's own fused gradient check (train_step); under fp16 DeepSpeed's loss scaler owns overflow
         self._own_grad_check = not self.engine.fp16_enabled()
+        ds_checks = ds_config(tcfg, self.world_size, self.on_gpu)["bf16"].get("check_grad_overflow", True)
+        if self._own_grad_check and not ds_checks and pending_gradients(self.engine) is None:
+            raise RuntimeError(  # ds_config turned DeepSpeed's check off on the promise of this one
+                f"this DeepSpeed version ({deepspeed_version()}) does not expose the ZeRO-{tcfg.zero_stage} gradients "
+                "the Trainer checks for NaN / inf: set deepspeed_overrides {'bf16': {'check_grad_overflow': true}}")
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.resumes: list[int] = []

@@ -444,3 +444,15 @@ def test_cuda_allocator_setting_respects_the_users_environment(monkeypatch):
         assert configure_cuda_allocator(users) is None and applied == []
     assert configure_cuda_allocator({"PYTORCH_CUDA_ALLOC_CONF": ""}) == "expandable_segments:True"
     assert applied == ["expandable_segments:True"]
+
+
+def test_missing_zero_gradients_is_a_clear_error(single_process, tiny_dirs, train_file, monkeypatch):
+    """DeepSpeed's own check is off for ZeRO-2 on the promise of the Trainer's: a DeepSpeed that no longer exposes
+    the gradients fails at construction with the override to use, and the override works."""
+    import embed_core.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "pending_gradients", lambda engine: None)
+    with pytest.raises(RuntimeError, match="check_grad_overflow"):
+        Trainer(make_config(tiny_dirs, train_file))
+    Trainer(make_config(tiny_dirs, train_file,
+                        deepspeed_overrides={"bf16": {"check_grad_overflow": True}})).close()
