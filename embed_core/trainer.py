@@ -506,12 +506,6 @@ def ds_config(tcfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any
     return _deep_merge(conf, tcfg.deepspeed_overrides)
 
 
-def deepspeed_version() -> str:
-    import deepspeed
-
-    return deepspeed.__version__
-
-
 def pending_gradients(engine) -> list[torch.Tensor] | None:
     """The gradients DeepSpeed's ZeRO-1/2 optimizer will step on (this rank's partition, reduced), between the
     last backward of a step and ``engine.step()``; None where they are not reachable that way (ZeRO-3, another
@@ -637,13 +631,17 @@ class Trainer:
             _model_config(tcfg, self.on_gpu), device=self.device, seed=tcfg.seed)
         self.engine = build_engine(self.model, tcfg, self.world_size, self.on_gpu)
         self.engine.train()
-        # the Trainer's own fused gradient check (train_step); under fp16 DeepSpeed's loss scaler owns overflow
-        self._own_grad_check = not self.engine.fp16_enabled()
-        ds_checks = ds_config(tcfg, self.world_size, self.on_gpu)["bf16"].get("check_grad_overflow", True)
-        if self._own_grad_check and not ds_checks and pending_gradients(self.engine) is None:
+        # the Trainer's own fused gradient check (train_step) wherever DeepSpeed's per-tensor one is off (the config
+        # the engine was built with); under fp16 DeepSpeed's loss scaler owns overflow
+        ds_checks = self.engine.config.get("bf16", {}).get("check_grad_overflow", True)
+        self._own_grad_check = not ds_checks and not self.engine.fp16_enabled()
+        if self._own_grad_check and pending_gradients(self.engine) is None:
+            import deepspeed
+
             raise RuntimeError(  # ds_config turned DeepSpeed's check off on the promise of this one
-                f"this DeepSpeed version ({deepspeed_version()}) does not expose the ZeRO-{tcfg.zero_stage} gradients "
-                "the Trainer checks for NaN / inf: set deepspeed_overrides {'bf16': {'check_grad_overflow': true}}")
+                f"this DeepSpeed version ({deepspeed.__version__}) does not expose the ZeRO-{tcfg.zero_stage} "
+                "gradients the Trainer checks for NaN / inf: set deepspeed_overrides "
+                "{'bf16': {'check_grad_overflow': true}}")
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.resumes: list[int] = []
@@ -720,8 +718,7 @@ class Trainer:
         local = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device)
                              for x in [loss.detach()] + [m[k] for k in keys]])  # metrics: tensors or floats
         # the gradients too, when DeepSpeed's per-tensor overflow check is off (ds_config): one fused reduction
-        grads = pending_gradients(self.engine) if self._own_grad_check else None
-        grad_flag = gradients_finite_flag(grads, self.device) if grads is not None else local.new_zeros(())
+        grad_flag = gradients_finite_flag(pending_gradients(self.engine) if self._own_grad_check else [], self.device)
         summed = torch.cat([local, torch.tensor([tokens, len(batch["queries"])], dtype=torch.float64,
                                                 device=self.device), grad_flag[None]])
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -324,7 +324,7 @@ def test_nan_gradient_with_finite_loss_stops_before_the_update(stage, single_pro
     trainer.run_step()  # a clean step: the check passes and the update happens
     assert trainer.step == 1
     before = gathered_trainable_state(trainer.engine, trainer.model)[0]
-    name, param = next((n, p) for n, p in trainer.model.backbone.named_parameters() if "lora_B" in n)
+    param = next(p for n, p in trainer.model.backbone.named_parameters() if "lora_B" in n)
     handle = param.register_hook(lambda g: g * float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite gradients .* at step 2 with a finite loss"):
         trainer.run_step()
