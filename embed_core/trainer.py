@@ -55,6 +55,7 @@ import os
 import socket
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -130,6 +131,10 @@ class TrainConfig:
     zero_stage: DeepSpeed ZeRO stage, 1, 2 or 3.
     seed: model init, data order, negative sampling and dropout are all functions of it.
     checkpoint_every: steps between checkpoints (0: only at the end).
+    checkpoint_every_s: wall-clock seconds between checkpoints as well (0: by step only), so a killed run loses
+        at most that much work whatever its step time.
+    report_every_s: seconds between progress reports to a driver (Ray Train / Tune) between the reports that
+        must happen (held-out evaluation, checkpoint, last step); every step still goes to TensorBoard.
     eval_every / val_size: every ``eval_every`` steps (0: never) embed a held-out slice of
         ``val_size`` TRAINING examples and report in-batch retrieval top-1 accuracy and the mean
         margin between the positive's similarity and the best other candidate's.
@@ -163,6 +168,8 @@ class TrainConfig:
     zero_stage: int = 2
     seed: int = 0
     checkpoint_every: int = 0
+    checkpoint_every_s: float = 300.0
+    report_every_s: float = 10.0
     eval_every: int = 0
     val_size: int = 0
     max_bad_fraction: float = 0.01
@@ -215,6 +222,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ConfigError(f"{name} must be an int >= 0 (0 disables), got {v!r}")
+        for name in ("checkpoint_every_s", "report_every_s"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number of seconds >= 0 (0 disables), got {v!r}")
         if self.eval_every > 0 and self.val_size < 2:
             raise ConfigError(f"eval_every={self.eval_every} needs val_size >= 2 held-out examples, got {self.val_size}")
         if not _is_number(self.max_bad_fraction) or not 0 <= self.max_bad_fraction <= 1:
@@ -610,7 +621,8 @@ class Trainer:
     """
 
     def __init__(self, tcfg: TrainConfig, model: EmbeddingModel | None = None, examples: Sequence | None = None,
-                 *, device: str | torch.device | None = None, log_dir: str | None = None) -> None:
+                 *, device: str | torch.device | None = None, log_dir: str | None = None,
+                 prefetch: bool | None = None) -> None:
         if not dist.is_initialized():
             init_single_process_group()
         self.rank, self.world_size = dist_world()
@@ -647,18 +659,46 @@ class Trainer:
         self.resumes: list[int] = []
         self.log_dir = log_dir if log_dir is not None else tcfg.log_dir
         self._writer = None
+        # the next step's batch is collated and tokenised on a host thread while the device runs this step
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="batch") if (
+            self.on_gpu if prefetch is None else prefetch) else None
+        self._next: tuple[int, Future] | None = None
 
     # ------------------------------------------------------------------ one step
     def _tokenize(self, texts: Sequence[str]) -> dict[str, Any]:
-        if self.tcfg.packing:  # token-id lists; each chunk is packed (and copied) in _embed
+        """Host-side inputs of one role: token-id lists (packed; each chunk is packed in _embed) or CPU tensors."""
+        if self.tcfg.packing:
             return {"ids": self.model.token_ids(texts)}
-        enc = self.model.tokenize(texts)
-        return {k: v.to(self.device) for k, v in enc.items()}
+        return dict(self.model.tokenize(texts))
+
+    def prepare_batch(self, step: int) -> dict[str, Any]:
+        """Step `step`'s local batch, collated and tokenised (host work only: safe on the prefetch thread)."""
+        batch = self.data.local_batch(step, self.rank, self.world_size, self.model.cfg.format_query)
+        roles = {"query": self._tokenize(batch["queries"]), "positive": self._tokenize(batch["positives"])}
+        if batch.get("negatives"):
+            roles["negative"] = self._tokenize(batch["negatives"])
+        return {**batch, "roles": roles}
+
+    def _take_batch(self, step: int) -> dict[str, Any]:
+        """The prepared batch of `step` (prefetched when it was asked for), and the next one asked for.
+
+        The tokenizer is not thread-safe: the prefetch only runs while `train_step` keeps the host busy with
+        device work, and `_settle` waits for it before anything else tokenises (evaluation, checkpoints)."""
+        ready = self._next[1].result() if self._next is not None and self._next[0] == step else None
+        self._next = None
+        batch = ready if ready is not None else self.prepare_batch(step)
+        if self._prefetch is not None and step + 1 < self.tcfg.max_steps:
+            self._next = (step + 1, self._prefetch.submit(self.prepare_batch, step + 1))
+        return batch
+
+    def _settle(self) -> None:
+        if self._next is not None:
+            self._next[1].result()
 
     def _embed(self, chunk: dict[str, Any]) -> torch.Tensor:
         if "ids" in chunk:
             return self.engine(packed=self.model.pack(chunk["ids"]).to(self.device))
-        return self.engine(chunk["input_ids"], chunk["attention_mask"])
+        return self.engine(chunk["input_ids"].to(self.device), chunk["attention_mask"].to(self.device))
 
     def _loss(self, reps: dict[str, torch.Tensor]):
         # no host sync here: the metrics stay on the device and the loss is checked for NaN / inf in
@@ -667,18 +707,20 @@ class Trainer:
                         temperature=self.tcfg.temperature, gather=True, sync=False)
 
     def forward_backward(self, batch: dict[str, list[str]]) -> tuple[torch.Tensor, dict[str, Any], int]:
-        """Tokenise the local batch, run GradCache (or the plain step) with DeepSpeed backward calls.
+        """Run GradCache (or the plain step) with DeepSpeed backward calls on the local batch (tokenised by
+        `prepare_batch` unless it carries its ``roles`` already).
 
         Returns (local loss, local metrics, local non-padding tokens). Gradients are accumulated and
         reduced at the last backward (the accumulation boundary); call ``engine.step()`` next. The loss
         and metrics are device tensors (not yet checked for NaN / inf: `train_step` does that)."""
-        roles = {"query": self._tokenize(batch["queries"]), "positive": self._tokenize(batch["positives"])}
-        if batch.get("negatives"):
-            roles["negative"] = self._tokenize(batch["negatives"])
+        roles = batch["roles"] if "roles" in batch else {
+            name: self._tokenize(batch[key]) for name, key in (("query", "queries"), ("positive", "positives"),
+                                                               ("negative", "negatives")) if batch.get(key)}
         if self.tcfg.packing:
             tokens = sum(len(x) for r in roles.values() for x in r["ids"])
         else:
             tokens = int(sum(r["attention_mask"].sum().item() for r in roles.values()))
+            roles = {name: {k: v.to(self.device) for k, v in r.items()} for name, r in roles.items()}
         chunk = self.tcfg.chunk_size
         if chunk is None:
             step_fn, n_backward = (merged_batch_step if self.tcfg.packing else full_batch_step), 1
@@ -754,11 +796,13 @@ class Trainer:
         """Train on the next global batch (step ``self.step``), evaluate if due, log, return the metrics."""
         if self.step >= self.tcfg.max_steps:
             raise RuntimeError(f"training already reached max_steps={self.tcfg.max_steps}")
-        batch = self.data.local_batch(self.step, self.rank, self.world_size, self.model.cfg.format_query)
+        batch = self._take_batch(self.step)
         epoch, index = self.data.position(self.step)
         metrics = self.train_step(batch)
+        self._settle()
         self.step += 1
-        metrics.update({"step": self.step, "epoch": epoch, "batch_in_epoch": index, "batch_fp": batch["fingerprint"]})
+        metrics.update({"step": self.step, "epoch": epoch, "batch_in_epoch": index, "batch_fp": batch["fingerprint"],
+                        "wall_time": time.time()})
         if self.tcfg.eval_every and (self.step % self.tcfg.eval_every == 0 or self.step == self.tcfg.max_steps):
             metrics.update(self.evaluate())
         self.history.append(metrics)
@@ -806,10 +850,13 @@ class Trainer:
             # purge_step drops events a crashed attempt wrote after the checkpoint we resumed from
             self._writer = SummaryWriter(self.log_dir, purge_step=self.step if self.resumes else None)
         for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "wall_time"):
                 self._writer.add_scalar(f"train/{k}", v, metrics["step"])
 
     def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.shutdown(wait=True, cancel_futures=True)
+            self._prefetch, self._next = None, None
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()

@@ -416,6 +416,8 @@ def _load_encoder(spec: layout.CheckpointSpec, revision: str, batch_size: int, d
     from embed_core.model import EmbeddingModel
     from embed_core.mteb_encoder import make_encoder
     model = EmbeddingModel.load(spec.path, device=device)
+    # one (checkpoint, task) pass embeds each text once: compiling the layers would cost more than it saves
+    model.cfg.compile = False
     return make_encoder(model, name=spec.name, revision=revision, batch_size=batch_size)
 
 

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 TUNE_DIR = "tune"
 TRAIN_DIR = "train"
 DATA_DIR = "data"
+COMPILE_CACHE_DIR = ".compile_cache"  # beside the sweeps of a storage path: torch.compile's Inductor / Triton caches
 SWEEP_FORMAT = "embed_sweeps.sweep/v1"
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 
@@ -99,6 +100,7 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
         raise ConfigError(f"--resume: {sweep_dir} has a Tune experiment but no {layout.SWEEP_FILE}")
     if check_models:
         sweep.preflight(check_data=False)
+        convert_models_once(sweep)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     # the training data of every distinct recipe, checked (DataError) and written once
     written: set[Path] = set()
@@ -121,6 +123,25 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
     return sweep_dir
 
 
+def convert_models_once(sweep: SweepConfig) -> None:
+    """Dequantise every GGUF base model into the local model cache now, once, instead of in each trial's
+    workers (several trials starting together would each convert it)."""
+    from embed_core.backbone import resolve_source
+
+    first: dict[str, Cell] = {}
+    for cell in sweep.cells():
+        first.setdefault(cell.base_model, cell)
+    for cell in first.values():
+        resolve_source(sweep.train_config(cell, *sweep.probe_values()).model)
+
+
+def compile_cache_env(sweep_dir: Path) -> dict[str, str]:
+    """torch.compile's caches beside the sweep folder, in its storage path: a trial reuses the kernels an earlier
+    trial of the same shape compiled, and a resumed sweep, or another sweep of the same models, reuses them all."""
+    root = Path(sweep_dir).parent / COMPILE_CACHE_DIR
+    return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
+
+
 # ====================================================================================== trial side
 def _report_callback_class():
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -137,6 +158,7 @@ def _report_callback_class():
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             m = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool))}
+            m["evaluated"] = self._metric in m  # a fresh held-out evaluation, not one carried forward
             for k in ("val_acc", "val_margin"):
                 if k in m:
                     self._carry[k] = m[k]
@@ -153,13 +175,16 @@ def _report_callback_class():
 
 def trial_driver(config: dict, sweep_dir: str) -> None:
     """One Tune trial (Ray Train V2 pattern): build the trial's TrainConfig, start a `TorchTrainer` with the
-    trial's ScalingConfig, and report its final metrics + checkpoint path to Tune."""
+    trial's ScalingConfig, and report its final metrics + checkpoint path to Tune. A run that failed on a CUDA
+    out-of-memory error while other trials share the GPU is started again (from its last checkpoint) once
+    memory has freed, up to ``OOM_RETRIES`` times, instead of ending as ERROR."""
     import ray.tune
 
     from embed_core.trainer import read_trainer_state
 
     from .train import build_trainer, fit
 
+    started = time.time()
     sweep = read_sweep(sweep_dir)
     cell = Cell(config["base_model"], config["pooling"], config["attention"], int(config["seed"]))
     tcfg = sweep.train_config(cell, config["lora_r"], config["lr"])
@@ -168,23 +193,65 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
     worker_cfg = tcfg.replace(train_data=[str(data_file(Path(sweep_dir), tcfg))], builders=[],
                               max_bad_fraction=0.0, log_dir=str(run_dir / "tensorboard"))
     use_gpu = bool(config["use_gpu"])
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
-    trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, sweep.failure.train_max_failures,
-                            num_to_keep=1, resources_per_worker=per_worker,
-                            fault_injection=_fault_for(sweep, cell, run_dir),
-                            callbacks=[_report_callback_class()(sweep.scheduler.metric)])
-    result = fit(trainer, run_dir)
+    gpus = float(config.get("gpus_per_worker") or res.gpus_per_worker)
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if use_gpu else {})}
+    for attempt in range(OOM_RETRIES + 1):
+        trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, sweep.failure.train_max_failures,
+                                num_to_keep=1, resources_per_worker=per_worker,
+                                fault_injection=_fault_for(sweep, cell, run_dir),
+                                callbacks=[_report_callback_class()(sweep.scheduler.metric)],
+                                env=compile_cache_env(Path(sweep_dir)))
+        try:
+            result = fit(trainer, run_dir)
+            break
+        except Exception as err:  # noqa: BLE001 - only a shared GPU's OOM is retried
+            if not (use_gpu and gpus < 1 and attempt < OOM_RETRIES and is_cuda_oom(err)):
+                raise
+            _say(f"trial {cell.key}: CUDA out of memory beside other trials; retrying from its last checkpoint "
+                 f"once GPU memory frees (attempt {attempt + 2}/{OOM_RETRIES + 1})")
+            wait_for_gpu_memory(float(config.get("gpu_mem_need_gib") or 0.0))
     state = read_trainer_state(result.checkpoint.path)
-    final = {k: v for k, v in (state.get("history") or [{}])[-1].items() if isinstance(v, (int, float))}
-    for h in reversed(state.get("history") or []):  # the last held-out evaluation
+    history = state.get("history") or [{}]
+    final = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+    for h in reversed(history):  # the last held-out evaluation
         if sweep.scheduler.metric in h:
             final.setdefault(sweep.scheduler.metric, h[sweep.scheduler.metric])
             break
+    mine = [h["wall_time"] for h in history if h.get("wall_time", 0) >= started]
     final.update({CHECKPOINT_PATH_KEY: result.checkpoint.path, "step": state["step"], "final": True,
-                  "resumes": len(state.get("resumes", []))})
+                  "resumes": len(state.get("resumes", [])), "trial_started_at": started,
+                  "time_to_first_step_s": (mine[0] - started) if mine else float("nan")})
     if sweep.scheduler.metric not in final:
         final[sweep.scheduler.metric] = float("nan")
     ray.tune.report(final)
+
+
+OOM_RETRIES = 3
+
+
+def is_cuda_oom(err: BaseException) -> bool:
+    """Whether a failed Train run's root cause is a CUDA out-of-memory error (Ray wraps the worker's error)."""
+    text = f"{err}\n" + "\n".join(str(e) for e in (getattr(err, "worker_failures", None) or {}).values())
+    return "OutOfMemoryError" in text or "CUDA out of memory" in text
+
+
+def wait_for_gpu_memory(need_gib: float, timeout_s: float = 600.0, poll_s: float = 5.0) -> None:
+    """Until every visible GPU has ``need_gib`` free (NVML), or `timeout_s`; without NVML, one pause."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML here: a fixed pause, then the retry
+        time.sleep(min(60.0, timeout_s))
+        return
+    deadline = time.time() + timeout_s
+    need = max(need_gib, 1.0) * 2**30
+    while time.time() < deadline:
+        free = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free
+                for i in range(pynvml.nvmlDeviceGetCount())]
+        if free and max(free) >= need:
+            return
+        time.sleep(poll_s)
 
 
 def _fault_for(sweep: SweepConfig, cell: Cell, run_dir: Path) -> dict | None:
@@ -208,6 +275,7 @@ def _status_printer_class():
         def __init__(self, metric: str, max_steps: dict[str, int], total: int) -> None:
             self.metric, self.max_steps, self.total = metric, max_steps, total
             self.done = 0
+            self.shown: dict[str, float] = {}
 
         def _head(self, trial) -> str:
             c = trial.config
@@ -217,8 +285,11 @@ def _status_printer_class():
             _say(f"start  {self._head(trial)}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            if result.get("final"):
+            # held-out evaluations always; progress in between at most once a minute per trial
+            now = time.monotonic()
+            if result.get("final") or not result.get("evaluated") and now - self.shown.get(trial.trial_id, 0) < 60:
                 return
+            self.shown[trial.trial_id] = now
             step = result.get("step", "?")
             total = self.max_steps.get(trial.config.get("cell_key"), "?")
             parts = [f"step {step}/{total}"]
@@ -254,7 +325,36 @@ def _resolve_use_gpu(sweep: SweepConfig) -> bool:
     return bool(sweep.resources.use_gpu)
 
 
-def max_concurrent(sweep: SweepConfig, use_gpu: bool) -> int:
+def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
+    """base model -> {gpus_per_worker, need_gib}: each trial's estimated GPU memory (`sweeps.resources`) and the
+    GPU share its workers get: the configured ``gpus_per_worker``, raised to the largest 1/k of this machine's GPU
+    that holds the estimate when trials sharing a GPU would not fit (a ConfigError when one GPU cannot hold it)."""
+    from embed_core.data import read_jsonl
+    from embed_core.memory import gpu_share, gpu_total_gib
+    from sweeps.resources import memory_plan
+
+    if not use_gpu:
+        return {}
+    first = sweep.cells()[0]
+    examples = read_jsonl(data_file(sweep.sweep_dir, sweep.train_config(first, *sweep.probe_values())))
+    gpu = gpu_total_gib()
+    out = {}
+    for model, est in memory_plan(sweep, examples).items():
+        want = sweep.resources_for(next(c for c in sweep.cells() if c.base_model == model)).gpus_per_worker
+        try:
+            share = gpu_share(est.total_gib, gpu, want) if gpu else want
+        except ValueError as e:
+            raise ConfigError(f"sweep config {sweep.source}: a trial of {model} {e}: lower training.batch_size, "
+                              "set training.chunk_size (GradCache) or use more workers") from None
+        if share != want:
+            _say(f"WARNING: resources.gpus_per_worker {want} gives a trial of {model} {want * gpu:.1f} GiB of this "
+                 f"{gpu:.0f} GiB GPU, but it needs {est.describe()}: raised to {share:.3g} "
+                 f"({round(1 / share)} trials at a time)")
+        out[model] = {"gpus_per_worker": share, "need_gib": est.total_gib}
+    return out
+
+
+def max_concurrent(sweep: SweepConfig, use_gpu: bool, plan: dict | None = None) -> int:
     """``resources.max_concurrent_trials`` or as many trials as the cluster's CPUs / GPUs hold right now
     (an autoscaling cluster that has no GPU node yet gets 1: set max_concurrent_trials there)."""
     if sweep.resources.max_concurrent_trials:
@@ -267,7 +367,8 @@ def max_concurrent(sweep: SweepConfig, use_gpu: bool) -> int:
         r = sweep.resources_for(cell)
         fits.append(math.floor(have.get("CPU", 0) / max(r.num_workers * r.cpus_per_worker, 1e-9)))
         if use_gpu:
-            fits.append(math.floor(have.get("GPU", 0) / max(r.num_workers * r.gpus_per_worker, 1e-9)))
+            gpus = max([p["gpus_per_worker"] for p in (plan or {}).values()] or [r.gpus_per_worker])
+            fits.append(math.floor(have.get("GPU", 0) / max(r.num_workers * gpus, 1e-9) + 1e-9))
     return max(1, min(fits + [sweep.num_trials()]))
 
 
@@ -280,7 +381,8 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
     sweep_dir = sweep.sweep_dir
     exp_dir = sweep_dir / TUNE_DIR
     use_gpu = _resolve_use_gpu(sweep)
-    trainable = tune.with_parameters(_trainable_with_gpu(use_gpu), sweep_dir=str(sweep_dir))
+    plan = gpu_plan(sweep, use_gpu)
+    trainable = tune.with_parameters(_trainable_with_gpu(use_gpu, plan), sweep_dir=str(sweep_dir))
     # The trial driver only starts the TorchTrainer, whose workers hold the CPUs / GPUs in their own placement
     # group. Tune needs a non-empty bundle per trial: a token amount of memory (1 MiB), no CPU.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
@@ -291,7 +393,7 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        concurrency = max_concurrent(sweep, use_gpu)
+        concurrency = max_concurrent(sweep, use_gpu, plan)
         _say(f"{len(sweep.cells())} cells x {sweep.search.samples_per_cell} samples = {sweep.num_trials()} trials, "
              f"{concurrency} at a time, {'GPU' if use_gpu else 'CPU'}; TensorBoard: tensorboard --logdir {sweep_dir}")
         tuner = tune.Tuner(
@@ -319,15 +421,17 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
     return trials, specs
 
 
-def _trainable_with_gpu(use_gpu: bool):
-    """Tune trainables take (config, **with_parameters): the resolved use_gpu travels in the config."""
+def _trainable_with_gpu(use_gpu: bool, plan: dict[str, dict[str, float]]):
+    """Tune trainables take (config, **with_parameters): the resolved use_gpu and GPU plan travel in the config."""
     import functools
 
-    return functools.partial(_trial_entry, use_gpu=use_gpu)
+    return functools.partial(_trial_entry, use_gpu=use_gpu, plan=plan)
 
 
-def _trial_entry(config: dict, sweep_dir: str, use_gpu: bool) -> None:
-    trial_driver(dict(config, use_gpu=use_gpu), sweep_dir)
+def _trial_entry(config: dict, sweep_dir: str, use_gpu: bool, plan: dict | None = None) -> None:
+    mine = (plan or {}).get(config["base_model"], {})
+    trial_driver(dict(config, use_gpu=use_gpu, gpus_per_worker=mine.get("gpus_per_worker"),
+                      gpu_mem_need_gib=mine.get("need_gib")), sweep_dir)
 
 
 def collect_trials(sweep: SweepConfig, grid, use_gpu: bool) -> list[layout.TrialRecord]:
@@ -475,6 +579,44 @@ def status_text(sweep_dir: str | os.PathLike) -> str:
     rep = sweep_dir / layout.REPORT_DIR / "report.html"
     lines.append(f"report: {rep if rep.is_file() else 'not written yet'}")
     return "\n".join(lines)
+
+
+# ====================================================================================== parts
+def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) -> Path:
+    """Merge sweep folders that each ran a part of the same sweep (``run --part``) into `out_dir`: one
+    ``sweep.json`` (the fingerprints must agree), the union of ``trials.json`` and ``checkpoints.json``, and every
+    result file (a checkpoint evaluated in two parts, the reference say, is kept once). ``sweeps report OUT``
+    then builds the report of the whole. Training folders (tune/, train/) are not copied."""
+    import shutil
+
+    out = Path(out_dir)
+    parts = [Path(p) for p in part_dirs]
+    sweeps = [read_sweep(p) for p in parts]
+    prints = {s.fingerprint() for s in sweeps}
+    if len(prints) != 1:
+        raise ConfigError(f"cannot merge {[str(p) for p in parts]}: they ran different sweep configs "
+                          "(sweep.json fingerprints differ)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / layout.SWEEP_FILE).is_file():
+        shutil.copy2(parts[0] / layout.SWEEP_FILE, out / layout.SWEEP_FILE)
+    elif read_sweep(out).fingerprint() not in prints:
+        raise ConfigError(f"{out} holds another sweep (its sweep.json fingerprint differs from the parts')")
+    trials, specs = {}, {}
+    for src in [out, *parts]:
+        if (src / layout.TRIALS_FILE).is_file():
+            trials.update({(t.cell, t.trial_id): t for t in layout.read_trials(src)})
+        if (src / layout.CHECKPOINTS_FILE).is_file():
+            specs.update({(s.name, s.labels.trial_id): s for s in layout.read_checkpoints(src)})
+        results = src / layout.RESULTS_DIR
+        for f in sorted(results.rglob("*")) if src != out and results.is_dir() else []:
+            dest = out / layout.RESULTS_DIR / f.relative_to(results)
+            if f.is_file() and not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dest)
+    layout.write_trials(out, sorted(trials.values(), key=lambda t: (t.cell, t.trial_id)))
+    layout.write_checkpoints(out, sorted(specs.values(), key=lambda s: (s.name, s.labels.trial_id)))
+    _say(f"merged {len(parts)} part(s) into {out}: {len(trials)} trials, {len(specs)} checkpoints")
+    return out
 
 
 # ====================================================================================== evaluate / report stages

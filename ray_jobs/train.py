@@ -21,8 +21,9 @@ What happens:
 2. `train_loop_per_worker` runs on each Ray Train worker. Ray Train has already initialised the
    torch.distributed process group (gloo on CPU, nccl on GPU); DeepSpeed reuses it. The worker
    resumes from ``ray.train.get_checkpoint()`` when there is one (after a worker failure, with
-   ``FailureConfig(max_failures > 0)``), then trains, calling ``ray.train.report`` after every step
-   (a barrier across workers) with a checkpoint every ``checkpoint_every`` steps and at the end.
+   ``FailureConfig(max_failures > 0)``), then trains, calling ``ray.train.report`` (a barrier across
+   workers) when `Cadence` says so: at checkpoints (every ``checkpoint_every`` steps, every
+   ``checkpoint_every_s`` seconds, at the end), held-out evaluations, and every ``report_every_s`` seconds.
 3. Checkpoints: every worker writes its own local temporary directory -- rank 0 the ``model/``
    folder, ``trainer_state.json`` and its DeepSpeed shards, other ranks only their DeepSpeed shards
    (distinct file names, ``zero_pp_rank_<r>_...``) -- and reports it under the same
@@ -98,17 +99,81 @@ def _raise_if_diverged_before(config: dict) -> None:
         raise FloatingPointError(f"not retrying: this run already diverged: {with_token.get('error')}")
 
 
+@dataclass
+class Cadence:
+    """When a Train worker reports to the driver, and when it checkpoints.
+
+    ``ray.train.report`` is a barrier across the workers that hands one result to the Train controller through a
+    queue of one; the controller takes it when it polls the workers (every 2 s in Ray 2.60). Reporting every step
+    therefore paces training at one step per poll: a trial in a sweep ran at a fraction of the same Trainer alone.
+    A worker reports when it must (a checkpoint, a held-out evaluation for the scheduler, the last step), after
+    its first step (so the driver sees training start) and otherwise every ``report_every_s`` seconds; every
+    step still goes to TensorBoard. It checkpoints every ``checkpoint_every`` steps and every
+    ``checkpoint_every_s`` seconds, so a killed trial loses at most that much work."""
+
+    max_steps: int
+    checkpoint_every: int = 0
+    checkpoint_every_s: float = 0.0
+    report_every_s: float = 10.0
+    last_report: float = field(default_factory=time.monotonic)
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def of(cls, tcfg: TrainConfig) -> "Cadence":
+        return cls(tcfg.max_steps, tcfg.checkpoint_every, tcfg.checkpoint_every_s, tcfg.report_every_s)
+
+    def due(self, step: int, evaluated: bool, first: bool, now: float) -> tuple[bool, bool]:
+        """(report, checkpoint) after optimizer step `step` (1-based); `first`: the first step of this attempt."""
+        checkpoint = (step == self.max_steps or bool(self.checkpoint_every and step % self.checkpoint_every == 0)
+                      or bool(self.checkpoint_every_s and now - self.last_checkpoint >= self.checkpoint_every_s))
+        report = checkpoint or evaluated or first or now - self.last_report >= self.report_every_s
+        return report, checkpoint
+
+    def done(self, report: bool, checkpoint: bool, now: float) -> None:
+        if report:
+            self.last_report = now
+        if checkpoint:
+            self.last_checkpoint = now
+
+
+def agree(flags: tuple[bool, ...], device) -> tuple[bool, ...]:
+    """The flags any rank raised, on every rank: reports and checkpoints are collectives, and the ranks' clocks
+    differ, so a time-based decision is taken jointly (one tiny all-reduce; nothing on one worker)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(x) for x in t.tolist())
+
+
+def _report(trainer, metrics: dict, checkpoint: bool) -> None:
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="embed_ckpt_") as d:
+        trainer.save_checkpoint(d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=checkpoint_dir_name(trainer.step))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker function (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``).
 
     config keys: ``train_config`` (TrainConfig.to_dict()), optional ``run_dir`` and ``run_token``
-    (divergence marker), optional ``fault_injection`` ({step, rank, marker, delay_s}; tests only).
+    (divergence marker), optional ``fault_injection`` ({step, rank, marker, delay_s}; tests only),
+    optional ``env`` (variables set before the model is built: compile caches shared by a sweep's trials).
     """
     import ray.train
     import ray.train.torch
 
     from embed_core.trainer import Trainer
 
+    os.environ.update(config.get("env") or {})
     tcfg = TrainConfig.from_dict(config["train_config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -122,20 +187,20 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             log.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint.path, state["step"],
                         state["epoch"], state["batch_in_epoch"])
+    cadence, first = Cadence.of(tcfg), True
     try:
         while trainer.step < tcfg.max_steps:
             metrics = trainer.run_step()
             metrics["world_size"] = world
             metrics["resumed_from_step"] = trainer.resumes[-1] if trainer.resumes else -1
             _maybe_inject_fault(config.get("fault_injection"), trainer.step, rank)
-            due = tcfg.checkpoint_every and trainer.step % tcfg.checkpoint_every == 0
-            if due or trainer.step == tcfg.max_steps:
-                with tempfile.TemporaryDirectory(prefix="embed_ckpt_") as d:
-                    trainer.save_checkpoint(d)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=checkpoint_dir_name(trainer.step))
-            else:
-                ray.train.report(metrics)
+            now = time.monotonic()
+            report, save = agree(cadence.due(trainer.step, "val_acc" in metrics, first, now), trainer.device)
+            metrics["reported"] = report  # kept in the history (trainer_state.json): which steps the driver saw
+            if report:
+                _report(trainer, metrics, save)
+            cadence.done(report, save, now)
+            first = False
     except FloatingPointError as err:
         marker = _diverged_marker(config)
         if rank == 0 and marker is not None:
@@ -210,9 +275,10 @@ def prepare_run(tcfg: TrainConfig, num_workers: int, storage_path: str | os.Path
 def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, use_gpu: bool = False,
                   max_failures: int = 0, *, num_to_keep: int | None = 2,
                   resources_per_worker: dict[str, float] | None = None, fault_injection: dict | None = None,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, env: dict[str, str] | None = None):
     """The `TorchTrainer` of one training run whose data is ready (`prepare_run`): ``num_workers`` Ray Train
-    workers running `train_loop_per_worker`, Train run ``run_dir.name`` stored under ``run_dir.parent``.
+    workers running `train_loop_per_worker`, Train run ``run_dir.name`` stored under ``run_dir.parent``;
+    ``env``: variables every worker sets before it builds the model (a sweep's shared compile caches).
 
     A TorchTrainer built again with the same ``run_dir`` (a restarted sweep trial, say) resumes from that
     run's latest checkpoint: Ray Train V2 restores its checkpoint manager from storage."""
@@ -225,7 +291,7 @@ def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, 
         raise ConfigError(f"num_to_keep must be an int >= 1 or None (keep all), got {num_to_keep!r}")
     resources = resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
     loop_config = {"train_config": worker_cfg.to_dict(), "run_dir": str(run_dir), "run_token": uuid.uuid4().hex,
-                   "fault_injection": fault_injection}
+                   "fault_injection": fault_injection, "env": dict(env or {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

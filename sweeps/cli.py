@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same config")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     r.add_argument("--stages", default="train,evaluate,report", help="comma-separated subset of the stages")
+    r.add_argument("--part", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="run only the matching cells (base_model, pooling, attention, design, seed), e.g. "
+                        "--part base_model=gemma3-270m; merge the parts' folders with `sweeps merge`")
     c = sub.add_parser("check", help="validate a config, its base models and its training data; run nothing")
     common(c, "sweep config: a YAML file or a preset name")
     s = sub.add_parser("status", help="per-trial status of a sweep (running or finished)")
@@ -46,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         common(sp, "a sweep folder, or the config that names one")
         if name == "evaluate":
             sp.add_argument("--address", default=None)
+    m = sub.add_parser("merge", help="merge the folders of a sweep run in parts (run --part) into one")
+    m.add_argument("out", help="the merged sweep folder (created, or added to)")
+    m.add_argument("parts", nargs="+", help="sweep folders of the parts")
     sub.add_parser("presets", help="list the shipped presets")
     return p
 
@@ -59,6 +65,22 @@ def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
     if p.is_dir() and (p / SWEEP_FILE).is_file():
         return p.resolve()
     return load_sweep_config(target, sets, storage).sweep_dir
+
+
+def _memory_lines(sweep) -> str:
+    """Each base model's GPU memory per trial worker (estimate) and how many share one GPU."""
+    from embed_core.memory import gpu_total_gib
+    from embed_core.trainer import load_examples
+    from sweeps.resources import memory_plan
+
+    examples = load_examples(sweep.train_config(sweep.cells()[0], *sweep.probe_values()))
+    gpu = gpu_total_gib()
+    lines = ["GPU memory per trial worker (estimate; embed_core/memory.py):"]
+    for model, est in memory_plan(sweep, examples).items():
+        sizes = [(gpu, "this machine's")] if gpu else []
+        fits = ", ".join(f"{est.fits(g)} fit {how} {g:.0f} GiB GPU" for g, how in sizes + [(80.0, "an")])
+        lines.append(f"  {model}: {est.describe()}; {fits}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             from sweeps.config import load_sweep_config
 
             sweep = load_sweep_config(args.target, args.sets, args.storage)
+            if getattr(args, "part", None):
+                sweep = sweep.with_part(args.part)
             if args.command == "check":
                 from ray_jobs.sweep import check_evaluation_tasks
 
@@ -82,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_evaluation_tasks(sweep)
                 print(f"ok: {sweep.name}: {len(sweep.cells())} cells, {sweep.num_trials()} trials; "
                       f"training examples per seed {sizes}; sweep folder {sweep.sweep_dir}")
+                if sweep.resources.use_gpu is not False:
+                    print(_memory_lines(sweep))
                 return 0
             from ray_jobs.sweep import run_pipeline
 
@@ -91,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: unknown stage(s) {bad}: choose from train, evaluate, report", file=sys.stderr)
                 return 2
             run_pipeline(sweep, resume=args.resume, stages=stages, ray_address=args.address)
+            return 0
+        if args.command == "merge":
+            from ray_jobs.sweep import merge_parts
+
+            merge_parts(args.out, args.parts)
             return 0
         sweep_dir = _sweep_dir_of(args.target, args.storage, args.sets)
         from ray_jobs import sweep as job

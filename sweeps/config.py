@@ -271,6 +271,7 @@ class SweepConfig:
     overrides: list[Override]
     source: str = "<dict>"
     raw: dict = field(default_factory=dict)
+    part: dict = field(default_factory=dict)  # run only the cells matching this (`with_part`); not in sweep.json
 
     # ---------------------------------------------------------------- derived
     @property
@@ -278,7 +279,25 @@ class SweepConfig:
         return Path(os.path.expanduser(self.storage_path)).resolve() / self.name
 
     def cells(self) -> list[Cell]:
-        return [Cell(m, p, a, s) for m, (p, a), s in itertools.product(self.base_models, self.designs, self.seeds)]
+        every = [Cell(m, p, a, s) for m, (p, a), s in itertools.product(self.base_models, self.designs, self.seeds)]
+        return [c for c in every if all(str(getattr(c, k)) == v for k, v in self.part.items())]
+
+    def with_part(self, spec: str) -> "SweepConfig":
+        """This sweep restricted to the cells matching ``key=value[,key=value]`` over base_model, pooling, attention,
+        design, seed: one part of a sweep run on its own (another machine, a time-limited job) and merged with the
+        others afterwards (`python -m sweeps merge`). The config, and so its fingerprint, stay those of the whole."""
+        part = {}
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("base_model", "pooling", "attention", "design", "seed"):
+                raise ConfigError(f"--part {spec!r}: expected key=value with key in base_model, pooling, attention, "
+                                  f"design, seed; got {item!r}")
+            part[key] = value
+        restricted = dataclasses.replace(self, part=part)
+        if not restricted.cells():
+            raise ConfigError(f"--part {spec!r} matches no cell of sweep {self.name!r} (base models {self.base_models}, "
+                              f"designs {['+'.join(d) for d in self.designs]}, seeds {self.seeds})")
+        return restricted
 
     def _overrides_for(self, cell: Cell) -> list[Override]:
         return [o for o in self.overrides if o.matches(cell)]

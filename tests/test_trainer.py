@@ -456,3 +456,58 @@ def test_missing_zero_gradients_is_a_clear_error(single_process, tiny_dirs, trai
         Trainer(make_config(tiny_dirs, train_file))
     Trainer(make_config(tiny_dirs, train_file,
                         deepspeed_overrides={"bf16": {"check_grad_overflow": True}})).close()
+
+
+# ============================================================================================ reporting cadence
+def test_cadence_reports_and_checkpoints_when_due():
+    """A worker reports after its first step, at held-out evaluations, at checkpoints (by step or by wall time)
+    and every report_every_s seconds; nothing else reaches the driver (its poll paces every report)."""
+    from ray_jobs.train import Cadence
+
+    c = Cadence(max_steps=10, checkpoint_every=4, checkpoint_every_s=60.0, report_every_s=10.0,
+                last_report=0.0, last_checkpoint=0.0)
+    assert c.due(1, evaluated=False, first=True, now=1.0) == (True, False)
+    c.done(True, False, 1.0)
+    assert c.due(2, evaluated=False, first=False, now=2.0) == (False, False)
+    assert c.due(3, evaluated=True, first=False, now=3.0) == (True, False)
+    assert c.due(4, evaluated=False, first=False, now=4.0) == (True, True)  # checkpoint_every
+    c.done(True, True, 4.0)
+    assert c.due(5, evaluated=False, first=False, now=14.5) == (True, False)  # report_every_s
+    c.done(True, False, 14.5)
+    assert c.due(7, evaluated=False, first=False, now=64.5) == (True, True)  # checkpoint_every_s
+    c.done(True, True, 64.5)
+    assert c.due(10, evaluated=False, first=False, now=65.0) == (True, True)  # the last step
+    off = Cadence(max_steps=10, checkpoint_every=0, checkpoint_every_s=0.0, report_every_s=0.0,
+                  last_report=0.0, last_checkpoint=0.0)
+    assert off.due(3, evaluated=False, first=False, now=1e9) == (True, False)  # report_every_s=0: every step
+
+
+def test_prefetched_batches_train_like_the_plain_loop(single_process, tiny_dirs, train_file):
+    """The next step's batch is collated and tokenised on a host thread: the same batches, losses and weights."""
+    runs = []
+    for prefetch in (False, True):
+        trainer = Trainer(make_config(tiny_dirs, train_file, max_steps=3, eval_every=3, val_size=8), prefetch=prefetch)
+        runs.append([trainer.run_step() for _ in range(3)])
+        trainer.close()
+    plain, fetched = runs
+    assert [m["batch_fp"] for m in fetched] == [m["batch_fp"] for m in plain]
+    assert [m["loss"] for m in fetched] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
+    assert fetched[-1]["val_acc"] == pytest.approx(plain[-1]["val_acc"])
+
+
+def test_ray_time_based_checkpoint_limits_lost_work(ray_local, ray_config, tmp_path):
+    """No step-based checkpoint, one every (tiny) wall-clock interval instead: rank 1 SIGKILLs itself after step 3
+    and the restarted workers resume from the step-2 checkpoint, not from scratch. Reports reach the driver at
+    checkpoints and at the end only (report_every_s is an hour)."""
+    from ray_jobs.train import run_training
+
+    marker = tmp_path / "killed_once"
+    fault = {"step": 3, "rank": 1, "marker": str(marker), "delay_s": 5.0}
+    cfg = ray_config.replace(checkpoint_every=0, checkpoint_every_s=1e-6, report_every_s=3600.0)
+    out = run_training(cfg, num_workers=2, storage_path=tmp_path / "runs", name="timed", max_failures=1,
+                       fault_injection=fault, num_to_keep=1)
+    assert json.loads(marker.read_text())["step"] == 3
+    assert out.resumes == [2] and out.metrics["step"] == 4
+    assert [h["step"] for h in out.history] == [1, 2, 3, 4]
+    assert all(h["reported"] for h in out.history)  # every step checkpointed, so every step reported
+    assert sorted(p.name for p in Path(out.run_dir).glob("checkpoint_0*")) == ["checkpoint_00000004"]

@@ -1,0 +1,299 @@
+"""The product on one GPU: `python -m sweeps run` end to end (prepare, Tune trials on Ray Train + DeepSpeed, the MTEB
+fan-out, the report), against the same Trainer shape run alone in the same call (device machine; CI has no GPU).
+
+    source .devstage1/gpu_env.sh && python -m bench.sweep_gpu --config study --part seed=0 \
+        --storage /tmp/sweeps --out $OUT/sweep_gpu.json --archive $OUT/part-seed0.tar.gz
+
+What it measures (written to --out as the run goes, so a run cut short still leaves its numbers):
+
+1. ``isolated``: the sweep's first cell as a plain `Trainer` in its own process (1-rank NCCL group, no Ray), its
+   step wall times and tokens/s after ``--warmup`` steps (compile);
+2. the sweep itself, ``--stages train`` then ``evaluate,report`` in subprocesses, with NVML sampled every 0.25 s
+   (GPU utilisation, memory of each process);
+3. from the trials' ``trainer_state.json`` histories (every step's wall time and tokens): each trial's time to its
+   first optimizer step, its step times, and the aggregate throughput of the trials training at each second.
+
+``in_sweep_vs_isolated`` is the median, over the seconds of the training stage during which at least one trial
+steps, of (tokens/s of all trials stepping then) / (tokens/s of the Trainer alone): trials share the GPU, so a
+trial's own step is slower than alone by design; what Ray / Tune / the sweep may not cost is the GPU's
+throughput. ``gpu_busy_fraction_training`` is NVML's utilisation (share of time a kernel ran) averaged over the
+training stage. ``--time-limit`` stops the sweep with SIGINT in time for the call's limit; ``--resume`` continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ====================================================================================== GPU sampling
+class Sampler(threading.Thread):
+    """NVML every `period` s: (time, utilisation %, used MiB) and the peak memory of each compute process."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nv, self.h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.period, self.samples, self.peaks = period, [], {}
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                u = self.nv.nvmlDeviceGetUtilizationRates(self.h).gpu
+                used = self.nv.nvmlDeviceGetMemoryInfo(self.h).used / 2**20
+                for p in self.nv.nvmlDeviceGetComputeRunningProcesses(self.h):
+                    self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), (p.usedGpuMemory or 0) / 2**20)
+                self.samples.append((time.time(), u, used))
+            except Exception:  # noqa: BLE001 - a missed sample is not worth the run
+                pass
+            self.halt.wait(self.period)
+
+    def busy(self, t0: float, t1: float) -> float | None:
+        us = [u for t, u, _ in self.samples if t0 <= t <= t1]
+        return round(statistics.fmean(us) / 100, 4) if us else None
+
+
+# ====================================================================================== the Trainer alone
+def isolated(config: str, part: str | None, steps: int, warmup: int) -> dict:
+    """Run in a subprocess: the first cell's TrainConfig, a plain Trainer, `steps` timed steps after `warmup`."""
+    from embed_core.trainer import Trainer, init_single_process_group, load_examples
+    from sweeps.config import load_sweep_config
+
+    sweep = load_sweep_config(config)
+    sweep = sweep.with_part(part) if part else sweep
+    cell = sweep.cells()[0]
+    tcfg = sweep.train_config(cell, *sweep.probe_values()).replace(
+        max_steps=warmup + steps, eval_every=0, checkpoint_every=0, checkpoint_every_s=0.0, log_dir=None)
+    examples = load_examples(tcfg)
+    init_single_process_group("nccl")
+    t0 = time.time()
+    trainer = Trainer(tcfg, examples=examples)
+    built = time.time()
+    walls, tokens = [], []
+    for _ in range(warmup + steps):
+        m = trainer.run_step()
+        walls.append(m["wall_time"])
+        tokens.append(m["tokens_per_s"] * m["step_time_s"])
+    trainer.close()
+    dts = [b - a for a, b in zip(walls[warmup - 1:], walls[warmup:])]
+    return {"cell": cell.key, "build_s": round(built - t0, 2), "first_step_s": round(walls[0] - t0, 2),
+            "step_s": round(statistics.median(dts), 4), "tokens_per_s": round(sum(tokens[warmup:]) / sum(dts), 1),
+            "steps": steps, "warmup": warmup}
+
+
+# ====================================================================================== reading the sweep
+def trial_histories(sweep_dir: Path) -> dict[str, list[dict]]:
+    """trial run folder name -> its latest checkpoint's per-step history."""
+    out = {}
+    for run in sorted((sweep_dir / "train").glob("*")):
+        ckpts = sorted(run.glob("checkpoint_0*/trainer_state.json"))
+        if ckpts:
+            out[run.name] = json.loads(ckpts[-1].read_text()).get("history", [])
+    return out
+
+
+def tune_finals(sweep_dir: Path) -> dict[str, dict]:
+    """Tune trial id -> its final result (time_to_first_step_s, ...)."""
+    out = {}
+    for rf in (sweep_dir / "tune").glob("*/result.json"):
+        lines = [json.loads(x) for x in rf.read_text().splitlines() if x.strip()]
+        finals = [r for r in lines if r.get("final")]
+        if finals:
+            out[rf.parent.name] = finals[-1]
+    return out
+
+
+def throughput(histories: dict[str, list[dict]], iso_tokens_per_s: float | None) -> dict:
+    """Per-trial step times and, second by second, the tokens/s of all trials stepping, against the Trainer alone."""
+    spans, per_trial = [], {}
+    for name, hist in histories.items():
+        steps = [h for h in hist if "wall_time" in h]
+        dts = [b["wall_time"] - a["wall_time"] for a, b in zip(steps, steps[1:])
+               if not b.get("val_acc") and b["step"] == a["step"] + 1]
+        if dts:
+            per_trial[name] = round(statistics.median(dts), 4)
+        for a, b in zip(steps, steps[1:]):
+            if b["step"] == a["step"] + 1 and b["wall_time"] > a["wall_time"]:
+                spans.append((a["wall_time"], b["wall_time"], b["tokens_per_s"] * b["step_time_s"]))
+    if not spans:
+        return {"in_sweep_step_s": None, "per_trial_step_s": per_trial}
+    t0, t1 = min(s[0] for s in spans), max(s[1] for s in spans)
+    agg, conc = [], []
+    for i in range(int(t1 - t0)):
+        t = t0 + i + 0.5
+        live = [(tok / (b - a)) for a, b, tok in spans if a <= t < b]
+        if live:
+            agg.append(sum(live))
+            conc.append(len(live))
+    out = {"in_sweep_step_s": round(statistics.median(per_trial.values()), 4) if per_trial else None,
+           "per_trial_step_s": per_trial, "aggregate_tokens_per_s_median": round(statistics.median(agg), 1),
+           "concurrent_trials_median": statistics.median(conc), "training_seconds_observed": len(agg)}
+    if iso_tokens_per_s:
+        out["in_sweep_vs_isolated"] = round(statistics.median(agg) / iso_tokens_per_s, 3)
+    return out
+
+
+def memory_estimates(sweep) -> dict:
+    """embed_core.memory's estimate per base model, to hold against the measured peaks."""
+    try:
+        from embed_core.data import read_jsonl
+        from ray_jobs.sweep import data_file
+        from sweeps.resources import memory_plan
+
+        first = sweep.cells()[0]
+        examples = read_jsonl(data_file(sweep.sweep_dir, sweep.train_config(first, *sweep.probe_values())))
+        return {m: e.total_gib for m, e in memory_plan(sweep, examples).items()}
+    except Exception as err:  # noqa: BLE001 - the estimate is a side figure
+        return {"error": repr(err)}
+
+
+# ====================================================================================== the run
+def versions() -> dict:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("torch", "transformers", "peft", "deepspeed", "ray", "mteb", "optuna")}
+
+
+def device_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_stage(args, stages: str, deadline: float, log) -> tuple[int, float, bool]:
+    """Run stages of the sweep in a subprocess; at the deadline, SIGINT it (the sweep records what it has and
+    `--resume` continues). Returns (exit status, seconds, interrupted)."""
+    cmd = [sys.executable, "-m", "sweeps", "run", args.config, "--storage", args.storage, "--stages", stages,
+           "--resume", *(["--part", args.part] if args.part else [])]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    interrupted = False
+    try:
+        rc = proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        interrupted = True
+        os.killpg(proc.pid, signal.SIGINT)  # the sweep stops and records what it has; --resume continues
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+    return rc, round(time.time() - t0, 1), interrupted
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="study")
+    p.add_argument("--part", default=None)
+    p.add_argument("--storage", default="/tmp/sweeps")
+    p.add_argument("--out", required=True)
+    p.add_argument("--archive", default=None, help="tar.gz of the sweep folder without checkpoints / Tune state")
+    p.add_argument("--time-limit", type=float, default=540.0, help="seconds for the whole call")
+    p.add_argument("--isolated-steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--skip-isolated", action="store_true")
+    p.add_argument("--isolated", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.isolated:
+        print(json.dumps(isolated(args.config, args.part, args.isolated_steps, args.warmup)))
+        return 0
+    start = time.time()
+    deadline = start + args.time_limit
+    from sweeps.config import load_sweep_config
+
+    sweep = load_sweep_config(args.config, (), args.storage)
+    sweep = sweep.with_part(args.part) if args.part else sweep
+    out = {"device": device_name(), "versions": versions(), "config": sweep.raw, "part": args.part,
+           "storage": args.storage}
+    save = lambda: Path(args.out).write_text(json.dumps(out, indent=1, default=str))  # noqa: E731
+    sampler = Sampler()
+    sampler.start()
+    log = open(Path(args.out).with_suffix(".log"), "a")
+    # the other base models' GGUF conversion (CPU) runs while the isolated Trainer has the GPU; the sweep's
+    # prepare then finds them converted
+    others = sorted({c.base_model for c in sweep.cells()} - {sweep.cells()[0].base_model})
+    convert = subprocess.Popen([sys.executable, "-c", "import sys\nfrom embed_core.backbone import resolve_source\n"
+                                "from embed_core.config import EmbedConfig\n"
+                                "for m in sys.argv[1:]: print(resolve_source(EmbedConfig(base_model=m)).path)",
+                                *others], cwd=REPO, stdout=log, stderr=subprocess.STDOUT) if others else None
+    if not args.skip_isolated:
+        t = time.time()
+        r = subprocess.run([sys.executable, "-m", "bench.sweep_gpu", "--isolated", "--config", args.config,
+                            *(["--part", args.part] if args.part else []), "--out", args.out,
+                            "--isolated-steps", str(args.isolated_steps), "--warmup", str(args.warmup)],
+                           cwd=REPO, capture_output=True, text=True, timeout=max(60, deadline - time.time()))
+        log.write(r.stderr[-20000:])
+        out["isolated"] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-3000:]}
+        out["isolated"]["wall_s"] = round(time.time() - t, 1)
+        out["isolated_gpu_busy"] = sampler.busy(t, time.time())
+        save()
+    if convert is not None:
+        convert.wait()
+    t_train = time.time()
+    rc, out["train_stage_s"], cut = run_stage(args, "train", deadline - 30, log)
+    out["train_rc"], out["train_interrupted"], t_train_end = rc, cut, time.time()
+    out["gpu_busy_fraction_training"] = sampler.busy(t_train, t_train_end)
+    save()
+    if rc == 0 and not cut:
+        rc, out["eval_stage_s"], out["eval_interrupted"] = run_stage(args, "evaluate,report", deadline, log)
+        out["eval_rc"] = rc
+        out["eval_gpu_busy"] = sampler.busy(t_train_end, time.time())
+    sampler.halt.set()
+    out["total_s"] = round(time.time() - start, 1)
+    sweep_dir = Path(args.storage) / sweep.name
+    hist = trial_histories(sweep_dir)
+    iso = (out.get("isolated") or {}).get("tokens_per_s")
+    out.update(throughput(hist, iso))
+    if iso and out.get("in_sweep_step_s") and "step_s" in out["isolated"]:
+        out["isolated_step_s"] = out["isolated"]["step_s"]
+    finals = tune_finals(sweep_dir)
+    out["time_to_first_step_s"] = {k: round(v.get("time_to_first_step_s", float("nan")), 1) for k, v in finals.items()}
+    trials = sweep_dir / "trials.json"
+    if trials.is_file():
+        recs = json.loads(trials.read_text())["trials"]
+        out["trials_error"] = [f"{t['cell']}: {t.get('error', '')}" for t in recs if t["status"] == "ERROR"]
+        out["trials_status"] = {t["cell"]: t["status"] for t in recs}
+    out["gpu_mem_peak_per_process_gib"] = sorted(round(v / 1024, 2) for v in sampler.peaks.values())
+    out["memory_estimate_gib"] = memory_estimates(sweep)
+    out["gpu_samples"] = [(round(t - start, 2), u, round(m)) for t, u, m in sampler.samples[::4]]
+    save()
+    if args.archive and sweep_dir.is_dir():
+        with tarfile.open(args.archive, "w:gz") as tar:
+            for name in ("sweep.json", "trials.json", "checkpoints.json", "results", "report"):
+                if (sweep_dir / name).exists():
+                    tar.add(sweep_dir / name, arcname=f"{sweep.name}/{name}")
+            for run, h in hist.items():  # the training curves, without weights
+                tar.addfile(*_json_member(f"{sweep.name}/histories/{run}.json", h))
+    print(json.dumps({k: out.get(k) for k in ("device", "isolated_step_s", "in_sweep_step_s", "in_sweep_vs_isolated",
+                                               "gpu_busy_fraction_training", "train_stage_s", "eval_stage_s",
+                                               "total_s", "trials_error")}, indent=1, default=str))
+    return 0
+
+
+def _json_member(name: str, obj) -> tuple:
+    import io
+
+    data = json.dumps(obj).encode()
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    return info, io.BytesIO(data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""How much GPU memory one training run needs, estimated before it starts (no weights read).
+
+A trial's peak is the frozen backbone's weights, the trainable tensors with their optimizer state, the activations
+that one forward keeps for its backward, and a fixed overhead (CUDA context, cuBLAS / NCCL workspaces, the
+compiled kernels)::
+
+    weights      = backbone parameters x bytes of the training dtype
+    trainable    = LoRA + pooling-head parameters x 16 bytes (bf16 copy, fp32 master, Adam m and v, fp32 grad)
+    activations  = tokens of one forward x layers x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate) x 2 bytes
+    total        = (weights + trainable + activations) x SAFETY + OVERHEAD_GIB
+
+One forward embeds every role of the worker's share of a batch (packed or padded), or one GradCache chunk of it.
+Its tokens are estimated from the training texts: the largest of ``SAMPLE_STEPS`` sampled global batches, at
+``CHARS_PER_TOKEN`` characters a token, or ``max_length`` a text without packing (padding). The per-token
+constants were fitted to H100 runs of SmolLM2-135M (a trial of 256 triplets, ~38k tokens a step, 30 layers:
+~16 GB) and are checked against the measured peak by ``bench/sweep_gpu.py`` (``memory_estimate_vs_measured``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+ACT_HIDDEN = 6.0          # activation elements kept per token and layer, per unit of hidden size
+ACT_INTERMEDIATE = 2.5    # ... per unit of MLP intermediate size
+CHARS_PER_TOKEN = 4.0     # English training text through SmolLM2's BPE measured 4.8: on the safe side
+SAFETY = 1.15             # allocator fragmentation and the variation between steps
+OVERHEAD_GIB = 1.5        # CUDA context, library workspaces, compiled kernels
+SAMPLE_STEPS = 64
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_gib: float
+    trainable_gib: float
+    activations_gib: float
+    tokens_per_forward: int
+    total_gib: float
+
+    def fits(self, gpu_gib: float) -> int:
+        """How many such runs share a GPU of `gpu_gib`."""
+        return max(0, math.floor(gpu_gib / self.total_gib))
+
+    def describe(self) -> str:
+        return (f"~{self.total_gib:.1f} GiB (weights {self.weights_gib:.1f}, activations {self.activations_gib:.1f} "
+                f"for ~{self.tokens_per_forward / 1000:.0f}k tokens a forward, optimizer {self.trainable_gib:.2f}, "
+                f"overhead {OVERHEAD_GIB})")
+
+
+def forward_tokens(texts_per_example: Sequence[Sequence[str]], batch_size: int, world_size: int,
+                   chunk_size: int | None, packing: bool, max_length: int, seed: int = 0) -> int:
+    """Tokens in one forward of one worker: the largest of SAMPLE_STEPS random global batches (each example's
+    texts: query, positive, negatives), split over the workers, cut to a GradCache chunk."""
+    n = len(texts_per_example)
+    if n == 0:
+        return 0
+    rng = np.random.default_rng(seed)
+    lengths = np.array([sum(min(max_length, math.ceil(len(t) / CHARS_PER_TOKEN) + 1) if packing else max_length
+                            for t in texts) for texts in texts_per_example], dtype=np.int64)
+    per_step = [int(lengths[rng.choice(n, size=min(batch_size, n), replace=False)].sum())
+                for _ in range(SAMPLE_STEPS)]
+    local = max(per_step) / world_size
+    texts_local = batch_size / world_size * max(1, len(texts_per_example[0]))
+    if chunk_size is not None and chunk_size < texts_local:
+        local *= chunk_size / texts_local
+    return int(math.ceil(local))
+
+
+def estimate(n_params: int, n_trainable: int, num_layers: int, hidden: int, intermediate: int,
+             tokens: int, dtype_bytes: int = 2) -> MemoryEstimate:
+    weights = n_params * dtype_bytes / 2**30
+    trainable = n_trainable * 16 / 2**30
+    acts = tokens * num_layers * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate) * 2 / 2**30
+    total = (weights + trainable + acts) * SAFETY + OVERHEAD_GIB
+    return MemoryEstimate(round(weights, 3), round(trainable, 4), round(acts, 3), tokens, round(total, 2))
+
+
+def gpu_total_gib() -> float | None:
+    """The smallest visible GPU's memory (NVML), or None where there is none."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        sizes = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total
+                 for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # noqa: BLE001 - no NVIDIA driver / library: no GPU to plan for
+        return None
+    return min(sizes) / 2**30 if sizes else None
+
+
+def gpu_share(need_gib: float, gpu_gib: float, requested: float) -> float:
+    """The GPU fraction a worker gets: `requested`, or the largest 1/k of the GPU that holds `need_gib` when the
+    requested share is too small (ValueError when not even a whole GPU holds it)."""
+    if requested >= 1 or requested * gpu_gib >= need_gib:
+        return requested
+    k = math.floor(gpu_gib / need_gib)
+    if k < 1:
+        raise ValueError(f"needs ~{need_gib:.1f} GiB but the GPU has {gpu_gib:.1f} GiB")
+    return 1.0 / k
+
+
+__all__ = ["MemoryEstimate", "estimate", "forward_tokens", "gpu_share", "gpu_total_gib"]

@@ -1,0 +1,73 @@
+"""A sweep run in parts (`run --part`, one machine or job each) and merged (`sweeps merge`); the study preset;
+the sweep benchmark's throughput arithmetic. No Ray: the parts' folders are written in the layout's formats."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from embed_core.errors import ConfigError
+from ray_jobs import layout
+from ray_jobs.sweep import SWEEP_FORMAT, merge_parts, read_sweep
+from ray_jobs.synthetic_results import write_synthetic_sweep
+from sweeps.config import load_sweep_config
+
+
+def test_study_preset_runs_in_parts():
+    study = load_sweep_config("study")
+    assert len(study.cells()) == 30 and study.num_trials() == 30
+    seed0 = study.with_part("seed=0")
+    assert len(seed0.cells()) == 10 and {c.seed for c in seed0.cells()} == {0}
+    assert seed0.fingerprint() == study.fingerprint()  # a part is the same sweep
+    one = study.with_part("base_model=gemma3-270m, design=multi_layer_trainable+bidirectional")
+    assert [(c.base_model, c.design) for c in one.cells()] == [("gemma3-270m", "multi_layer_trainable+bidirectional")] * 3
+    with pytest.raises(ConfigError, match="expected key=value"):
+        study.with_part("lora_r=16")
+    with pytest.raises(ConfigError, match="matches no cell"):
+        study.with_part("seed=7")
+
+
+def _part(root: Path, name: str, sweep, base: str, seed: int) -> Path:
+    d = root / name / sweep.name
+    synth = write_synthetic_sweep(d, base_models=(base,), seed=seed,
+                                  effects={"eos_last+causal": 0.0, "mean+causal": 0.2}, seeds={"eos_last+causal": [0],
+                                                                                              "mean+causal": [0]})
+    layout.atomic_write_json(d / layout.SWEEP_FILE, {"format": SWEEP_FORMAT, "fingerprint": sweep.fingerprint(),
+                                                     "config": sweep.to_dict()})
+    specs = [layout.CheckpointSpec(name=f"{sweep.name}/{r.name}", path=str(r),
+                                   labels=layout.RunLabels.read(r)) for r in synth.run_dirs]
+    layout.write_checkpoints(d, specs)
+    return d
+
+
+def test_merge_parts_unions_records_and_results(tmp_path):
+    study = load_sweep_config("study")
+    a = _part(tmp_path, "a", study, "synthetic/base-A", 0)
+    b = _part(tmp_path, "b", study, "synthetic/base-B", 1)
+    out = merge_parts(tmp_path / "merged" / "study", [a, b])
+    trials = layout.read_trials(out)
+    assert len(trials) == len(layout.read_trials(a)) + len(layout.read_trials(b))
+    assert {t.base_model for t in trials} == {"synthetic/base-A", "synthetic/base-B"}
+    assert len(layout.read_checkpoints(out)) == 4
+    files = lambda d: sorted(p.relative_to(d / layout.RESULTS_DIR) for p in (d / layout.RESULTS_DIR).rglob("*.json"))
+    assert files(out) == sorted(files(a) + files(b))
+    assert read_sweep(out).fingerprint() == study.fingerprint()
+    merge_parts(out, [a])  # merging a part again changes nothing
+    assert len(layout.read_trials(out)) == len(trials) and files(out) == sorted(files(a) + files(b))
+    other = _part(tmp_path, "c", load_sweep_config("demo"), "synthetic/base-C", 2)
+    with pytest.raises(ConfigError, match="different sweep configs"):
+        merge_parts(tmp_path / "m2" / "x", [a, other])
+
+
+def test_bench_throughput_counts_concurrent_trials():
+    """Two trials stepping side by side at 1 s a step, 1000 tokens a step each, against a Trainer alone at
+    1000 tokens/s: the sweep keeps the GPU's throughput at twice the single trial's (ratio 2.0)."""
+    from bench.sweep_gpu import throughput
+
+    def hist(t0: float, n: int) -> list[dict]:
+        return [{"step": i + 1, "wall_time": t0 + i, "tokens_per_s": 2000.0, "step_time_s": 0.5} for i in range(n)]
+
+    out = throughput({"a": hist(100.0, 11), "b": hist(100.2, 11)}, iso_tokens_per_s=1000.0)
+    assert out["in_sweep_step_s"] == pytest.approx(1.0)
+    assert out["concurrent_trials_median"] == 2 and out["in_sweep_vs_isolated"] == pytest.approx(2.0)
