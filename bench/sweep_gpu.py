@@ -42,15 +42,18 @@ class Sampler(threading.Thread):
 
     def __init__(self, period: float = 0.25) -> None:
         super().__init__(daemon=True)
-        import pynvml
-
-        pynvml.nvmlInit()
-        self.nv, self.h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
         self.period, self.samples, self.peaks = period, [], {}
         self.halt = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nv, self.h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - no GPU (a CPU smoke run of this script): nothing to sample
+            self.nv = None
 
     def run(self) -> None:
-        while not self.halt.is_set():
+        while self.nv is not None and not self.halt.is_set():
             try:
                 u = self.nv.nvmlDeviceGetUtilizationRates(self.h).gpu
                 used = self.nv.nvmlDeviceGetMemoryInfo(self.h).used / 2**20
@@ -67,18 +70,20 @@ class Sampler(threading.Thread):
 
 
 # ====================================================================================== the Trainer alone
-def isolated(config: str, part: str | None, steps: int, warmup: int) -> dict:
+def isolated(config: str, part: str | None, sets: list[str], steps: int, warmup: int) -> dict:
     """Run in a subprocess: the first cell's TrainConfig, a plain Trainer, `steps` timed steps after `warmup`."""
+    import torch
+
     from embed_core.trainer import Trainer, init_single_process_group, load_examples
     from sweeps.config import load_sweep_config
 
-    sweep = load_sweep_config(config)
+    sweep = load_sweep_config(config, sets)
     sweep = sweep.with_part(part) if part else sweep
     cell = sweep.cells()[0]
     tcfg = sweep.train_config(cell, *sweep.probe_values()).replace(
         max_steps=warmup + steps, eval_every=0, checkpoint_every=0, checkpoint_every_s=0.0, log_dir=None)
     examples = load_examples(tcfg)
-    init_single_process_group("nccl")
+    init_single_process_group("nccl" if torch.cuda.is_available() else "gloo")
     t0 = time.time()
     trainer = Trainer(tcfg, examples=examples)
     built = time.time()
@@ -113,6 +118,20 @@ def tune_finals(sweep_dir: Path) -> dict[str, dict]:
         finals = [r for r in lines if r.get("final")]
         if finals:
             out[rf.parent.name] = finals[-1]
+    return out
+
+
+def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -> dict:
+    """Per trial, where the time to the first step went: Ray Train starting the worker group (trial start ->
+    worker function), the Trainer's construction (imports, data, model, DeepSpeed), the first step (compile)."""
+    out = {}
+    for run, hist in histories.items():
+        first = next((h for h in hist if "worker_started_at" in h), None)
+        fin = next((f for name, f in finals.items() if run.rsplit("-", 1)[-1] in name), None)
+        if first and fin and "trial_started_at" in fin:
+            out[run] = {"worker_group_s": round(first["worker_started_at"] - fin["trial_started_at"], 1),
+                        "trainer_build_s": round(first["trainer_ready_at"] - first["worker_started_at"], 1),
+                        "first_step_s": round(first["wall_time"] - first["trainer_ready_at"], 1)}
     return out
 
 
@@ -179,7 +198,7 @@ def run_stage(args, stages: str, deadline: float, log) -> tuple[int, float, bool
     """Run stages of the sweep in a subprocess; at the deadline, SIGINT it (the sweep records what it has and
     `--resume` continues). Returns (exit status, seconds, interrupted)."""
     cmd = [sys.executable, "-m", "sweeps", "run", args.config, "--storage", args.storage, "--stages", stages,
-           "--resume", *(["--part", args.part] if args.part else [])]
+           "--resume", *(["--part", args.part] if args.part else []), *[f"--set={x}" for x in args.sets]]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     interrupted = False
@@ -200,6 +219,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="study")
     p.add_argument("--part", default=None)
+    p.add_argument("--set", dest="sets", action="append", default=[], help="config override, as for sweeps run")
     p.add_argument("--storage", default="/tmp/sweeps")
     p.add_argument("--out", required=True)
     p.add_argument("--archive", default=None, help="tar.gz of the sweep folder without checkpoints / Tune state")
@@ -210,13 +230,13 @@ def main() -> int:
     p.add_argument("--isolated", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.isolated:
-        print(json.dumps(isolated(args.config, args.part, args.isolated_steps, args.warmup)))
+        print(json.dumps(isolated(args.config, args.part, args.sets, args.isolated_steps, args.warmup)))
         return 0
     start = time.time()
     deadline = start + args.time_limit
     from sweeps.config import load_sweep_config
 
-    sweep = load_sweep_config(args.config, (), args.storage)
+    sweep = load_sweep_config(args.config, args.sets, args.storage)
     sweep = sweep.with_part(args.part) if args.part else sweep
     out = {"device": device_name(), "versions": versions(), "config": sweep.raw, "part": args.part,
            "storage": args.storage}
@@ -234,7 +254,8 @@ def main() -> int:
     if not args.skip_isolated:
         t = time.time()
         r = subprocess.run([sys.executable, "-m", "bench.sweep_gpu", "--isolated", "--config", args.config,
-                            *(["--part", args.part] if args.part else []), "--out", args.out,
+                            *(["--part", args.part] if args.part else []), *[f"--set={x}" for x in args.sets],
+                            "--out", args.out,
                             "--isolated-steps", str(args.isolated_steps), "--warmup", str(args.warmup)],
                            cwd=REPO, capture_output=True, text=True, timeout=max(60, deadline - time.time()))
         log.write(r.stderr[-20000:])
@@ -263,6 +284,7 @@ def main() -> int:
         out["isolated_step_s"] = out["isolated"]["step_s"]
     finals = tune_finals(sweep_dir)
     out["time_to_first_step_s"] = {k: round(v.get("time_to_first_step_s", float("nan")), 1) for k, v in finals.items()}
+    out["startup_profile_s"] = startup_profile(hist, finals)
     trials = sweep_dir / "trials.json"
     if trials.is_file():
         recs = json.loads(trials.read_text())["trials"]

@@ -340,6 +340,11 @@ def _derived_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _is_timestamp(key: str) -> bool:
+    """Metrics that are wall-clock times (unix seconds), kept in the history but not plotted."""
+    return key == "wall_time" or key.endswith("_at")
+
+
 class TrainData:
     """Train / held-out split and the deterministic global batch of every step.
 
@@ -850,7 +855,7 @@ class Trainer:
             # purge_step drops events a crashed attempt wrote after the checkpoint we resumed from
             self._writer = SummaryWriter(self.log_dir, purge_step=self.step if self.resumes else None)
         for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "wall_time"):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and not _is_timestamp(k):
                 self._writer.add_scalar(f"train/{k}", v, metrics["step"])
 
     def close(self) -> None:

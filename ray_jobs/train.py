@@ -168,6 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
     (divergence marker), optional ``fault_injection`` ({step, rank, marker, delay_s}; tests only),
     optional ``env`` (variables set before the model is built: compile caches shared by a sweep's trials).
     """
+    started = time.time()
     import ray.train
     import ray.train.torch
 
@@ -188,9 +189,12 @@ def train_loop_per_worker(config: dict) -> None:
             log.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint.path, state["step"],
                         state["epoch"], state["batch_in_epoch"])
     cadence, first = Cadence.of(tcfg), True
+    ready = time.time()
     try:
         while trainer.step < tcfg.max_steps:
             metrics = trainer.run_step()
+            if first:  # where a trial's start-up time goes (bench/sweep_gpu.py reads it from the history)
+                metrics.update({"worker_started_at": started, "trainer_ready_at": ready})
             metrics["world_size"] = world
             metrics["resumed_from_step"] = trainer.resumes[-1] if trainer.resumes else -1
             _maybe_inject_fault(config.get("fault_injection"), trainer.step, rank)
