@@ -20,13 +20,29 @@ EmotionClassification                  train 16000, validation 2000, test 2000  
 AmazonCounterfactualClassification     subset en: train 4018, validation 335,     accuracy
                                        test 670 (evaluated on test, as MTEB(eng))
 SciFact                                test: 300 queries, 5183 docs, 339 qrels    ndcg_at_10
+STS17                                  subset en-en: test 250                     cosine_spearman
+BIOSSES                                test 100                                   cosine_spearman
+MassiveIntentClassification            subset en: train 11514, validation 2033,   accuracy
+                                       test 2974 (evaluated on test, as MTEB(eng))
+MassiveScenarioClassification          subset en: as MassiveIntent, 18 labels     accuracy
+SummEval                               test 100 texts (1600 machine summaries)    cosine_spearman
+TwitterURLCorpus                       test 51534 pairs                           max_ap
 =====================================  =========================================  ===============
+
+The raw files are read by :mod:`embed_core.data.sources`, the same readers the training builders
+and the evaluation-leak guard use.
 
 Known text difference: the local SICK files are SentEval's tokenised copy (``man ' s``,
 ``young , topless``); MTEB's copy is untokenised (``man's``), about 0.15 % fewer characters. Pair
 count, pair order and scores are identical. WordPiece tokenisers (BERT, MiniLM) split punctuation
 anyway and see identical tokens; byte-level BPE tokenisers (LLMs) see slightly different input, so
 SICK-R scores of such models are close to, not exactly, MTEB's.
+
+Other near copies (same rows, labels and gold scores; text differs, see each SOURCE.md): BIOSSES
+(whitespace and a few sentence prefixes: text1 12 characters shorter), SummEval (PTB-tokenised,
+re-cased text, about 2 % more characters), TwitterURLCorpus (the corpus' 42200 train-part pairs are
+lowercased and re-tokenised; the 9334 test-part pairs are exact). Their scores are close to, not
+exactly, MTEB's (README: "Reproducing MTEB's published scores").
 
 ``subsample=N`` builds a smaller task for quick runs. Its scores are **not comparable** to MTEB
 scores: the task keeps the official name (mteb's result files are keyed by it) but its metadata's
@@ -37,14 +53,11 @@ otherwise a cached full run and a subsampled run would be taken for one another.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import random
 import re
 import sys
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -73,11 +86,14 @@ from mteb.abstasks.abstask import AbsTask  # noqa: E402
 from mteb.timing import TimingStack  # noqa: E402
 
 from . import paths  # noqa: E402
+from .data import sources  # noqa: E402
+from .data.sources import scifact_abstract_sentences  # noqa: E402,F401  (public API)
 from .errors import ConfigError, DataError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_TASKS",
     "EXPECTED_SIZES",
     "LOCAL_TASKS",
     "PUBLISHED_MINILM_L6_V2_SCORES",
@@ -95,7 +111,18 @@ LOCAL_TASKS: tuple[str, ...] = (
     "EmotionClassification",
     "AmazonCounterfactualClassification",
     "SciFact",
+    "STS17",
+    "BIOSSES",
+    "MassiveIntentClassification",
+    "MassiveScenarioClassification",
+    "SummEval",
+    "TwitterURLCorpus",
 )
+
+#: The six tasks evaluated when none are named (``python -m ray_jobs.evaluate`` without ``--tasks``,
+#: :func:`local_tasks` without names): the project's original set, kept so default runs and their timings do
+#: not change; the other local tasks are evaluated when named.
+DEFAULT_TASKS: tuple[str, ...] = LOCAL_TASKS[:6]
 
 #: Sizes of the full local splits; they equal MTEB's. A full (not subsampled) load that finds other
 #: sizes raises DataError, so a wrong data folder cannot silently produce incomparable scores.
@@ -107,6 +134,12 @@ EXPECTED_SIZES: dict[str, dict[str, int]] = {
     "EmotionClassification": {"train": 16000, "validation": 2000, "test": 2000},
     "AmazonCounterfactualClassification": {"train": 4018, "validation": 335, "test": 670},
     "SciFact": {"queries": 300, "corpus": 5183, "qrels": 339},
+    "STS17": {"test": 250},
+    "BIOSSES": {"test": 100},
+    "MassiveIntentClassification": {"train": 11514, "validation": 2033, "test": 2974},
+    "MassiveScenarioClassification": {"train": 11514, "validation": 2033, "test": 2974},
+    "SummEval": {"test": 100},
+    "TwitterURLCorpus": {"test": 51534},
 }
 
 #: Published MTEB scores of sentence-transformers/all-MiniLM-L6-v2 (main score, test split), from
@@ -121,16 +154,6 @@ PUBLISHED_MINILM_L6_V2_SCORES: dict[str, float] = {
     "EmotionClassification": 0.4083,
 }
 
-# Folder of each task under the data directory.
-_FOLDERS: dict[str, str] = {
-    "STSBenchmark": "stsbenchmark",
-    "SICK-R": "sickr",
-    "Banking77Classification": "banking77",
-    "EmotionClassification": "emotion",
-    "AmazonCounterfactualClassification": "amazon_counterfactual",
-    "SciFact": "scifact",
-}
-
 # Splits that can be evaluated (besides MTEB's default, which is test for all six).
 _EVAL_SPLITS: dict[str, tuple[str, ...]] = {
     "STSBenchmark": ("test",),
@@ -139,13 +162,22 @@ _EVAL_SPLITS: dict[str, tuple[str, ...]] = {
     "EmotionClassification": ("validation", "test"),
     "AmazonCounterfactualClassification": ("validation", "test"),
     "SciFact": ("test",),
+    "STS17": ("test",),
+    "BIOSSES": ("test",),
+    "MassiveIntentClassification": ("validation", "test"),
+    "MassiveScenarioClassification": ("validation", "test"),
+    "SummEval": ("test",),
+    "TwitterURLCorpus": ("test",),
 }
 
-# dair-ai emotion label ids, as in MTEB's copy (verified on its per-label counts).
-_EMOTION_LABELS: tuple[str, ...] = ("sadness", "joy", "love", "anger", "fear", "surprise")
-
-# SciFact: one Python/NumPy string literal of the abstract repr ('...' or "..."), escapes allowed.
-_PY_STRING_LITERAL = re.compile(r"""(['"])((?:\\.|(?!\1).)*)\1""", re.S)
+# Multilingual tasks: the one subset the local data holds and the split MTEB(eng, v1) evaluates
+# (mteb.get_benchmark("MTEB(eng, v1)") selects these subsets and splits).
+_SUBSETS: dict[str, tuple[str, list[str]]] = {
+    "AmazonCounterfactualClassification": ("en", ["test"]),
+    "STS17": ("en-en", ["test"]),
+    "MassiveIntentClassification": ("en", ["test"]),
+    "MassiveScenarioClassification": ("en", ["test"]),
+}
 
 # Number of non-relevant SciFact documents kept per sampled query when subsampling.
 _SCIFACT_DISTRACTORS_PER_QUERY = 20
@@ -172,11 +204,13 @@ def local_task(
             :func:`embed_core.paths.data_dir` ($EMBED_DATA_DIR or ../shared/data).
         subsample: for quick runs only, NOT comparable to MTEB scores. STS: N pairs; classification:
             N evaluation rows (the probe's train split stays whole; it only draws a few rows per
-            label from it); SciFact: N queries, their relevant documents and
+            label from it); SummEval: N texts (with all their summaries); TwitterURLCorpus: N
+            pairs; SciFact: N queries, their relevant documents and
             20 x N other documents. Rows are drawn with `seed` and keep their file order.
         seed: mteb's task seed (classification probes) and the subsample's seed.
         eval_splits: evaluate other splits than MTEB's (e.g. ``["validation"]`` for Emotion);
-            default MTEB's eval split (test; AmazonCounterfactual: test of subset ``en``).
+            default MTEB's eval split (test; AmazonCounterfactual, Massive*: test of subset ``en``;
+            STS17: test of subset ``en-en``).
 
     Returns:
         An instance of a subclass of the official task class (``type(mteb.get_task(name))``),
@@ -195,11 +229,12 @@ def local_task(
         raise ConfigError(f"subsample must be a positive int or None, got {subsample!r}")
     cls = _local_class(name)
     task = cls(data_dir=root, subsample=subsample, seed=seed)  # type: ignore[call-arg]
-    if name == "AmazonCounterfactualClassification":
-        # What MTEB(eng) evaluates: get_task(..., eval_splits=["test"], hf_subsets=["en"]).
-        task.filter_languages(None, hf_subsets=["en"])
+    if name in _SUBSETS:
+        # What MTEB(eng) evaluates, e.g. get_task(..., eval_splits=["test"], hf_subsets=["en"]).
+        subset, default_splits = _SUBSETS[name]
+        task.filter_languages(None, hf_subsets=[subset])
         if eval_splits is None:
-            eval_splits = ["test"]
+            eval_splits = default_splits
     if eval_splits is not None:
         available = _EVAL_SPLITS[name]
         if not eval_splits or any(s not in available for s in eval_splits):
@@ -218,9 +253,9 @@ def local_tasks(
     subsample: int | None = None,
     seed: int = 42,
 ) -> list[AbsTask]:
-    """:func:`local_task` for each of `names` (default: all of :data:`LOCAL_TASKS`)."""
+    """:func:`local_task` for each of `names` (default: :data:`DEFAULT_TASKS`)."""
     return [
-        local_task(n, data_dir, subsample=subsample, seed=seed) for n in (names or LOCAL_TASKS)
+        local_task(n, data_dir, subsample=subsample, seed=seed) for n in (names or DEFAULT_TASKS)
     ]
 
 
@@ -286,10 +321,10 @@ class _LocalDataMixin:
         if self.data_loaded:
             return
         timer = timer or TimingStack()
-        folder = self.local_data_dir / _FOLDERS[self._local_name]
-        with timer("Data loading", log_message=f"Loading local dataset {self._local_name} from {folder}..."):
+        root = self.local_data_dir
+        with timer("Data loading", log_message=f"Loading local dataset {self._local_name} from {root}..."):
             self.dataset = _LOADERS[self._local_name](
-                folder, subsample=self.subsample, seed=self.seed  # type: ignore[attr-defined]
+                root, subsample=self.subsample, seed=self.seed  # type: ignore[attr-defined]
             )
         self.data_loaded = True
 
@@ -342,27 +377,8 @@ def _check_name(name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# file readers
+# loaders: rows from embed_core.data.sources -> the structure mteb's own loader would produce
 # --------------------------------------------------------------------------------------------
-
-
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise DataError(
-            f"missing data file {str(path)!r}: the data folder must hold the files listed in "
-            f"{path.parent.name}/SOURCE.md (see shared/data/README.md)"
-        )
-    return path
-
-
-def _lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file split on LF only (a CR before the LF is dropped); characters that
-    str.splitlines would also split on (\\x0b, \\x85, U+2028, a lone CR...) stay inside the text."""
-    with _need(path).open(encoding="utf-8", newline="") as fh:
-        lines = fh.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _sample(n: int, k: int | None, seed: int) -> list[int]:
@@ -384,68 +400,36 @@ def _check_sizes(task: str, sizes: dict[str, int], subsample: int | None) -> Non
         )
 
 
-def _bad(path: Path, lineno: int, why: str) -> DataError:
-    return DataError(f"{path}: line {lineno}: {why}")
+def _subset(cols: dict[str, list[Any]], idx: list[int]) -> Dataset:
+    return Dataset.from_dict({k: [v[i] for i in idx] for k, v in cols.items()})
 
 
 # ---- STS -----------------------------------------------------------------------------------
 
 
-def _read_stsb(path: Path) -> dict[str, list[Any]]:
-    """STS Benchmark file: tab-separated, no header, 7 or 9 fields, '"' is an ordinary character."""
-    s1: list[str] = []
-    s2: list[str] = []
-    scores: list[float] = []
-    for i, line in enumerate(_lines(path), 1):
-        fields = line.split("\t")
-        if len(fields) not in (7, 9):
-            raise _bad(path, i, f"expected 7 or 9 tab-separated fields, found {len(fields)}")
-        try:
-            score = float(fields[4])
-        except ValueError:
-            raise _bad(path, i, f"score {fields[4]!r} is not a number") from None
-        s1.append(fields[5])
-        s2.append(fields[6])
-        scores.append(score)
-    return {"sentence1": s1, "sentence2": s2, "score": scores}
+def _sts_dataset(task: str, rows: Sequence[sources.PairRow], subsample: int | None, seed: int) -> DatasetDict:
+    _check_sizes(task, {"test": len(rows)}, subsample)
+    cols = {"sentence1": [r.sentence1 for r in rows], "sentence2": [r.sentence2 for r in rows],
+            "score": [r.score for r in rows]}
+    return DatasetDict({"test": _subset(cols, _sample(len(rows), subsample, seed))})
 
 
-def _read_sick(paths_: Sequence[Path]) -> dict[str, list[Any]]:
-    """SICK files (SentEval copy), concatenated: header + pair_ID, A, B, relatedness, entailment."""
-    out: dict[str, list[Any]] = {"sentence1": [], "sentence2": [], "score": []}
-    for path in paths_:
-        lines = _lines(path)
-        if not lines or lines[0].split("\t")[:4] != [
-            "pair_ID", "sentence_A", "sentence_B", "relatedness_score",
-        ]:
-            raise _bad(path, 1, "unexpected header (want pair_ID, sentence_A, sentence_B, relatedness_score, ...)")
-        for i, line in enumerate(lines[1:], 2):
-            fields = line.split("\t")
-            if len(fields) != 5:
-                raise _bad(path, i, f"expected 5 tab-separated fields, found {len(fields)}")
-            out["sentence1"].append(fields[1])
-            out["sentence2"].append(fields[2])
-            out["score"].append(float(fields[3]))
-    return out
+def _load_stsbenchmark(root: Path, *, subsample: int | None, seed: int) -> DatasetDict:
+    return _sts_dataset("STSBenchmark", sources.read_stsb(root, "test"), subsample, seed)
 
 
-def _sts_dataset(cols: dict[str, list[Any]], subsample: int | None, seed: int) -> DatasetDict:
-    idx = _sample(len(cols["score"]), subsample, seed)
-    return DatasetDict({"test": Dataset.from_dict({k: [v[i] for i in idx] for k, v in cols.items()})})
-
-
-def _load_stsbenchmark(folder: Path, *, subsample: int | None, seed: int) -> DatasetDict:
-    cols = _read_stsb(folder / "sts-test.csv")
-    _check_sizes("STSBenchmark", {"test": len(cols["score"])}, subsample)
-    return _sts_dataset(cols, subsample, seed)
-
-
-def _load_sickr(folder: Path, *, subsample: int | None, seed: int) -> DatasetDict:
+def _load_sickr(root: Path, *, subsample: int | None, seed: int) -> DatasetDict:
     # MTEB's SICK-R "test" is all of SICK: train, trial and test_annotated, in that order.
-    files = ("SICK_train.txt", "SICK_trial.txt", "SICK_test_annotated.txt")
-    cols = _read_sick([folder / f for f in files])
-    _check_sizes("SICK-R", {"test": len(cols["score"])}, subsample)
-    return _sts_dataset(cols, subsample, seed)
+    rows = [r for part in ("train", "trial", "test_annotated") for r in sources.read_sick(root, part)]
+    return _sts_dataset("SICK-R", rows, subsample, seed)
+
+
+def _load_sts17(root: Path, *, subsample: int | None, seed: int) -> dict[str, DatasetDict]:
+    return {"en-en": _sts_dataset("STS17", sources.read_sts17(root), subsample, seed)}
+
+
+def _load_biosses(root: Path, *, subsample: int | None, seed: int) -> DatasetDict:
+    return _sts_dataset("BIOSSES", sources.read_biosses(root), subsample, seed)
 
 
 # ---- classification ------------------------------------------------------------------------
@@ -453,131 +437,96 @@ def _load_sickr(folder: Path, *, subsample: int | None, seed: int) -> DatasetDic
 
 def _classification_dataset(
     task: str,
-    splits: dict[str, dict[str, list[Any]]],
+    splits: dict[str, list[sources.LabelledRow]],
     subsample: int | None,
     seed: int,
+    ids: dict[str, int] | None = None,
 ) -> DatasetDict:
-    """DatasetDict of text/label(/label_text) splits; subsample thins every split but train."""
-    _check_sizes(task, {k: len(v["label"]) for k, v in splits.items()}, subsample)
+    """DatasetDict of text/label(/label_text) splits; subsample thins every split but train.
+
+    `ids` maps label names to MTEB's ids; None: the labels are ints already (written as text)."""
+    _check_sizes(task, {k: len(v) for k, v in splits.items()}, subsample)
     out = {}
-    for split, cols in splits.items():
-        idx = _sample(len(cols["label"]), None if split == "train" else subsample, seed)
-        out[split] = Dataset.from_dict({k: [v[i] for i in idx] for k, v in cols.items()})
+    for split, rows in splits.items():
+        unknown = sorted({r.label for r in rows} - set(ids)) if ids is not None else []
+        if unknown:
+            raise DataError(f"local {task} {split} has labels missing from train: {unknown[:5]}")
+        cols: dict[str, list[Any]] = {"text": [r.text for r in rows]}
+        if ids is None:
+            cols["label"] = [int(r.label) for r in rows]
+        else:
+            cols["label"] = [ids[r.label] for r in rows]
+            cols["label_text"] = [r.label for r in rows]
+        idx = _sample(len(rows), None if split == "train" else subsample, seed)
+        out[split] = _subset(cols, idx)
     return DatasetDict(out)
 
 
-def _load_banking77(folder: Path, *, subsample: int | None, seed: int) -> DatasetDict:
-    # CSV with CRLF records and quoted fields holding newlines: a real CSV parser is required.
-    raw: dict[str, tuple[list[str], list[str]]] = {}
-    for split in ("train", "test"):
-        path = _need(folder / f"{split}.csv")
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames != ["text", "category"]:
-                raise _bad(path, 1, f"header {reader.fieldnames} != ['text', 'category']")
-            rows = list(reader)
-        raw[split] = ([r["text"] for r in rows], [r["category"] for r in rows])
-    # Ids in alphabetical order of the intent names (the order of the HF banking77 ClassLabel).
-    names = sorted(set(raw["train"][1]))
-    ids = {n: i for i, n in enumerate(names)}
-    splits = {}
-    for split, (texts, cats) in raw.items():
-        unknown = sorted(set(cats) - set(ids))
-        if unknown:
-            raise DataError(f"banking77/{split}.csv has intents missing from train: {unknown[:5]}")
-        splits[split] = {"text": texts, "label": [ids[c] for c in cats], "label_text": cats}
-    return _classification_dataset("Banking77Classification", splits, subsample, seed)
+def _sorted_ids(rows: Sequence[sources.LabelledRow]) -> dict[str, int]:
+    """Ids in alphabetical order of the label names (the order of the HF ClassLabel features)."""
+    return {n: i for i, n in enumerate(sorted({r.label for r in rows}))}
 
 
-def _load_emotion(folder: Path, *, subsample: int | None, seed: int) -> DatasetDict:
-    ids = {n: i for i, n in enumerate(_EMOTION_LABELS)}
-    splits = {}
-    for split, fname in (("train", "train.txt"), ("validation", "val.txt"), ("test", "test.txt")):
-        path = folder / fname
-        lines = _lines(path)
-        if not lines or lines[0] != "text;label_name":
-            raise _bad(path, 1, "header is not 'text;label_name'")
-        texts, labels = [], []
-        for i, line in enumerate(lines[1:], 2):
-            text, sep, label = line.rpartition(";")
-            if not sep or label not in ids:
-                raise _bad(path, i, f"expected 'text;label' with label in {_EMOTION_LABELS}")
-            texts.append(text)
-            labels.append(label)
-        splits[split] = {"text": texts, "label": [ids[x] for x in labels], "label_text": labels}
-    return _classification_dataset("EmotionClassification", splits, subsample, seed)
+def _load_banking77(root: Path, *, subsample: int | None, seed: int) -> DatasetDict:
+    splits = {split: sources.read_banking77(root, split) for split in ("train", "test")}
+    return _classification_dataset("Banking77Classification", splits, subsample, seed,
+                                   _sorted_ids(splits["train"]))
 
 
-def _load_amazon_counterfactual(folder: Path, *, subsample: int | None, seed: int) -> dict[str, DatasetDict]:
-    # Read with the csv module's default quoting, as MTEB's copy was made: for the lines that start
-    # with '"' it unwraps the quotes ('"""It is ..."""' -> '"It is ..."'). MTEB's descriptive stats
-    # (characters per split, min/max length, unique texts) match this reading exactly, and not the
-    # quoting-disabled one. No line is merged: row counts are the same either way.
-    splits = {}
-    for split, fname in (("train", "EN_train.tsv"), ("validation", "EN_valid.tsv"), ("test", "EN_test.tsv")):
-        path = _need(folder / fname)
-        with path.open(encoding="utf-8", newline="") as fh:
-            rows = list(csv.reader(fh, delimiter="\t"))
-        if not rows or rows[0] != ["sentence", "is_counterfactual"]:
-            raise _bad(path, 1, "header is not 'sentence<TAB>is_counterfactual'")
-        texts, labels = [], []
-        for i, row in enumerate(rows[1:], 2):
-            if len(row) != 2 or row[1] not in ("0", "1"):
-                raise _bad(path, i, f"expected 2 fields with label 0/1, got {row!r:.80}")
-            texts.append(row[0])
-            labels.append(int(row[1]))
-        splits[split] = {"text": texts, "label": labels}
+def _load_emotion(root: Path, *, subsample: int | None, seed: int) -> DatasetDict:
+    files = {"train": "train", "validation": "val", "test": "test"}
+    splits = {split: sources.read_emotion(root, f) for split, f in files.items()}
+    ids = {n: i for i, n in enumerate(sources.EMOTION_LABELS)}
+    return _classification_dataset("EmotionClassification", splits, subsample, seed, ids)
+
+
+def _load_amazon_counterfactual(root: Path, *, subsample: int | None, seed: int) -> dict[str, DatasetDict]:
+    files = {"train": "train", "validation": "valid", "test": "test"}
+    splits = {split: sources.read_amazon_counterfactual(root, f) for split, f in files.items()}
     return {"en": _classification_dataset("AmazonCounterfactualClassification", splits, subsample, seed)}
+
+
+def _massive_loader(task: str, kind: str):
+    def load(root: Path, *, subsample: int | None, seed: int) -> dict[str, DatasetDict]:
+        splits = {split: sources.read_massive(root, kind, split) for split in ("train", "validation", "test")}
+        return {"en": _classification_dataset(task, splits, subsample, seed, _sorted_ids(splits["train"]))}
+
+    return load
+
+
+# ---- pair classification, summarization -----------------------------------------------------
+
+
+def _load_twitter_url_corpus(root: Path, *, subsample: int | None, seed: int) -> DatasetDict:
+    rows = sources.read_twitter_url_corpus(root)
+    _check_sizes("TwitterURLCorpus", {"test": len(rows)}, subsample)
+    cols = {"sentence1": [r.sentence1 for r in rows], "sentence2": [r.sentence2 for r in rows],
+            "labels": [r.label for r in rows]}
+    return DatasetDict({"test": _subset(cols, _sample(len(rows), subsample, seed))})
+
+
+def _load_summeval(root: Path, *, subsample: int | None, seed: int) -> DatasetDict:
+    rows = sources.read_summeval(root)
+    _check_sizes("SummEval", {"test": len(rows)}, subsample)
+    cols = {"id": [r.id for r in rows], "text": [r.text for r in rows],
+            "human_summaries": [list(r.human_summaries) for r in rows],
+            "machine_summaries": [list(r.machine_summaries) for r in rows],
+            "relevance": [list(r.relevance) for r in rows]}
+    return DatasetDict({"test": _subset(cols, _sample(len(rows), subsample, seed))})
 
 
 # ---- retrieval -----------------------------------------------------------------------------
 
 
-def _unescape_py_literal(body: str) -> str:
-    """Body of a Python string literal -> its value (\\n, \\', \\\\, \\xNN, ...); non-ASCII kept."""
-    if "\\" not in body:
-        return body
-    return body.encode("latin-1", "backslashreplace").decode("unicode_escape")
-
-
-def scifact_abstract_sentences(abstract: str) -> list[str]:
-    """Sentences of a SciFact ``abstract`` field, a NumPy array repr like ``['a.'\\n 'b.' "c's"]``.
-
-    Parses the quoted literals one by one (``ast.literal_eval`` would glue adjacent literals).
-    """
-    return [_unescape_py_literal(m.group(2)) for m in _PY_STRING_LITERAL.finditer(abstract)]
-
-
-def _csv_member(zf: zipfile.ZipFile, member: str) -> list[dict[str, str]]:
-    try:
-        raw = zf.open(member)
-    except KeyError:
-        raise DataError(f"scifact.zip has no member {member!r}") from None
-    with raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _load_scifact(folder: Path, *, subsample: int | None, seed: int) -> dict[str, dict[str, Any]]:
+def _load_scifact(root: Path, *, subsample: int | None, seed: int) -> dict[str, dict[str, Any]]:
     # BEIR's SciFact: test queries = the original *validation* claims; qrels = their cited docs.
-    with zipfile.ZipFile(_need(folder / "scifact.zip")) as zf:
-        corpus_rows = _csv_member(zf, "corpus_train.csv")
-        claim_rows = _csv_member(zf, "claims_validation.csv")
-
-    query_text: dict[str, str] = {}
-    qrels: dict[str, dict[str, int]] = {}
-    for r in claim_rows:
-        qid = r["id"]
-        if query_text.setdefault(qid, r["claim"]) != r["claim"]:
-            raise DataError(f"scifact claims_validation.csv: claim id {qid} has two texts")
-        for doc_id in re.findall(r"\d+", r["cited_doc_ids"]):
-            qrels.setdefault(qid, {})[doc_id] = 1
-
-    doc_ids = [r["doc_id"] for r in corpus_rows]
-    titles = [r["title"] for r in corpus_rows]
-    # Document text as BEIR has it: the abstract's sentences, stripped, joined by one space.
-    texts = [" ".join(s.strip() for s in scifact_abstract_sentences(r["abstract"])) for r in corpus_rows]
-    if any(not t for t in texts):
-        raise DataError("scifact corpus_train.csv: an abstract could not be parsed")
+    docs = sources.read_scifact_corpus(root)
+    claims = sources.read_scifact_claims(root, "validation")
+    query_text = {c.claim_id: c.claim for c in claims}
+    qrels = sources.read_scifact_qrels(root, "validation")
+    doc_ids = [d.doc_id for d in docs]
+    titles = [d.title for d in docs]
+    texts = [d.text for d in docs]
     missing = {d for rel in qrels.values() for d in rel} - set(doc_ids)
     if missing:
         raise DataError(f"scifact: qrels cite documents missing from the corpus: {sorted(missing)[:5]}")
@@ -610,4 +559,10 @@ _LOADERS = {
     "EmotionClassification": _load_emotion,
     "AmazonCounterfactualClassification": _load_amazon_counterfactual,
     "SciFact": _load_scifact,
+    "STS17": _load_sts17,
+    "BIOSSES": _load_biosses,
+    "MassiveIntentClassification": _massive_loader("MassiveIntentClassification", "intent"),
+    "MassiveScenarioClassification": _massive_loader("MassiveScenarioClassification", "scenario"),
+    "SummEval": _load_summeval,
+    "TwitterURLCorpus": _load_twitter_url_corpus,
 }

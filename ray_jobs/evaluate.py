@@ -49,7 +49,7 @@ REFERENCE_NAME = "reference/all-MiniLM-L6-v2"
 #: Quick-mode subsample per task type (local tasks): STS pairs, classification eval rows, SciFact queries.
 QUICK_CLASSIFICATION_EXPERIMENTS = 3
 QUICK_SUBSAMPLE = {"STS": 64, "Classification": 64, "Retrieval": 30, "PairClassification": 64, "Clustering": 64,
-                   "Reranking": 30}
+                   "Reranking": 30, "Summarization": 20}
 TMP_DIR = ".eval_tmp"
 SUMMARY_FILE = ".evaluation_summary.json"
 #: mteb rounds retrieval scores to 5 decimals; other main scores are stored unrounded.
@@ -432,6 +432,8 @@ def _instance_kind(task_type: str, main_score: str) -> str | None:
         return "average_precision" if main_score.endswith("ap") else None
     if task_type in ("Retrieval", "Reranking"):
         return "mean" if _trec_measure(main_score) else None
+    if task_type == "Summarization":
+        return "mean" if main_score.endswith(("spearman", "pearson")) else None
     return None  # Clustering: v-measure of a clustering, not a mean over documents
 
 
@@ -444,7 +446,8 @@ def instance_scores(task, task_result, predictions: dict) -> list[layout.Instanc
     """Per-instance scores of one evaluated task from mteb's saved predictions and the task's gold data.
 
     STS: per-pair similarity (the main score's similarity) + gold score; classification (accuracy): per-example
-    correctness averaged over mteb's experiments; pair classification: per-pair similarity + 0/1 label (AP);
+    correctness averaged over mteb's experiments; pair classification: per-pair similarity + 0/1 label (AP of the
+    similarity function that gives mteb's max_ap); summarization: per-text correlation (see _summarization_instances);
     retrieval / reranking: per-query nDCG@k / MAP@k / recall@k from pytrec_eval on mteb's ranking. Each set's
     aggregate must equal mteb's main score (DataError otherwise). Clustering gives none (v-measure is not a
     per-document quantity)."""
@@ -494,6 +497,9 @@ def instance_scores(task, task_result, predictions: dict) -> list[layout.Instanc
                         break
                 if inst is None:
                     raise DataError(f"{md.name}/{split}: no similarity in mteb's predictions reproduces {main} = {value}")
+            elif ttype == "Summarization":
+                ids, values = _summarization_instances(task, data, pred_split, main)
+                inst = layout.InstanceScores(**common, ids=ids, values=values)
             else:
                 import pytrec_eval
                 qrels = {str(q): {str(d): int(s) for d, s in docs.items()}
@@ -512,6 +518,38 @@ def instance_scores(task, task_result, predictions: dict) -> list[layout.Instanc
                                 f"main score is {value:.8f} (tolerance {tol}): the instances do not reproduce it")
             out.append(inst)
     return out
+
+
+def _summarization_instances(task, data, pred_split: dict, main: str) -> tuple[list[str], list[float]]:
+    """Per-text correlation between the machine summaries' predicted scores (max similarity to a human summary)
+    and their relevance, as mteb computes it; the main score is the mean over texts.
+
+    mteb skips texts whose gold (or predicted) scores are all equal, so its saved lists cover the kept texts in
+    order: each is matched to the next dataset row with the same (normalised) gold scores, whose ``id`` names it.
+    SummEval's evaluator (DeprecatedSummarizationEvaluator, kept for comparability with published scores) averages
+    the whole scipy result, statistic and p-value alike (mteb issue 1156): the per-text value is then that mean,
+    so the mean over texts still equals mteb's main score."""
+    import numpy as np
+    from mteb._evaluators.text.summarization_evaluator import DeprecatedSummarizationEvaluator
+    from scipy.stats import pearsonr, spearmanr
+
+    key = {"cosine": "cosine_scores", "dot": "dot_scores"}.get(main.split("_")[0], "similarity_scores")
+    corr = spearmanr if main.endswith("spearman") else pearsonr
+    buggy = issubclass(task.evaluator, DeprecatedSummarizationEvaluator)
+    span = task.max_score - task.min_score
+    golds = [(np.asarray(r, dtype=float) - task.min_score) / span for r in data[task.relevancy_column_name]]
+    row_ids = [str(x) for x in data["id"]] if "id" in data.column_names else [str(i) for i in range(len(golds))]
+    ids, values, j = [], [], 0
+    for human, pred in zip(pred_split["human_scores"], pred_split[key], strict=True):
+        while j < len(golds) and not (len(golds[j]) == len(human) and np.allclose(golds[j], human)):
+            j += 1
+        if j == len(golds):
+            raise DataError(f"{task.metadata.name}: mteb's saved summarization scores do not follow the dataset rows")
+        r = corr(human, pred)
+        ids.append(row_ids[j])
+        values.append(float(np.mean(r)) if buggy else float(r.statistic))
+        j += 1
+    return ids, values
 
 
 # ====================================================================================== CLI
@@ -545,14 +583,14 @@ def specs_from_args(paths: Sequence[str], reference: bool = False) -> list[layou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from embed_core.mteb_tasks import LOCAL_TASKS
+    from embed_core.mteb_tasks import DEFAULT_TASKS
 
     p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", nargs="*", default=[], metavar="PATH",
                    help="checkpoints.json, sweep folders, or saved EmbeddingModel folders")
     p.add_argument("--reference", action="store_true", help="also evaluate the all-MiniLM-L6-v2 reference")
-    p.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS),
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
                    help="local task names, official mteb task names, or task spec files (.yaml/.json); "
                         "default: the six local tasks")
     p.add_argument("--results", default=None, help="results folder (default: <sweep folder>/results for one sweep)")

@@ -39,6 +39,7 @@ from embed_core.data import (
 )
 from embed_core.data.builders import detokenize, read_snli, scifact_corpus, scifact_doc_text
 from embed_core.errors import ConfigError, DataError
+from embed_core.mteb_tasks import LOCAL_TASKS, local_task
 from embed_core.paths import data_dir
 
 # Expected builder output sizes (seed-independent). Builders first remove texts that occur in an
@@ -47,8 +48,9 @@ EXPECTED_COUNTS = {
     # (premise, entailment hyp) pairs whose premise keeps >= 1 contradiction hyp; from the raw
     # files 3172 + 3167 = 6339, 6289 after removing evaluation sentences (STSB 2017 test track5 is
     # SNLI, SICK shares Flickr captions) and 3 hypothesis == premise pairs
-    # (recomputed from raw files in test_snli_count_from_raw_files).
-    "snli": 6289,
+    # (recomputed from raw files in test_snli_count_from_raw_files); one more entailment pair goes
+    # because its hypothesis ("The woman has gray hair.") is an STS17 en-en test sentence.
+    "snli": 6288,
     # 1406 STSB train pairs with score >= 4.0; 91 contain an STSB-test sentence (repeated captions);
     # 12 differ only in case.
     "stsb": 1406 - 91 - 12,
@@ -193,6 +195,39 @@ def test_eval_texts_registry(root):
     assert len(texts["STSBenchmark/test"]) > 2000
     assert len(texts["EmotionClassification/test"]) == 2000
     assert len(texts["AmazonCounterfactualClassification/test"]) == 670
+    assert len(texts["STS17/test"]) == 500  # 250 pairs, all sentences unique
+    assert len(texts["MassiveIntentClassification/test"]) == 2970  # MTEB: 2970 unique of 2974
+    assert texts["MassiveScenarioClassification/test"] == texts["MassiveIntentClassification/test"]
+    assert len(texts["TwitterURLCorpus/test"]) > 40_000
+
+
+def _mteb_eval_texts(name: str, split: str, root) -> set[str]:
+    """Normalised texts the local mteb task holds for one eval split. SciFact: its queries only (the
+    guard leaves the shared corpus to training, see eval_guard); SummEval: articles and summaries."""
+    task = local_task(name, root, eval_splits=[split])
+    task.load_data()
+    subset = task.hf_subsets[0]
+    data = (task.dataset[subset] if subset in task.dataset else task.dataset)[split]
+    kind = str(task.metadata.type)
+    if kind == "Retrieval":
+        texts = list(data["queries"]["text"])
+    elif kind == "Summarization":
+        texts = [t for row in data for t in (row["text"], *row["human_summaries"], *row["machine_summaries"])]
+    elif kind in ("STS", "PairClassification"):
+        texts = list(data["sentence1"]) + list(data["sentence2"])
+    else:
+        texts = list(data["text"])
+    return {normalize_text(t) for t in texts} - {""}
+
+
+def test_guard_eval_texts_equal_the_mteb_tasks_texts(root):
+    """The texts the guard keeps out of training are exactly the texts each local MTEB task scores
+    (same readers), for every eval split the guard registers; every local task is covered."""
+    guarded = eval_texts(root)
+    assert {key.split("/")[0] for key in guarded} == set(LOCAL_TASKS)
+    for key, texts in guarded.items():
+        name, split = key.split("/")
+        assert texts == _mteb_eval_texts(name, split, root), key
 
 
 def test_no_overlap_between_training_set_and_eval_splits(root, built):
@@ -351,3 +386,33 @@ def test_collate_fills_and_truncates_negatives():
 def test_data_layer_does_not_import_ray():
     code = "import sys, embed_core.data; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# raw readers (embed_core.data.sources): the format traps of each SOURCE.md
+# ------------------------------------------------------------------------------------------------
+
+
+def test_raw_readers_handle_the_format_traps(root):
+    from embed_core.data import sources as src
+
+    stsb = src.read_stsb(root, "test")  # tabs, 9-field rows, '"' as text: 1119 rows with csv quoting
+    assert len(stsb) == 1379 and sum('"' in p.sentence1 + p.sentence2 for p in stsb) == 50
+    sick = src.read_sick(root, "test_annotated")  # CRLF
+    assert len(sick) == 4927 and not any("\r" in p.sentence2 for p in sick)
+    banking = src.read_banking77(root, "train")  # CRLF records, quoted newlines
+    assert len(banking) == 10003 and sum("\n" in r.text for r in banking) == 10
+    amazon = src.read_amazon_counterfactual(root, "test")  # leading '"': csv-unquoted as MTEB's copy
+    assert len(amazon) == 670 and {r.label for r in amazon} == {"0", "1"}
+    assert any(r.text.startswith('"This book') for r in amazon)
+    assert [len(src.read_emotion(root, s)) for s in ("train", "val", "test")] == [16000, 2000, 2000]
+    claims = src.read_scifact_claims(root, "validation")  # one row per evidence doc -> one per id
+    assert len(claims) == 300 and sum(len(c.cited) for c in claims) == 339
+    assert len(src.read_massive(root, "scenario", "train")) == 11514  # gzip JSONL
+    summ = src.read_summeval(root)
+    assert len(summ) == 100 and {len(r.machine_summaries) for r in summ} == {16}
+    twitter = src.read_twitter_url_corpus(root)
+    assert len(twitter) == 51534 and sum(r.label for r in twitter) == 12988
+    assert [len(src.read_sts17(root)), len(src.read_biosses(root))] == [250, 100]
+    with pytest.raises(DataError, match="no split"):
+        src.read_stsb(root, "validation")

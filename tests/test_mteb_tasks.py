@@ -33,7 +33,16 @@ SIZES = {
     "Banking77Classification": {"train": 10003, "test": 3080},
     "EmotionClassification": {"train": 16000, "test": 2000},
     "AmazonCounterfactualClassification": {"train": 4018, "test": 670},
+    "STS17": {"test": 250},
+    "BIOSSES": {"test": 100},
+    "MassiveIntentClassification": {"train": 11514, "validation": 2033, "test": 2974},
+    "MassiveScenarioClassification": {"train": 11514, "validation": 2033, "test": 2974},
+    "SummEval": {"test": 100},
+    "TwitterURLCorpus": {"test": 51534},
 }
+# Multilingual tasks: the subset MTEB(eng, v1) evaluates (the only one the local data holds).
+SUBSETS = {"AmazonCounterfactualClassification": "en", "STS17": "en-en", "MassiveIntentClassification": "en",
+           "MassiveScenarioClassification": "en"}
 SCIFACT = {"queries": 300, "corpus": 5183, "qrels": 339}
 
 # all-MiniLM-L6-v2 on STSBenchmark, test, cosine_spearman, as published by MTEB:
@@ -65,7 +74,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _split_sizes(task) -> dict[str, int]:
-    ds = task.dataset["en"] if task.metadata.name == "AmazonCounterfactualClassification" else task.dataset
+    subset = SUBSETS.get(task.metadata.name)
+    ds = task.dataset[subset] if subset else task.dataset
     return {split: len(ds[split]) for split in ds}
 
 
@@ -113,6 +123,10 @@ def test_scifact_beir_test_split(no_network: None) -> None:
     assert split["top_ranked"] is None
 
 
+# Near copies (text differs from MTEB's, SOURCE.md): compared on sizes and gold scores only.
+NEAR_COPIES = ("SICK-R", "BIOSSES", "SummEval", "TwitterURLCorpus")
+
+
 @pytest.mark.parametrize("name", [*SIZES, "SciFact"])
 def test_local_text_matches_mteb_descriptive_statistics(name: str) -> None:
     """Texts, not just sizes: character counts, min/max lengths and unique texts equal the
@@ -125,19 +139,22 @@ def test_local_text_matches_mteb_descriptive_statistics(name: str) -> None:
     task = mt.local_task(name)
     task.load_data()
     stored = task.metadata.descriptive_stats
+    subset = SUBSETS.get(name)
     for split in stored:
-        if name == "AmazonCounterfactualClassification":
-            if split not in ("train", "test"):
+        if subset:
+            if split not in SIZES[name]:
                 continue
-            want = stored[split]["hf_subset_descriptive_stats"]["en"]
-            got = task._calculate_descriptive_statistics_from_split(split, hf_subset="en")
+            want = stored[split]["hf_subset_descriptive_stats"][subset]
+            got = task._calculate_descriptive_statistics_from_split(split, hf_subset=subset)
         else:
             want = stored[split]
             got = task._calculate_descriptive_statistics_from_split(split)
         got = dict(got)
         assert got["num_samples"] == want["num_samples"]
-        if name == "SICK-R":
-            assert got["label_statistics"] == pytest.approx(want["label_statistics"])
+        if name in NEAR_COPIES:
+            gold = "score_statistics" if name == "SummEval" else "label_statistics"
+            if gold in want:
+                assert _flat(dict(got[gold])) == pytest.approx(_flat(dict(want[gold]))), (split, gold)
             continue
         skip = ("unique_pairs", "label_statistics", "hf_subset_descriptive_stats")
         want_flat = _flat({k: v for k, v in want.items() if k not in skip})
@@ -196,6 +213,27 @@ def test_bad_subsample_is_rejected(bad) -> None:
         mt.local_task("STSBenchmark", subsample=bad)
 
 
+def test_new_tasks_subsets_and_splits() -> None:
+    """Multilingual tasks evaluate MTEB(eng, v1)'s subset and split; Massive's validation is selectable."""
+    for name, subset in SUBSETS.items():
+        task = mt.local_task(name)
+        assert task.hf_subsets == [subset] and list(task.eval_splits) == ["test"], name
+    assert list(mt.local_task("MassiveIntentClassification", eval_splits=["validation"]).eval_splits) == ["validation"]
+    scenario = mt.local_task("MassiveScenarioClassification")
+    scenario.load_data()
+    assert len(set(scenario.dataset["en"]["train"]["label"])) == 18
+
+
+@pytest.mark.parametrize("name", ["STS17", "BIOSSES", "MassiveIntentClassification", "SummEval", "TwitterURLCorpus"])
+def test_new_tasks_subsample(name: str) -> None:
+    task = mt.local_task(name, subsample=12)
+    task.load_data()
+    sizes = _split_sizes(task)
+    assert sizes["test"] == 12 and task.is_subsampled
+    if name == "MassiveIntentClassification":
+        assert sizes["train"] == 11514  # the probe's train split stays whole
+
+
 def test_task_category() -> None:
     assert mt.task_category("STSBenchmark") == "STS"
     assert mt.task_category("SICK-R") == "STS"
@@ -204,6 +242,10 @@ def test_task_category() -> None:
     assert mt.task_category("AmazonCounterfactualClassification") == "Classification"
     assert mt.task_category("SciFact") == "Retrieval"
     assert mt.task_category(mt.local_task("SciFact")) == "Retrieval"
+    assert mt.task_category("STS17") == "STS" and mt.task_category("BIOSSES") == "STS"
+    assert mt.task_category("MassiveScenarioClassification") == "Classification"
+    assert mt.task_category("SummEval") == "Summarization"
+    assert mt.task_category("TwitterURLCorpus") == "PairClassification"
 
 
 def test_subsample_is_small_deterministic_and_marked() -> None:

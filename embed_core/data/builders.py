@@ -21,16 +21,13 @@ Sources (``BUILDERS``)::
 
 SICK is refused entirely (:func:`build_sick`): MTEB's SICK-R test is all 9927 SICK pairs.
 
-This module also holds the readers of the raw source files (their format traps are listed in each
-folder's SOURCE.md); :mod:`embed_core.data.eval_guard` reuses them through :func:`split_texts`.
+The raw files are read by :mod:`.sources` (one reader per dataset, shared with the evaluation guard
+and the local MTEB tasks); this module only cleans the rows for training (strips texts).
 """
 from __future__ import annotations
 
-import csv
-import io
 import random
 import re
-import zipfile
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -42,7 +39,7 @@ from scipy import sparse
 
 from ..errors import ConfigError, DataError
 from ..paths import data_dir as resolve_data_dir
-from . import eval_guard
+from . import eval_guard, sources
 from .format import TrainExample, normalize_text, read_jsonl, write_jsonl
 
 __all__ = [
@@ -60,10 +57,10 @@ __all__ = [
     "build_amazon_counterfactual",
     "build_flag",
     "detokenize",
-    "parse_numpy_str_list",
+    "read_labelled",
+    "read_snli",
     "scifact_corpus",
     "scifact_doc_text",
-    "split_texts",
 ]
 
 DEFAULT_INSTRUCTIONS: dict[str, str | None] = {
@@ -82,7 +79,7 @@ DEFAULT_INSTRUCTIONS: dict[str, str | None] = {
 _KEEP = object()  # sentinel: "use the builder's default instruction"
 
 # ----------------------------------------------------------------------------------------------
-# Raw readers (format traps: see each folder's SOURCE.md)
+# Rows from the raw readers (:mod:`.sources`), cleaned for training
 # ----------------------------------------------------------------------------------------------
 
 
@@ -96,99 +93,35 @@ def _folder(data_dir: str | Path | None, name: str) -> Path:
     return folder
 
 
-def _lines(path: Path) -> list[str]:
-    """Lines without terminators (LF or CRLF), no trailing empty line."""
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} is missing. Fix: restore the shared data folder.")
-    return path.read_text(encoding="utf-8").splitlines()
-
-
-@dataclass(frozen=True)
-class _Pair:
-    s1: str
-    s2: str
-    score: float
-    group: str  # STSB genre, SICK file
-
-
-def read_stsb(data_dir: str | Path | None, split: str) -> list[_Pair]:
-    """STSBenchmark pairs: tab-separated, no header, 7 or 9 fields, quoting disabled."""
-    path = _folder(data_dir, "stsbenchmark") / f"sts-{split}.csv"
-    pairs = []
-    for i, line in enumerate(_lines(path), 1):
-        f = line.split("\t")
-        if len(f) not in (7, 9):
-            raise DataError(f"{path}:{i}: expected 7 or 9 tab-separated fields, got {len(f)}")
-        pairs.append(_Pair(f[5].strip(), f[6].strip(), float(f[4]), f[0]))
-    return pairs
-
-
-_SICK_FILES = {"train": "SICK_train.txt", "trial": "SICK_trial.txt",
-               "test_annotated": "SICK_test_annotated.txt"}
-
-
-def read_sick(data_dir: str | Path | None, split: str) -> list[_Pair]:
-    """SICK pairs (header line; CRLF in the test file). Only used by the evaluation guard."""
-    path = _folder(data_dir, "sickr") / _SICK_FILES[split]
-    rows = [line.split("\t") for line in _lines(path)[1:]]
-    return [_Pair(r[1].strip(), r[2].strip(), float(r[3]), split) for r in rows]
+def _stsb_pairs(data_dir: str | Path | None, split: str) -> list[sources.PairRow]:
+    """STSBenchmark pairs of a training split, sentences stripped (group = genre)."""
+    _folder(data_dir, "stsbenchmark")
+    return [replace(p, sentence1=p.sentence1.strip(), sentence2=p.sentence2.strip())
+            for p in sources.read_stsb(data_dir, split)]
 
 
 def read_snli(data_dir: str | Path | None, split: str) -> list[tuple[str, str, str]]:
     """SNLI (premise, hypothesis, label) triples, raw tokenised text (trailing spaces kept)."""
-    folder = _folder(data_dir, "snli_triplets_source")
-    s1, s2, labels = (_lines(folder / f"{k}.{split}") for k in ("s1", "s2", "labels"))
-    if not len(s1) == len(s2) == len(labels):
-        raise DataError(f"{folder}: s1/s2/labels.{split} have different line counts")
-    return list(zip(s1, s2, (lab.strip() for lab in labels)))
+    _folder(data_dir, "snli_triplets_source")
+    return [(r.premise, r.hypothesis, r.label) for r in sources.read_snli(data_dir, split)]
+
+
+# Labelled datasets a builder pairs by label: dataset -> reader of (text, label) rows.
+_LABELLED: dict[str, Callable[[str | Path | None, str], list[sources.LabelledRow]]] = {
+    "banking77": sources.read_banking77,
+    "emotion": sources.read_emotion,
+    "amazon_counterfactual": sources.read_amazon_counterfactual,
+}
 
 
 def read_labelled(data_dir: str | Path | None, dataset: str, split: str) -> list[tuple[str, str]]:
-    """(text, label) rows of banking77 / emotion / amazon_counterfactual, texts stripped."""
-    folder = _folder(data_dir, dataset)
-    if dataset == "banking77":  # standard CSV, CRLF, quoted newlines -> csv module
-        path = folder / f"{split}.csv"
-        with path.open(encoding="utf-8", newline="") as fh:
-            rows = [(r["text"], r["category"]) for r in csv.DictReader(fh)]
-    elif dataset == "emotion":  # "text;label_name", exactly one ';'
-        rows = [tuple(line.rsplit(";", 1)) for line in _lines(folder / f"{split}.txt")[1:]]
-    elif dataset == "amazon_counterfactual":  # TSV, quoting disabled
-        rows = [tuple(line.rsplit("\t", 1)) for line in _lines(folder / f"EN_{split}.tsv")[1:]]
-    else:
+    """(text, label) rows of banking77 / emotion / amazon_counterfactual, texts stripped, empty
+    texts left out."""
+    if dataset not in _LABELLED:
         raise ConfigError(f"unknown labelled dataset {dataset!r}")
-    return [(text.strip(), label.strip()) for text, label in rows if text.strip()]
-
-
-# --- SciFact (zip; NumPy-repr abstracts) ---------------------------------------------------------
-
-_PY_LITERAL = re.compile(r"""(['"])((?:\\.|(?!\1).)*)\1""", re.DOTALL)
-_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
-_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"', "0": "\0"}
-
-
-def _unescape(body: str) -> str:
-    def repl(m: re.Match) -> str:
-        code = m.group(1)
-        if code[0] in "xuU" and len(code) > 1:
-            return chr(int(code[1:], 16))
-        return _SIMPLE_ESCAPES.get(code, "\\" + code)
-
-    return _ESCAPE.sub(repl, body)
-
-
-def parse_numpy_str_list(text: str) -> list[str]:
-    """Parse a NumPy array repr of strings (``['a'\\n 'b' "c's"]``, no commas) into its elements.
-
-    ``ast.literal_eval`` would silently concatenate the adjacent literals, so the quoted literals
-    are matched one by one and their Python escapes decoded.
-    """
-    return [_unescape(m.group(2)) for m in _PY_LITERAL.finditer(text)]
-
-
-def _zip_csv(data_dir: str | Path | None, member: str) -> list[dict[str, str]]:
-    path = _folder(data_dir, "scifact") / "scifact.zip"
-    with zipfile.ZipFile(path) as zf, zf.open(member) as raw:
-        return list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline="")))
+    _folder(data_dir, dataset)
+    rows = [(r.text.strip(), r.label.strip()) for r in _LABELLED[dataset](data_dir, split)]
+    return [(text, label) for text, label in rows if text]
 
 
 def scifact_doc_text(title: str, sentences: Sequence[str]) -> str:
@@ -196,40 +129,10 @@ def scifact_doc_text(title: str, sentences: Sequence[str]) -> str:
     return title.strip() + " " + " ".join(s.strip() for s in sentences)
 
 
-def scifact_corpus(data_dir: str | Path | None = None) -> dict[int, tuple[str, list[str]]]:
+def scifact_corpus(data_dir: str | Path | None = None) -> dict[str, tuple[str, list[str]]]:
     """doc_id -> (title, sentences) for the 5183 SciFact documents."""
-    return {
-        int(r["doc_id"]): (r["title"], parse_numpy_str_list(r["abstract"]))
-        for r in _zip_csv(data_dir, "corpus_train.csv")
-    }
-
-
-def read_scifact_claims(data_dir: str | Path | None,
-                        split: str) -> dict[int, tuple[str, list[int]]]:
-    """claim id -> (claim, cited doc ids in first-seen order); rows repeat per evidence doc."""
-    claims: dict[int, tuple[str, list[int]]] = {}
-    for r in _zip_csv(data_dir, f"claims_{split}.csv"):
-        cid = int(r["id"])
-        text, cited = claims.setdefault(cid, (r["claim"].strip(), []))
-        for doc in re.findall(r"-?\d+", r["cited_doc_ids"]):
-            if int(doc) not in cited:
-                cited.append(int(doc))
-    return claims
-
-
-def split_texts(dataset: str, split: str, data_dir: str | Path | None = None) -> list[str]:
-    """All query-side / sentence texts of one split (used by the evaluation guard)."""
-    if dataset == "stsbenchmark":
-        return [s for p in read_stsb(data_dir, split) for s in (p.s1, p.s2)]
-    if dataset == "sickr":
-        return [s for p in read_sick(data_dir, split) for s in (p.s1, p.s2)]
-    if dataset == "scifact":
-        return [claim for claim, _ in read_scifact_claims(data_dir, split).values()]
-    if dataset == "snli":
-        return [detokenize(s) for a, b, _ in read_snli(data_dir, split) for s in (a, b)]
-    if dataset in ("banking77", "emotion", "amazon_counterfactual"):
-        return [text for text, _ in read_labelled(data_dir, dataset, split)]
-    raise ConfigError(f"unknown dataset {dataset!r}")
+    _folder(data_dir, "scifact")
+    return {d.doc_id: (d.title, list(d.sentences)) for d in sources.read_scifact_corpus(data_dir)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,9 +230,10 @@ def build_stsb(data_dir: str | Path | None = None, seed: int = 0, *,
     for sp in splits:
         eval_guard.require_training_split("stsbenchmark", sp)
     is_eval = eval_guard.is_eval_text_fn(data_dir)
-    pairs: list[_Pair] = []
+    pairs: list[sources.PairRow] = []
     for sp in splits:
-        pairs.extend(p for p in read_stsb(data_dir, sp) if not (is_eval(p.s1) or is_eval(p.s2)))
+        pairs.extend(p for p in _stsb_pairs(data_dir, sp)
+                     if not (is_eval(p.sentence1) or is_eval(p.sentence2)))
     rng = _rng(seed, "stsb")
     by_genre: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
@@ -340,8 +244,9 @@ def build_stsb(data_dir: str | Path | None = None, seed: int = 0, *,
             continue
         pool = by_genre[p.group]
         others = [pairs[j] for j in rng.sample(pool, min(len(pool), num_negatives + 1)) if j != i]
-        negs = [rng.choice((o.s1, o.s2)) for o in others[:num_negatives]]
-        examples.append(TrainExample(p.s1, p.s2, negs, _instruction(instruction, "stsb"), "stsb"))
+        negs = [rng.choice((o.sentence1, o.sentence2)) for o in others[:num_negatives]]
+        examples.append(TrainExample(p.sentence1, p.sentence2, negs,
+                                     _instruction(instruction, "stsb"), "stsb"))
     return _finish(examples, data_dir, max_examples, seed, "stsb")
 
 
@@ -417,8 +322,8 @@ def build_scifact(data_dir: str | Path | None = None, seed: int = 0, *, split: s
     texts = [scifact_doc_text(*corpus[d]) for d in doc_ids]
     index = {d: i for i, d in enumerate(doc_ids)}
     is_eval = eval_guard.is_eval_text_fn(data_dir)  # 2 train claims repeat validation claims
-    claims = [(c, [index[d] for d in cited if d in index])
-              for c, cited in read_scifact_claims(data_dir, split).values() if not is_eval(c)]
+    claims = [(c.claim.strip(), [index[d] for d in c.cited if d in index])
+              for c in sources.read_scifact_claims(data_dir, split) if not is_eval(c.claim)]
     claims = [(c, cited) for c, cited in claims if cited]
     depth = num_negatives + max(len(cited) for _, cited in claims)
     ranked = BM25(texts).top_k([c for c, _ in claims], depth)
@@ -506,10 +411,10 @@ def build_flag(data_dir: str | Path | None = None, seed: int = 0, *,
     ``prompt`` becomes the instruction unless ``instruction`` overrides it. ``source`` is
     ``flag:<file stem>``."""
     folder = _folder(data_dir, "train_examples")
-    paths = [folder / f for f in files] if files else sorted(folder.glob("*.jsonl"))
+    names = list(files) if files else sorted(p.name for p in folder.glob("*.jsonl"))
     examples = []
-    for path in paths:
-        for ex in read_jsonl(path, default_source=f"flag:{path.stem}"):
+    for name in names:
+        for ex in sources.read_train_examples(data_dir, name):
             if instruction is not _KEEP:
                 ex.instruction = instruction
             examples.append(ex)

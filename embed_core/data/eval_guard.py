@@ -10,6 +10,14 @@ Evaluation splits (``EVAL_SPLITS``, task key -> (dataset, split) files):
   ``AmazonCounterfactualClassification/test`` (EN_test)
 * conservatively also ``AmazonCounterfactualClassification/validation`` (listed as an eval split in
   MTEB's task metadata) and ``EmotionClassification/validation`` (scored by older mteb versions).
+* ``STS17/test`` (en-en, 250 SNLI-drawn pairs), ``BIOSSES/test``
+* ``MassiveIntentClassification`` and ``MassiveScenarioClassification`` (en): test and validation
+  (both MTEB eval splits; the same utterances for the two tasks)
+* ``SummEval/test``       -- articles, human and machine summaries
+* ``TwitterURLCorpus/test`` -- all 51534 pairs (MTEB's test is the corpus' train + test parts)
+
+Every text is read by :mod:`embed_core.data.sources`, the readers the local MTEB tasks use, so the
+evaluation texts here are the texts MTEB scores (tests/test_data.py checks it per task).
 
 Decision on SciFact documents: MTEB retrieves over the 5183-document corpus that is shared by the
 train and test claims. Training a train claim against its cited abstract (and BM25 negatives from
@@ -37,6 +45,7 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError, DataError
 from ..paths import data_dir as resolve_data_dir
+from . import sources
 from .format import TrainExample, normalize_text
 
 __all__ = [
@@ -47,6 +56,7 @@ __all__ = [
     "require_training_split",
     "eval_texts",
     "is_eval_text_fn",
+    "split_texts",
     "find_overlap",
     "check_no_overlap",
 ]
@@ -62,6 +72,14 @@ EVAL_SPLITS: dict[str, tuple[tuple[str, str], ...]] = {
     "EmotionClassification/validation": (("emotion", "val"),),
     "AmazonCounterfactualClassification/test": (("amazon_counterfactual", "test"),),
     "AmazonCounterfactualClassification/validation": (("amazon_counterfactual", "valid"),),
+    "STS17/test": (("sts17", "test"),),
+    "BIOSSES/test": (("biosses", "test"),),
+    "MassiveIntentClassification/test": (("massive_intent", "test"),),
+    "MassiveIntentClassification/validation": (("massive_intent", "validation"),),
+    "MassiveScenarioClassification/test": (("massive_scenario", "test"),),
+    "MassiveScenarioClassification/validation": (("massive_scenario", "validation"),),
+    "SummEval/test": (("summeval", "test"),),
+    "TwitterURLCorpus/test": (("twitter_url_corpus", "test"),),
 }
 
 TRAINING_SPLITS: dict[str, tuple[str, ...]] = {
@@ -72,7 +90,49 @@ TRAINING_SPLITS: dict[str, tuple[str, ...]] = {
     "emotion": ("train",),
     "amazon_counterfactual": ("train",),
     "snli": ("dev", "test"),  # SNLI is not an MTEB evaluation set
+    "sts17": (),  # one split, MTEB's test
+    "biosses": (),
+    "massive_intent": ("train",),
+    "massive_scenario": ("train",),
+    "summeval": (),
+    "twitter_url_corpus": (),  # MTEB's test is the whole corpus (its train + test parts)
 }
+
+
+def _pair_texts(rows: Sequence[sources.PairRow] | Sequence[sources.PairLabelRow]) -> list[str]:
+    return [t for r in rows for t in (r.sentence1, r.sentence2)]
+
+
+def _summary_texts(rows: Sequence[sources.SummaryRow]) -> list[str]:
+    """Articles, human and machine summaries: everything SummEval encodes or shows."""
+    return [t for r in rows for t in (r.text, *r.human_summaries, *r.machine_summaries)]
+
+
+# The texts of each dataset split that count as evaluation texts, read with the same readers as the
+# local MTEB tasks (:mod:`.sources`). SciFact: the claims (queries) only, see the module docstring.
+_SPLIT_TEXTS: dict[str, Callable[[str, str], list[str]]] = {
+    "stsbenchmark": lambda root, split: _pair_texts(sources.read_stsb(root, split)),
+    "sickr": lambda root, split: _pair_texts(sources.read_sick(root, split)),
+    "sts17": lambda root, split: _pair_texts(sources.read_sts17(root, split)),
+    "biosses": lambda root, split: _pair_texts(sources.read_biosses(root, split)),
+    "scifact": lambda root, split: [c.claim for c in sources.read_scifact_claims(root, split)],
+    "banking77": lambda root, split: [r.text for r in sources.read_banking77(root, split)],
+    "emotion": lambda root, split: [r.text for r in sources.read_emotion(root, split)],
+    "amazon_counterfactual": lambda root, split: [
+        r.text for r in sources.read_amazon_counterfactual(root, split)],
+    "massive_intent": lambda root, split: [r.text for r in sources.read_massive(root, "intent", split)],
+    "massive_scenario": lambda root, split: [
+        r.text for r in sources.read_massive(root, "scenario", split)],
+    "summeval": lambda root, split: _summary_texts(sources.read_summeval(root, split)),
+    "twitter_url_corpus": lambda root, split: _pair_texts(sources.read_twitter_url_corpus(root, split)),
+}
+
+
+def split_texts(dataset: str, split: str, data_dir: str | Path | None = None) -> list[str]:
+    """The evaluation-relevant texts of one dataset split, as the file holds them (not normalised)."""
+    if dataset not in _SPLIT_TEXTS:
+        raise ConfigError(f"unknown dataset {dataset!r}. Fix: use one of {sorted(_SPLIT_TEXTS)}")
+    return _SPLIT_TEXTS[dataset](str(resolve_data_dir(data_dir)), split)
 
 
 def eval_task_for(dataset: str, split: str) -> str | None:
@@ -104,8 +164,6 @@ def require_training_split(dataset: str, split: str) -> None:
 
 @lru_cache(maxsize=8)
 def _eval_texts_cached(root: str, ignore_punctuation: bool) -> dict[str, frozenset[str]]:
-    from .builders import split_texts  # builders import this module: import lazily
-
     out = {}
     for task, files in EVAL_SPLITS.items():
         texts: set[str] = set()
