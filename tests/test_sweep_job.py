@@ -234,7 +234,12 @@ def ray_head(tmp_path):
         except OSError:
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
-    yield {"address": address, "env": env, "ray": ray_bin}
+    # the dashboard answers before the job agent registers ("No available agent to submit job" on a busy
+    # machine): the project's bounded wait, as users' scripts call it
+    w = subprocess.run([sys.executable, "-m", "ray_jobs.ray_cluster", "wait-for-jobs", address, "--timeout", "300"],
+                       cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=360)
+    assert w.returncode == 0 and "accepts jobs" in w.stdout, w.stdout + w.stderr[-3000:]
+    yield {"address": address, "env": env, "ray": ray_bin, "port": port}
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=30)
