@@ -116,7 +116,9 @@ def wait_for_job_agent(address: str, timeout_s: float = 180.0, poll_s: float = 2
         except (ConnectionError, RuntimeError) as err:  # the agent / dashboard is not up yet
             last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         time.sleep(poll_s)
-    raise TimeoutError(f"the Ray cluster at {address} accepted no job within {timeout_s:.0f} s (last: {last})")
+    raise TimeoutError(f"the Ray cluster at {address} accepted no job within {timeout_s:.0f} s (last: {last}); "
+                       "if its dashboard_agent.log says 'address already in use', another Ray on the host holds "
+                       "the agent's port: start the head with --dashboard-agent-listen-port=<a free port>")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,10 +194,10 @@ def _fake_sweep(tmp: Path, tiny_dir: Path, trial_state: str = "RUNNING", driver_
     (ck / "trainer_state.json").write_text(json.dumps({"step": 2}))
     res = d / layout.RESULTS_DIR / "m" / "rev"
     layout.atomic_write_json(res / "STS.json", {"task_name": "STS", "scores": {}})
-    for meta in layout.RESULT_META_FILES:
+    for meta in ("model_meta.json", "run_labels.json"):  # not task results
         layout.atomic_write_json(res / meta, {})
     if driver_pid is not None:
-        layout.atomic_write_json(d / layout.DRIVER_FILE, {"pid": driver_pid, "host": os.uname().nodename})
+        layout.atomic_write_json(d / "driver.json", {"pid": driver_pid, "host": os.uname().nodename})
     layout.write_checkpoints(d, [])
     return d
 
