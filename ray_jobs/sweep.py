@@ -338,19 +338,18 @@ UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 
 
 def collect_trials(sweep: SweepConfig, grid, use_gpu: bool) -> list[layout.TrialRecord]:
-    """One TrialRecord per trial of the ResultGrid: TERMINATED (trained to the end), STOPPED (ASHA), ERROR,
-    INTERRUPTED (the driver stopped before the trial finished: ``--resume`` continues it)."""
-    states = _tune_trial_states(sweep.sweep_dir / TUNE_DIR)
-    out = []
+    """One TrialRecord per trial of the experiment: TERMINATED (trained to the end), STOPPED (ASHA), ERROR,
+    INTERRUPTED (the driver stopped before the trial finished: ``--resume`` continues it). Trials the
+    ResultGrid leaves out (no result reported yet) come from the experiment state."""
+    exp_dir = sweep.sweep_dir / TUNE_DIR
+    states = {tid: meta.get("status", "?") for tid, meta in _tune_trials(exp_dir).items()}
+    out = {}
     for result in grid:
         cfg = result.config or _params(Path(result.path))
         if "cell_key" not in cfg:
             continue
-        cell = Cell(cfg["base_model"], cfg["pooling"], cfg["attention"], int(cfg["seed"]))
         m = result.metrics or {}
         tid = str(m.get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1])
-        res = sweep.resources_for(cell)
-        wall = _wall_s(Path(result.path), float(m.get("time_total_s") or 0.0))
         if result.error is not None:
             status = "ERROR"
         elif m.get("final"):
@@ -359,18 +358,30 @@ def collect_trials(sweep: SweepConfig, grid, use_gpu: bool) -> list[layout.Trial
             status = "INTERRUPTED"
         else:
             status = "STOPPED"
-        metric = m.get(sweep.scheduler.metric)
-        out.append(layout.TrialRecord(
-            trial_id=tid, cell=cell.key,
-            config=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]), lr=float(cfg["lr"]),
-            seed=cell.seed, status=status,
-            val_metric=None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else float(metric),
-            steps=max(int(m.get("step") or 0), _checkpoint_step(sweep.sweep_dir, cell, tid)), wall_s=wall,
-            gpu_hours=wall / 3600 * res.num_workers * res.gpus_per_worker if use_gpu else 0.0,
-            cpu_hours=wall / 3600 * res.num_workers * res.cpus_per_worker,
-            checkpoint=str(m.get(CHECKPOINT_PATH_KEY) or ""),
-            error="" if result.error is None else error_summary(result.error)))
-    return sorted(out, key=lambda t: (t.cell, t.trial_id))
+        out[tid] = _trial_record(sweep, cfg, tid, status, m, Path(result.path), use_gpu,
+                                 "" if result.error is None else error_summary(result.error))
+    for tid, meta in _tune_trials(exp_dir).items():
+        cfg = meta.get("config") or {}
+        if tid not in out and "cell_key" in cfg:
+            status = "ERROR" if meta.get("status") == "ERROR" else "INTERRUPTED"
+            out[tid] = _trial_record(sweep, cfg, tid, status, {}, exp_dir / f"{cfg['cell_key']}-{tid}", use_gpu, "")
+    return sorted(out.values(), key=lambda t: (t.cell, t.trial_id))
+
+
+def _trial_record(sweep: SweepConfig, cfg: dict, tid: str, status: str, m: dict, trial_dir: Path, use_gpu: bool,
+                  error: str) -> layout.TrialRecord:
+    cell = Cell(cfg["base_model"], cfg["pooling"], cfg["attention"], int(cfg["seed"]))
+    res = sweep.resources_for(cell)
+    wall = _wall_s(trial_dir, float(m.get("time_total_s") or 0.0))
+    metric = m.get(sweep.scheduler.metric)
+    return layout.TrialRecord(
+        trial_id=tid, cell=cell.key, config=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]),
+        lr=float(cfg["lr"]), seed=cell.seed, status=status,
+        val_metric=None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else float(metric),
+        steps=max(int(m.get("step") or 0), _checkpoint_step(sweep.sweep_dir, cell, tid)), wall_s=wall,
+        gpu_hours=wall / 3600 * res.num_workers * res.gpus_per_worker if use_gpu else 0.0,
+        cpu_hours=wall / 3600 * res.num_workers * res.cpus_per_worker,
+        checkpoint=str(m.get(CHECKPOINT_PATH_KEY) or ""), error=error)
 
 
 def _params(trial_dir: Path) -> dict:
@@ -466,14 +477,19 @@ def trial_statuses(sweep_dir: str | os.PathLike) -> list[TrialStatus]:
     A trial Tune last saw running while no driver is alive is INTERRUPTED (``--resume`` continues it)."""
     sweep = read_sweep(sweep_dir)
     metric = sweep.scheduler.metric
-    states = _tune_trial_states(Path(sweep_dir) / TUNE_DIR)
+    exp_dir = Path(sweep_dir) / TUNE_DIR
+    tune_trials = _tune_trials(exp_dir)
+    states = {tid: meta["status"] for tid, meta in tune_trials.items()}
     driver_alive = driver_state(sweep_dir)[0]
+    trial_dirs = {p.name.rsplit("-", 1)[-1]: p for p in exp_dir.glob("*-*") if (p / "params.json").is_file()}
+    for tid, meta in tune_trials.items():  # created, not started: no params.json yet
+        if tid not in trial_dirs and "cell_key" in meta["config"]:
+            trial_dirs[tid] = exp_dir / f"{meta['config']['cell_key']}-{tid}"
     out = []
-    for trial_dir in sorted(p for p in (Path(sweep_dir) / TUNE_DIR).glob("*-*") if (p / "params.json").is_file()):
-        params = _params(trial_dir)
+    for tid, trial_dir in sorted(trial_dirs.items(), key=lambda kv: kv[1].name):
+        params = _params(trial_dir) or tune_trials[tid]["config"]
         results = _results(trial_dir)
         last = results[-1] if results else {}
-        tid = trial_dir.name.rsplit("-", 1)[-1]
         cell = Cell(params["base_model"], params["pooling"], params["attention"], int(params["seed"]))
         status = states.get(tid, "PENDING")
         if (trial_dir / "error.txt").is_file():
@@ -555,8 +571,9 @@ class DriverHeartbeat:
         self.file.unlink(missing_ok=True)
 
 
-def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
-    """trial_id -> Tune status from the newest experiment_state-*.json (best effort)."""
+def _tune_trials(exp_dir: Path) -> dict[str, dict]:
+    """trial_id -> Tune's metadata of the trial (status, config) from the newest experiment_state-*.json
+    (best effort: {} while none is readable)."""
     files = sorted(exp_dir.glob("experiment_state-*.json"))
     if not files:
         return {}
@@ -568,10 +585,15 @@ def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
     for entry in state.get("trial_data", []):
         try:
             meta = json.loads(entry[0])
-            out[meta["trial_id"]] = meta.get("status", "?")
+            out[meta["trial_id"]] = {"status": meta.get("status", "?"), "config": meta.get("config") or {}}
         except (TypeError, ValueError, KeyError, IndexError):
             continue
     return out
+
+
+def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
+    """trial_id -> Tune status (see `_tune_trials`)."""
+    return {tid: meta["status"] for tid, meta in _tune_trials(exp_dir).items()}
 
 
 def status_text(sweep_dir: str | os.PathLike) -> str:
@@ -694,7 +716,7 @@ def check_finished(sweep: SweepConfig, trials: list[layout.TrialRecord], sigint:
     missing = sweep.num_trials() - len(trials)
     if sigint or open_ or missing > 0:
         raise SweepInterrupted(f"training interrupted: {len(open_)} trial(s) INTERRUPTED, {max(missing, 0)} not "
-                               f"started (recorded in {sweep.sweep_dir / layout.TRIALS_FILE}); nothing was "
+                               f"created yet (recorded in {sweep.sweep_dir / layout.TRIALS_FILE}); nothing was "
                                "evaluated or reported")
 
 
@@ -748,7 +770,8 @@ def _record_from_files(sweep: SweepConfig, err: BaseException) -> None:
         _say(f"training driver failed ({type(err).__name__}: {err}); could not write trials.json: {e2}")
 
 
-__all__ = ["CHECKPOINT_PATH_KEY", "SweepInterrupted", "driver_state", "resume_hint", "collect_trials", "data_file", "evaluate_stage", "init_ray", "max_concurrent",
+__all__ = ["CHECKPOINT_PATH_KEY", "SweepInterrupted", "collect_trials", "data_file", "driver_state", "evaluate_stage",
+           "init_ray", "max_concurrent", "resume_hint",
            "prepare", "read_sweep", "report_stage", "run_pipeline", "select_checkpoints", "status_text",
            "train_stage", "trial_driver", "trial_statuses"]
 
