@@ -70,23 +70,20 @@ def smollm2_gguf_path() -> Path:
     return p
 
 
-def resolve_source(cfg: EmbedConfig) -> BackboneSource:
+def resolve_source(cfg: EmbedConfig, convert: bool = True) -> BackboneSource:
     """Turn `cfg.base_model` (+ `cfg.gguf_file`) into something `from_pretrained` can load fast.
 
     A GGUF (local file, directory + gguf_file, or the embedded default) is converted once into a cached
-    safetensors directory. Raises ConfigError for a missing path or a GGUF without the gguf package.
+    safetensors directory; with ``convert=False`` it is only checked (magic) and its config is read from the
+    GGUF header by `from_pretrained(..., gguf_file=...)`, no tensor is read. Raises ConfigError for a missing
+    path, a file that is not a GGUF, or a GGUF without the gguf package.
     """
     name = cfg.base_model.strip()
-    if name == DEFAULT_BASE_MODEL:
-        return BackboneSource(str(convert_gguf(smollm2_gguf_path())))
+    gguf = _local_gguf(cfg, name)
+    if gguf is not None:
+        return BackboneSource(str(convert_gguf(gguf))) if convert else _gguf_header_source(gguf)
     expanded = Path(os.path.expanduser(name))
-    if expanded.is_file():
-        if expanded.suffix != ".gguf":
-            raise ConfigError(f"base_model {name!r} is a file but not a .gguf: pass its directory, a hub id, or a .gguf file")
-        return BackboneSource(str(convert_gguf(expanded)))
     if expanded.is_dir():
-        if cfg.gguf_file:
-            return BackboneSource(str(convert_gguf(expanded / cfg.gguf_file)))
         if not (expanded / "config.json").is_file():
             raise ConfigError(f"base_model directory {name!r} has no config.json: is it a Hugging Face model folder?")
         return BackboneSource(str(expanded.resolve()))
@@ -98,15 +95,58 @@ def resolve_source(cfg: EmbedConfig) -> BackboneSource:
     return BackboneSource(name, cfg.gguf_file, is_local=False)
 
 
+def _local_gguf(cfg: EmbedConfig, name: str) -> Path | None:
+    """The local GGUF file `cfg` names (the embedded default, a .gguf path, a folder + gguf_file), else None."""
+    if name == DEFAULT_BASE_MODEL:
+        return smollm2_gguf_path()
+    expanded = Path(os.path.expanduser(name))
+    if expanded.is_file():
+        if expanded.suffix != ".gguf":
+            raise ConfigError(f"base_model {name!r} is a file but not a .gguf: pass its directory, a hub id, or a .gguf file")
+        return expanded
+    if expanded.is_dir() and cfg.gguf_file:
+        return expanded / cfg.gguf_file
+    return None
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(gguf: Path) -> None:
+    """A readable file that starts with the GGUF magic, else ConfigError (not transformers' raw ValueError)."""
+    if not gguf.is_file():
+        raise ConfigError(f"GGUF file {str(gguf)!r} does not exist")
+    try:
+        with open(gguf, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise ConfigError(f"GGUF file {str(gguf)!r} cannot be read: {e.strerror}") from None
+    if head != GGUF_MAGIC:
+        raise ConfigError(f"base_model {str(gguf)!r} is not a GGUF file (it starts with {head!r}, a GGUF with "
+                          f"{GGUF_MAGIC!r}): re-download it, or pass a Hugging Face model folder or hub id")
+    _require_gguf_package()
+
+
+def _gguf_header_source(gguf: Path) -> BackboneSource:
+    """For config-only checks: the converted cache if there is one, else the GGUF itself (header only)."""
+    check_gguf(gguf)
+    out = _gguf_cache_dir(gguf)
+    if (out / ".complete").is_file():
+        return BackboneSource(str(out))
+    return BackboneSource(str(gguf.parent), gguf.name)
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:10]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF once into `cache_dir()/models/<name>-<key>` (safetensors + tokenizer)."""
     gguf = Path(gguf)
-    if not gguf.is_file():
-        raise ConfigError(f"GGUF file {str(gguf)!r} does not exist")
-    _require_gguf_package()
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:10]
-    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    check_gguf(gguf)
+    out = _gguf_cache_dir(gguf)
     if (out / ".complete").is_file():
         return out
     from transformers import AutoModel, AutoTokenizer
@@ -298,9 +338,10 @@ class Preflight:
     num_layers: int
 
 
-def preflight(cfg: EmbedConfig) -> Preflight:
-    """Everything checkable before loading weights: source, config, LoRA targets, pooling sizes."""
-    source = resolve_source(cfg)
+def preflight(cfg: EmbedConfig, convert: bool = True) -> Preflight:
+    """Everything checkable before loading weights: source, config, LoRA targets, pooling sizes.
+    ``convert=False``: a GGUF is not converted, its config comes from its header (checks only)."""
+    source = resolve_source(cfg, convert=convert)
     hf_cfg = load_config(source, cfg)
     hidden = getattr(hf_cfg, "hidden_size", None)
     layers = getattr(hf_cfg, "num_hidden_layers", None)

@@ -273,13 +273,11 @@ def _run_plan(plan, root: Path, run_tmp: Path, summary: EvalSummary, *, num_cpus
     started = False
     num_cpus_local = int(os.environ["EMBED_EVAL_RAY_CPUS"]) if os.environ.get("EMBED_EVAL_RAY_CPUS") else None
     if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            # a new local instance (not whatever `ray start` cluster this machine may run): address="local"
-            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus_local)
-            started = True
+        from .ray_cluster import given_address, start_or_connect
+
+        # the given cluster, else a new local instance (never whatever `ray start` cluster this machine runs)
+        local = {} if given_address(ray_address) else {"include_dashboard": False, "num_cpus": num_cpus_local}
+        started = start_or_connect(ray_address, **local) is not None
     try:
         have = ray.cluster_resources()
         for res, need in (("GPU", num_gpus), ("CPU", num_cpus)):

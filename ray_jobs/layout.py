@@ -56,6 +56,8 @@ __all__ = [
     "aggregate",
     "atomic_write_json",
     "config_id",
+    "DRIVER_FILE",
+    "RESULT_META_FILES",
     "model_dir_name",
     "read_checkpoints",
     "read_trials",
@@ -71,6 +73,11 @@ RESULTS_DIR = "results"
 REPORT_DIR = "report"
 LABELS_FILE = "run_labels.json"
 INSTANCES_DIR = "instances"
+DRIVER_FILE = "driver.json"  # the running sweep driver (pid, host; touched as a heartbeat)
+#: files in a checkpoint's results folder that are not task results
+RESULT_META_FILES = ("model_meta.json", LABELS_FILE)
+#: written files are world-readable (a shared results folder is read by other users' reports)
+FILE_MODE = 0o644
 
 AGGREGATES = ("mean", "spearman", "pearson", "average_precision")
 
@@ -98,6 +105,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)  # mkstemp creates 0600
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=1, sort_keys=True, default=_json_default)
     os.replace(tmp, path)

@@ -126,12 +126,24 @@ def _locate(results_root: str | Path) -> tuple[Path, Path | None]:
     return p, (p.parent if p.name == layout.RESULTS_DIR else None)
 
 
+def _chosen_checkpoints(sweep_dir: Path | None) -> set[str] | None:
+    """The checkpoint paths a sweep's checkpoints.json chose (None: not a sweep folder, read every result).
+    The replicates of a design are its seeds' chosen checkpoints, never every result that happens to lie in
+    results/ (a stale result of an earlier choice would count as one more replicate)."""
+    if sweep_dir is None or not (sweep_dir / layout.CHECKPOINTS_FILE).is_file():
+        return None
+    specs = layout.read_checkpoints(sweep_dir)
+    return {s.path for s in specs} | {s.labels.checkpoint for s in specs if s.labels.checkpoint}
+
+
 def load_results(results_root: str | Path, *, split: str = "test") -> Results:
-    """Read every ``<model>/<revision>/`` under the results folder (or a sweep folder's ``results/``)."""
+    """Read every ``<model>/<revision>/`` under the results folder (or a sweep folder's ``results/``); in a
+    sweep folder with checkpoints.json, only its chosen checkpoints' results (+ references)."""
     root, sweep_dir = _locate(results_root)
     problems: list[str] = []
     runs: list[Run] = []
-    skip_names = {"model_meta.json", layout.LABELS_FILE}
+    chosen = _chosen_checkpoints(sweep_dir)
+    skip_names = set(layout.RESULT_META_FILES)
     for model_dir in sorted(x for x in root.iterdir() if x.is_dir()):
         for rev_dir in sorted(x for x in model_dir.iterdir() if x.is_dir()):
             task_files = sorted(p for p in rev_dir.glob("*.json")
@@ -149,6 +161,11 @@ def load_results(results_root: str | Path, *, split: str = "test") -> Results:
                 why = "missing" if not has_labels else f"unreadable ({err})"
                 problems.append(f"{rel}: run_labels.json {why}: treated as config {model_dir.name!r} "
                                 f"with no base model, seed 0")
+            if chosen is not None and labels.checkpoint not in chosen \
+                    and not labels.config.startswith(REFERENCE_PREFIX):
+                problems.append(f"{rel}: checkpoint {labels.checkpoint or '?'} is not one {layout.CHECKPOINTS_FILE} "
+                                "chose (a result of an earlier choice?): left out")
+                continue
             run = Run(rev_dir, model_dir.name, rev_dir.name, labels, labelled=labelled)
             for f in task_files:
                 try:

@@ -374,6 +374,17 @@ def _align(a: Sequence[Any], b: Sequence[Any]) -> tuple[list[str], list[dict[str
     return order, out[: len(a)], out[len(a):]
 
 
+def _drop_nonfinite(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]):
+    """Leave out every instance that is non-finite in any run of either side: a NaN prediction is no evidence
+    (ranked or cast to integer codes it would become an arbitrary extreme value and fake a difference)."""
+    keep = np.logical_and.reduce([np.isfinite(arr) for d in a + b for arr in d.values()])
+    dropped = int(keep.size - keep.sum())
+    if not dropped:
+        return a, b, 0
+    cut = lambda side: [{k: v[keep] for k, v in d.items()} for d in side]  # noqa: E731
+    return cut(a), cut(b), dropped
+
+
 def paired_instance_test(
     config_runs: Sequence[Any],
     baseline_runs: Sequence[Any],
@@ -405,9 +416,11 @@ def paired_instance_test(
         raise InstanceMismatch("a side has no per-instance scores")
     kind = config_runs[0].aggregate
     order, a_data, b_data = _align(config_runs, baseline_runs)
-    n = len(order)
+    a_data, b_data, dropped = _drop_nonfinite(a_data, b_data)
+    n = len(order) - dropped
     if n < 2:
-        raise InstanceMismatch(f"only {n} instance(s)")
+        raise InstanceMismatch(f"only {n} instance(s) with finite scores in every run"
+                               + (f" ({dropped} non-finite left out)" if dropped else ""))
     A = [_Prepared(kind, **d) for d in a_data]
     B = [_Prepared(kind, **d) for d in b_data]
     _unify(A + B)
@@ -446,7 +459,8 @@ def paired_instance_test(
 
     with np.errstate(invalid="ignore"):
         stat, p_value = paired_permutation(perm_stat, n, n_resamples=n_resamples, rng=rng, batch=batch)
-    note = ""
+    note = (f"{dropped} of {len(order)} instances left out: a non-finite (NaN / inf) score or prediction in "
+            "some run (check the evaluation)") if dropped else ""
     return InstanceTestOutcome(delta=delta, ci_low=float(boot.confidence_interval.low),
                                ci_high=float(boot.confidence_interval.high), p_value=p_value,
                                statistic=stat, n=n, note=note)

@@ -98,6 +98,7 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
                               f"(sections {diff}); resume with the same config, or start a new sweep")
     elif resume and (sweep_dir / TUNE_DIR).exists():
         raise ConfigError(f"--resume: {sweep_dir} has a Tune experiment but no {layout.SWEEP_FILE}")
+    sweep.check_storage()
     if check_models:
         sweep.preflight(check_data=False)
         convert_models_once(sweep)
@@ -407,9 +408,11 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
                                       failure_config=tune.FailureConfig(max_failures=sweep.failure.trial_max_failures),
                                       callbacks=[printer]),
         )
-    grid = tuner.fit()
+    with SigintWatch() as sigint:
+        grid = tuner.fit()
     trials = collect_trials(sweep, grid, use_gpu)
     layout.write_trials(sweep_dir, trials)
+    check_finished(sweep, trials, sigint.caught)
     specs = select_checkpoints(sweep, trials)
     layout.write_checkpoints(sweep_dir, specs)
     n = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "STOPPED", "ERROR")}
@@ -434,35 +437,100 @@ def _trial_entry(config: dict, sweep_dir: str, use_gpu: bool, plan: dict | None 
                       gpu_mem_need_gib=mine.get("need_gib")), sweep_dir)
 
 
+#: Tune states of a trial that had not finished when the driver stopped (Ctrl-C, a killed driver)
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
+
+
 def collect_trials(sweep: SweepConfig, grid, use_gpu: bool) -> list[layout.TrialRecord]:
-    """One TrialRecord per trial of the ResultGrid: TERMINATED (trained to the end), STOPPED (ASHA), ERROR."""
-    out = []
+    """One TrialRecord per trial of the experiment: TERMINATED (trained to the end), STOPPED (ASHA), ERROR,
+    INTERRUPTED (the driver stopped before the trial finished: ``--resume`` continues it). Trials the
+    ResultGrid leaves out (no result reported yet) come from the experiment state."""
+    exp_dir = sweep.sweep_dir / TUNE_DIR
+    states = {tid: meta.get("status", "?") for tid, meta in _tune_trials(exp_dir).items()}
+    out = {}
     for result in grid:
-        cfg = result.config or {}
+        cfg = result.config or _params(Path(result.path))
         if "cell_key" not in cfg:
             continue
-        cell = Cell(cfg["base_model"], cfg["pooling"], cfg["attention"], int(cfg["seed"]))
         m = result.metrics or {}
-        res = sweep.resources_for(cell)
-        wall = float(m.get("time_total_s") or 0.0)
+        tid = str(m.get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1])
         if result.error is not None:
             status = "ERROR"
         elif m.get("final"):
             status = "TERMINATED"
+        elif states.get(tid) in UNFINISHED or not m:
+            status = "INTERRUPTED"
         else:
             status = "STOPPED"
-        metric = m.get(sweep.scheduler.metric)
-        out.append(layout.TrialRecord(
-            trial_id=str(m.get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]), cell=cell.key,
-            config=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]), lr=float(cfg["lr"]),
-            seed=cell.seed, status=status,
-            val_metric=None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else float(metric),
-            steps=int(m.get("step") or 0), wall_s=wall,
-            gpu_hours=wall / 3600 * res.num_workers * res.gpus_per_worker if use_gpu else 0.0,
-            cpu_hours=wall / 3600 * res.num_workers * res.cpus_per_worker,
-            checkpoint=str(m.get(CHECKPOINT_PATH_KEY) or ""),
-            error="" if result.error is None else error_summary(result.error)))
-    return sorted(out, key=lambda t: (t.cell, t.trial_id))
+        out[tid] = _trial_record(sweep, cfg, tid, status, m, Path(result.path), use_gpu,
+                                 "" if result.error is None else error_summary(result.error))
+    for tid, meta in _tune_trials(exp_dir).items():
+        cfg = meta.get("config") or {}
+        if tid not in out and "cell_key" in cfg:
+            status = "ERROR" if meta.get("status") == "ERROR" else "INTERRUPTED"
+            out[tid] = _trial_record(sweep, cfg, tid, status, {}, exp_dir / f"{cfg['cell_key']}-{tid}", use_gpu, "")
+    return sorted(out.values(), key=lambda t: (t.cell, t.trial_id))
+
+
+def _trial_record(sweep: SweepConfig, cfg: dict, tid: str, status: str, m: dict, trial_dir: Path, use_gpu: bool,
+                  error: str) -> layout.TrialRecord:
+    cell = Cell(cfg["base_model"], cfg["pooling"], cfg["attention"], int(cfg["seed"]))
+    res = sweep.resources_for(cell)
+    wall = _wall_s(trial_dir, float(m.get("time_total_s") or 0.0))
+    metric = m.get(sweep.scheduler.metric)
+    return layout.TrialRecord(
+        trial_id=tid, cell=cell.key, config=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]),
+        lr=float(cfg["lr"]), seed=cell.seed, status=status,
+        val_metric=None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else float(metric),
+        steps=max(int(m.get("step") or 0), _checkpoint_step(sweep.sweep_dir, cell, tid)), wall_s=wall,
+        gpu_hours=wall / 3600 * res.num_workers * res.gpus_per_worker if use_gpu else 0.0,
+        cpu_hours=wall / 3600 * res.num_workers * res.cpus_per_worker,
+        checkpoint=str(m.get(CHECKPOINT_PATH_KEY) or ""), error=error)
+
+
+def _params(trial_dir: Path) -> dict:
+    try:
+        return json.loads((trial_dir / "params.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    """The trial's reported results (``result.json``, one per line; a line being written is skipped)."""
+    out = []
+    try:
+        lines = (trial_dir / "result.json").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _wall_s(trial_dir: Path, fallback: float) -> float:
+    """Wall time over every run of the trial: Tune restarts ``time_total_s`` from 0 when a resumed driver
+    restarts the trial, so each run's last value is summed (the costs add up across resumes)."""
+    total, prev = 0.0, 0.0
+    for r in _results(trial_dir):
+        t = float(r.get("time_total_s") or 0.0)
+        if t < prev:
+            total += prev
+        prev = t
+    return total + prev if prev or total else fallback
+
+
+def _checkpoint_step(sweep_dir: Path, cell: Cell, trial_id: str) -> int:
+    """The step of the trial's newest Train checkpoint (after a SIGKILL it is ahead of the last Tune result)."""
+    steps = [0]
+    for f in (Path(sweep_dir) / TRAIN_DIR / f"{cell.key}-{trial_id}").glob("checkpoint_*/trainer_state.json"):
+        try:
+            steps.append(int(json.loads(f.read_text()).get("step") or 0))
+        except (OSError, ValueError, TypeError):
+            continue
+    return max(steps)
 
 
 def error_summary(err: BaseException) -> str:
@@ -509,37 +577,107 @@ class TrialStatus:
 
 
 def trial_statuses(sweep_dir: str | os.PathLike) -> list[TrialStatus]:
-    """Per-trial progress read from the Tune experiment's files alone (works while the sweep runs, without Ray)."""
+    """Per-trial progress read from the Tune experiment's files alone (works while the sweep runs, without Ray).
+    A trial Tune last saw running while no driver is alive is INTERRUPTED (``--resume`` continues it)."""
     sweep = read_sweep(sweep_dir)
     metric = sweep.scheduler.metric
-    states = _tune_trial_states(Path(sweep_dir) / TUNE_DIR)
+    exp_dir = Path(sweep_dir) / TUNE_DIR
+    tune_trials = _tune_trials(exp_dir)
+    states = {tid: meta["status"] for tid, meta in tune_trials.items()}
+    driver_alive = driver_state(sweep_dir)[0]
+    trial_dirs = {p.name.rsplit("-", 1)[-1]: p for p in exp_dir.glob("*-*") if (p / "params.json").is_file()}
+    for tid, meta in tune_trials.items():  # created, not started: no params.json yet
+        if tid not in trial_dirs and "cell_key" in meta["config"]:
+            trial_dirs[tid] = exp_dir / f"{meta['config']['cell_key']}-{tid}"
     out = []
-    for trial_dir in sorted(p for p in (Path(sweep_dir) / TUNE_DIR).glob("*-*") if (p / "params.json").is_file()):
-        params = json.loads((trial_dir / "params.json").read_text())
-        last: dict = {}
-        rf = trial_dir / "result.json"
-        if rf.is_file():
-            for line in rf.read_text().splitlines():
-                if line.strip():
-                    try:
-                        last = json.loads(line)
-                    except json.JSONDecodeError:
-                        pass  # a line being written
-        tid = trial_dir.name.rsplit("-", 1)[-1]
+    for tid, trial_dir in sorted(trial_dirs.items(), key=lambda kv: kv[1].name):
+        params = _params(trial_dir) or tune_trials[tid]["config"]
+        results = _results(trial_dir)
+        last = results[-1] if results else {}
         cell = Cell(params["base_model"], params["pooling"], params["attention"], int(params["seed"]))
-        status = states.get(tid, "?")
+        status = states.get(tid, "PENDING")
         if (trial_dir / "error.txt").is_file():
             status = "ERROR"
         elif status == "TERMINATED" and not last.get("final"):
             status = "STOPPED"
-        out.append(TrialStatus(tid, cell.key, params.get("lora_r"), params.get("lr"), status,
-                               int(last.get("step") or 0),
+        elif status in UNFINISHED and not driver_alive:
+            status = "INTERRUPTED"
+        step = max(int(last.get("step") or 0), _checkpoint_step(Path(sweep_dir), cell, tid))
+        out.append(TrialStatus(tid, cell.key, params.get("lora_r"), params.get("lr"), status, step,
                                sweep.train_config(cell, *sweep.probe_values()).max_steps, last.get(metric)))
     return out
 
 
-def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
-    """trial_id -> Tune status from the newest experiment_state-*.json (best effort)."""
+# ====================================================================================== the driver's liveness
+HEARTBEAT_S = 30.0
+
+
+def driver_state(sweep_dir: str | os.PathLike) -> tuple[bool, str]:
+    """(alive, description) of the sweep driver from ``driver.json``: alive when its process exists on this
+    host (or, seen from another host, when its heartbeat is fresh)."""
+    import socket
+
+    f = Path(sweep_dir) / layout.DRIVER_FILE
+    try:
+        d = json.loads(f.read_text())
+        age = time.time() - f.stat().st_mtime
+    except (OSError, json.JSONDecodeError):
+        return False, "no driver running"
+    where = f"pid {d.get('pid')} on {d.get('host')}"
+    if d.get("host") == socket.gethostname():
+        alive = _pid_alive(int(d.get("pid") or 0))
+    else:
+        alive = age < 3 * HEARTBEAT_S
+    return alive, (f"driver running ({where})" if alive else
+                   f"driver DEAD ({where}, last heartbeat {age:.0f} s ago): resume with --resume")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DriverHeartbeat:
+    """While the pipeline runs: ``driver.json`` names this process and is touched every HEARTBEAT_S; removed
+    when the driver ends in any way but a kill (then `status` tells the dead pid / stale heartbeat)."""
+
+    def __init__(self, sweep_dir: Path) -> None:
+        import threading
+
+        self.file = Path(sweep_dir) / layout.DRIVER_FILE
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="sweep-heartbeat")
+
+    def __enter__(self) -> "DriverHeartbeat":
+        import socket
+
+        layout.atomic_write_json(self.file, {"pid": os.getpid(), "host": socket.gethostname(),
+                                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.file)
+            except OSError:
+                pass
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.file.unlink(missing_ok=True)
+
+
+def _tune_trials(exp_dir: Path) -> dict[str, dict]:
+    """trial_id -> Tune's metadata of the trial (status, config) from the newest experiment_state-*.json
+    (best effort: {} while none is readable)."""
     files = sorted(exp_dir.glob("experiment_state-*.json"))
     if not files:
         return {}
@@ -551,10 +689,15 @@ def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
     for entry in state.get("trial_data", []):
         try:
             meta = json.loads(entry[0])
-            out[meta["trial_id"]] = meta.get("status", "?")
+            out[meta["trial_id"]] = {"status": meta.get("status", "?"), "config": meta.get("config") or {}}
         except (TypeError, ValueError, KeyError, IndexError):
             continue
     return out
+
+
+def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
+    """trial_id -> Tune status (see `_tune_trials`)."""
+    return {tid: meta["status"] for tid, meta in _tune_trials(exp_dir).items()}
 
 
 def status_text(sweep_dir: str | os.PathLike) -> str:
@@ -562,7 +705,7 @@ def status_text(sweep_dir: str | os.PathLike) -> str:
     sweep = read_sweep(sweep_dir)
     rows = trial_statuses(sweep_dir)
     lines = [f"sweep {sweep.name} at {sweep_dir}: {len(sweep.cells())} cells, {sweep.num_trials()} trials planned, "
-             f"{len(rows)} started"]
+             f"{len(rows)} started; {driver_state(sweep_dir)[1]}"]
     lines.append(f"{'trial':10s} {'cell':52s} {'lora_r':>6s} {'lr':>9s} {'status':10s} {'step':>9s} "
                  f"{sweep.scheduler.metric:>10s}")
     for r in rows:
@@ -574,7 +717,8 @@ def status_text(sweep_dir: str | os.PathLike) -> str:
     if ck.is_file():
         specs = layout.read_checkpoints(ck)
         results = sweep_dir / layout.RESULTS_DIR
-        done = sum(1 for _ in results.glob("*/*/*.json")) if results.is_dir() else 0
+        done = sum(p.name not in layout.RESULT_META_FILES for p in results.glob("*/*/*.json")) \
+            if results.is_dir() else 0
         lines.append(f"evaluation: {len(specs)} checkpoints chosen; {done} result files under {results}")
     rep = sweep_dir / layout.REPORT_DIR / "report.html"
     lines.append(f"report: {rep if rep.is_file() else 'not written yet'}")
@@ -624,7 +768,7 @@ def check_evaluation_tasks(sweep: SweepConfig) -> None:
     """Resolve the evaluation tasks (names, spec files) now: a bad task fails before any worker starts."""
     from embed_core.task_spec import resolve_tasks
 
-    resolve_tasks(sweep.evaluation.tasks, data_dir=sweep.evaluation.options.get("data_dir"))
+    resolve_tasks(sweep.evaluation.tasks, data_dir=sweep.evaluation.options.data_dir)
 
 
 def evaluate_stage(sweep: SweepConfig):
@@ -643,7 +787,7 @@ def evaluate_stage(sweep: SweepConfig):
     _say(f"evaluating {len(specs)} checkpoints x {len(e.tasks)} tasks as Ray tasks "
          f"({'quick subsamples: NOT comparable to MTEB' if e.quick else 'full tasks'})")
     return evaluate_checkpoints(specs, e.tasks, sweep_dir / layout.RESULTS_DIR, num_cpus=e.num_cpus,
-                                num_gpus=e.num_gpus, max_retries=e.max_retries, quick=e.quick, **e.options)
+                                num_gpus=e.num_gpus, max_retries=e.max_retries, quick=e.quick, **e.options.kwargs())
 
 
 def report_stage(sweep: SweepConfig):
@@ -659,45 +803,117 @@ def report_stage(sweep: SweepConfig):
     return summary
 
 
-def init_ray(address: str | None = None, **kwargs) -> None:
-    """Connect to ``address`` / $RAY_ADDRESS (a cluster, or the one `ray job submit` runs in), else start a local
-    Ray with the dashboard. The dashboard is not optional: Ray Train's placement-group cleaner queries the State
-    API it serves, and without it a trial stopped by ASHA leaks its workers' placement group."""
-    import ray
+def init_ray(address: str | None = None, **kwargs) -> bool:
+    """Connect to ``address`` / $RAY_ADDRESS (a cluster, or the one `ray job submit` runs in), else start a new
+    local Ray with the dashboard, never auto-detect another one; every process of the cluster gets its address
+    (`ray_jobs.ray_cluster`). The dashboard is not optional: Ray Train's placement-group cleaner queries the
+    State API it serves, and without it a trial stopped by ASHA leaks its workers' placement group.
+    Returns True when a local Ray was started."""
+    from .ray_cluster import given_address, start_or_connect
 
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
-    else:
-        ctx = ray.init(**{**kwargs, "include_dashboard": True})
+    local = not given_address(address)
+    ctx = start_or_connect(address, **({**kwargs, "include_dashboard": True} if local else kwargs))
+    if ctx is not None:
         url = getattr(ctx, "dashboard_url", None)
-        if url:
-            _say(f"local Ray started; dashboard: http://{url}")
+        _say(f"local Ray started at {os.environ.get('RAY_ADDRESS')}" + (f"; dashboard: http://{url}" if url else ""))
+    return ctx is not None
+
+
+class SweepInterrupted(Exception):
+    """The driver was stopped (Ctrl-C) before the training stage finished: no checkpoint is chosen, nothing is
+    evaluated or reported; ``--resume`` continues. The CLI exits 130."""
+
+
+class SigintWatch:
+    """Whether Tune caught a SIGINT during ``tuner.fit()``. Tune's handler stops the experiment, saves its state
+    and puts back the handler it found, and fit() returns as if it had finished; after a fit that saw no
+    SIGINT, Tune's handler is still installed. So: install ours, and after fit ours back in place = caught."""
+
+    def __init__(self) -> None:
+        self.caught = False
+
+    def _handler(self, signum, frame) -> None:  # a second Ctrl-C after Tune's: stop now
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "SigintWatch":
+        import signal
+        import threading
+
+        self._main = threading.current_thread() is threading.main_thread()
+        if self._main:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._main:
+            self.caught = signal.getsignal(signal.SIGINT) == self._handler
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def check_finished(sweep: SweepConfig, trials: list[layout.TrialRecord], sigint: bool) -> None:
+    """SweepInterrupted unless every planned trial finished (TERMINATED, STOPPED or ERROR)."""
+    open_ = [t for t in trials if t.status == "INTERRUPTED"]
+    missing = sweep.num_trials() - len(trials)
+    if sigint or open_ or missing > 0:
+        raise SweepInterrupted(f"training interrupted: {len(open_)} trial(s) INTERRUPTED, {max(missing, 0)} not "
+                               f"created yet (recorded in {sweep.sweep_dir / layout.TRIALS_FILE}); nothing was "
+                               "evaluated or reported")
+
+
+def resume_hint(sweep: SweepConfig) -> str:
+    src = sweep.source if sweep.source != "<dict>" else str(sweep.sweep_dir)
+    return f"resume with: python -m sweeps run {src} --storage {sweep.storage_path} --resume"
 
 
 def run_pipeline(sweep: SweepConfig, resume: bool = False, stages: tuple[str, ...] = ("train", "evaluate", "report"),
                  ray_address: str | None = None, ray_init_kwargs: dict | None = None) -> dict[str, Any]:
-    """prepare -> train -> evaluate -> report (each stage skipped when not in `stages`)."""
+    """prepare -> train -> evaluate -> report (each stage skipped when not in `stages`). Stops with
+    SweepInterrupted (nothing evaluated) when training did not finish; a failure of the training driver
+    itself (a full disk, ...) still leaves trials.json, from the trials' own files."""
     t0 = time.time()
     if "evaluate" in stages:
         check_evaluation_tasks(sweep)  # a bad task name or spec fails now, not after hours of training
     sweep_dir = prepare(sweep, resume=resume or "train" not in stages)
     _say(f"sweep {sweep.name}: {sweep_dir}")
     out: dict[str, Any] = {"sweep_dir": str(sweep_dir)}
-    if "train" in stages or "evaluate" in stages:
-        init_ray(ray_address, **(ray_init_kwargs or {}))
-    if "train" in stages:
-        out["trials"], out["checkpoints"] = train_stage(sweep, resume=resume)
-    if "evaluate" in stages:
-        out["evaluation"] = evaluate_stage(sweep)
-    if "report" in stages:
-        out["report"] = report_stage(sweep)
+    with DriverHeartbeat(sweep_dir):
+        if "train" in stages or "evaluate" in stages:
+            init_ray(ray_address, **(ray_init_kwargs or {}))
+        if "train" in stages:
+            try:
+                out["trials"], out["checkpoints"] = train_stage(sweep, resume=resume)
+            except (SweepInterrupted, KeyboardInterrupt):
+                raise
+            except Exception as err:
+                _record_from_files(sweep, err)
+                raise
+        if "evaluate" in stages:
+            out["evaluation"] = evaluate_stage(sweep)
+        if "report" in stages:
+            out["report"] = report_stage(sweep)
     _say(f"finished in {time.time() - t0:.0f} s")
     return out
 
 
-__all__ = ["CHECKPOINT_PATH_KEY", "collect_trials", "data_file", "evaluate_stage", "init_ray", "max_concurrent",
+def _record_from_files(sweep: SweepConfig, err: BaseException) -> None:
+    """After the training driver failed: trials.json from the trials' files (unfinished ones INTERRUPTED)."""
+    try:
+        rows = trial_statuses(sweep.sweep_dir)
+        recs = [layout.TrialRecord(trial_id=r.trial_id, cell=r.cell, config="", base_model="", lora_r=int(r.lora_r),
+                                   lr=float(r.lr), seed=0, status="INTERRUPTED" if r.status in UNFINISHED + ("?",)
+                                   else r.status, val_metric=r.metric, steps=r.step,
+                                   error=f"driver failed: {type(err).__name__}: {err}"[:500]) for r in rows]
+        layout.write_trials(sweep.sweep_dir, recs)
+        _say(f"training driver failed ({type(err).__name__}: {err}); {len(recs)} trials recorded in "
+             f"{sweep.sweep_dir / layout.TRIALS_FILE}")
+    except Exception as e2:  # noqa: BLE001 - the disk may be full: the original error matters more
+        _say(f"training driver failed ({type(err).__name__}: {err}); could not write trials.json: {e2}")
+
+
+__all__ = ["CHECKPOINT_PATH_KEY", "SweepInterrupted", "collect_trials", "data_file", "driver_state", "evaluate_stage",
+           "init_ray", "max_concurrent", "resume_hint",
            "prepare", "read_sweep", "report_stage", "run_pipeline", "select_checkpoints", "status_text",
            "train_stage", "trial_driver", "trial_statuses"]
 

@@ -116,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 print(f"error: unknown stage(s) {bad}: choose from train, evaluate, report", file=sys.stderr)
                 return 2
-            run_pipeline(sweep, resume=args.resume, stages=stages, ray_address=args.address)
+            from ray_jobs.sweep import SweepInterrupted, resume_hint
+
+            try:
+                run_pipeline(sweep, resume=args.resume, stages=stages, ray_address=args.address)
+            except (SweepInterrupted, KeyboardInterrupt) as err:  # Ctrl-C: stop, say how to go on
+                print(f"interrupted: {err or 'Ctrl-C'}; {resume_hint(sweep)}", file=sys.stderr, flush=True)
+                return 130
             return 0
         if args.command == "merge":
             from ray_jobs.sweep import merge_parts

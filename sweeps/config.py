@@ -45,6 +45,7 @@ from embed_core.trainer import TrainConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 SCHEDULERS = ("asha", "fifo")
+_KERNEL_FS = ("/proc/", "/sys/", "/dev/")
 SAMPLERS = ("tpe", "random")
 MODES = ("max", "min")
 # model fields a trial sets itself (grid / search), not the shared `model:` section
@@ -186,6 +187,34 @@ class FailureSection:
 
 
 @dataclass
+class EvaluationOptions:
+    """`evaluate_checkpoints` keyword arguments a sweep may set (``evaluation.options``), each checked."""
+
+    batch_size: int = 32
+    subsample: int | None = None     # local tasks' subsample size (scores then NOT comparable to MTEB)
+    seed: int = 42
+    overwrite: bool = False          # re-run pairs whose results exist
+    data_dir: str | None = None      # shared data folder for local tasks
+    fault_injection: Any = None      # tests: {"task": T, "times": N[, "checkpoint": name]} or a list of them
+
+    def kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# (field, check, what it must be): one validator per option
+_OPTION_CHECKS = (
+    ("batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("subsample", lambda v: v is None or _is_int(v) and v >= 1, "an int >= 1 or null"),
+    ("seed", _is_int, "an int"),
+    ("overwrite", lambda v: isinstance(v, bool), "true or false"),
+    ("data_dir", lambda v: v is None or isinstance(v, str) and v != "", "a folder path or null"),
+    ("fault_injection", lambda v: v is None or all(isinstance(f, dict) and "task" in f
+                                                   for f in (v if isinstance(v, list) else [v])),
+     "null, or {task: T, times: N} / a list of them"),
+)
+
+
+@dataclass
 class EvaluationSection:
     tasks: list = field(default_factory=lambda: ["STSBenchmark", "SICK-R", "SciFact", "Banking77Classification",
                                                  "EmotionClassification", "AmazonCounterfactualClassification"])
@@ -195,7 +224,7 @@ class EvaluationSection:
     max_retries: int = 2
     top_k: int = 1               # best completed trials per cell to evaluate
     reference: bool = False      # also evaluate the all-MiniLM-L6-v2 encoder reference
-    options: dict = field(default_factory=dict)  # passed to the evaluation job as is
+    options: Any = field(default_factory=dict)   # EvaluationOptions once parsed
 
 
 @dataclass
@@ -345,11 +374,37 @@ class SweepConfig:
         return len(self.cells()) * self.search.samples_per_cell
 
     # ---------------------------------------------------------------- checks that read the backbone / data
+    def check_storage(self) -> Path:
+        """The sweep folder can be created and written: its nearest existing ancestor is a folder, not under a
+        kernel filesystem, and a file can be created there (read-only mounts and permissions). ConfigError."""
+        where = f"sweep config {self.source}: storage_path"
+        target = self.sweep_dir
+        if any(str(target).startswith(p) for p in _KERNEL_FS):
+            raise ConfigError(f"{where}: {str(target)!r} is under a kernel filesystem ({', '.join(_KERNEL_FS)}): "
+                              "give a local or shared folder")
+        probe = target
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(f"{where}: {str(probe)!r} is a file, but the sweep folder {str(target)!r} must be "
+                              "below it: give another storage path")
+        try:
+            import tempfile
+            with tempfile.NamedTemporaryFile(dir=probe, prefix=".embed-sweeps-write-probe"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot write in {str(probe)!r} ({e.strerror}): give a writable folder "
+                              "(--storage PATH)") from None
+        return target
+
     def preflight(self, check_data: bool = True) -> dict[str, Any]:
-        """Check every base model's structure (config only, no weights), every cell's TrainConfig and the
-        training data of each seed, before Ray starts. Returns {seed: number of examples}."""
+        """Check the storage path, every base model's structure (config only, no weights: a GGUF's header),
+        every cell's TrainConfig and the training data of each seed, before Ray starts.
+        Returns {seed: number of examples}."""
         from embed_core.backbone import preflight
         from embed_core.trainer import TrainData, load_examples
+
+        self.check_storage()
 
         seen_models: set[str] = set()
         lora_values = self.lora_r.choices or [self.probe_values()[0]]
@@ -361,7 +416,7 @@ class SweepConfig:
                     continue
                 seen_models.add(key)
                 try:
-                    preflight(tcfg.model)
+                    preflight(tcfg.model, convert=False)  # a GGUF's header only: no weights are read
                 except ConfigError as e:
                     raise ConfigError(f"sweep config {self.source}: cell {cell.key}: {e}") from None
         sizes: dict[str, Any] = {}
@@ -469,6 +524,10 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
         raise ctx.err("report.correction", f"must be holm or bh, got {report.correction!r}")
     if not _is_num(report.alpha) or not 0 < report.alpha < 1:
         raise ctx.err("report.alpha", f"must be in (0, 1), got {report.alpha!r}")
+    names = ["+".join(d) for d in designs]
+    if report.baseline not in names:
+        raise ctx.err("report.baseline", f"{report.baseline!r} is not one of the grid's designs {names}: every "
+                                         "test compares a design with the baseline, which must be trained too")
 
     overrides = []
     raw_over = raw.get("overrides") or []
@@ -485,6 +544,12 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
         for sect in ("model", "training", "resources"):
             if not isinstance(getattr(ov, sect), dict):
                 raise ctx.err(f"{path}.{sect}", "must be a mapping")
+        for sect, owned in (("model", _TRIAL_MODEL_FIELDS), ("training", _TRIAL_TRAINING_FIELDS)):
+            clash = [k for k in owned if k in getattr(ov, sect)]
+            if clash:  # applied after the trial's values, it would train something else than trials.json says
+                raise ctx.err(f"{path}.{sect}.{clash[0]}", f"{clash} are set per trial by grid / search / seeds "
+                              "and recorded in trials.json: an override may not replace them; change the grid "
+                              "or search instead")
         _fields(ctx, f"{path}.resources", {**dataclasses.asdict(resources), **ov.resources}, ResourcesSection)
         overrides.append(ov)
 
@@ -565,8 +630,11 @@ def _check_evaluation(ctx: _Ctx, e: EvaluationSection) -> None:
         raise ctx.err("evaluation.top_k", f"must be an int >= 1, got {e.top_k!r}")
     if not isinstance(e.quick, bool) or not isinstance(e.reference, bool):
         raise ctx.err("evaluation", "quick and reference must be true or false")
-    if not isinstance(e.options, dict):
-        raise ctx.err("evaluation.options", "must be a mapping")
+    e.options = _fields(ctx, "evaluation.options", _mapping(ctx, "evaluation.options", e.options), EvaluationOptions)
+    for name, ok, what in _OPTION_CHECKS:
+        v = getattr(e.options, name)
+        if not ok(v):
+            raise ctx.err(f"evaluation.options.{name}", f"must be {what}, got {v!r}")
 
 
 # ====================================================================================== loading

@@ -221,8 +221,12 @@ def ray_head(tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     ray_bin = str(Path(sys.executable).parent / "ray")
     log = open(tmp_path / "head.log", "w")
+    # every port of its own: the dashboard agent's default HTTP port (52365) is taken by any other Ray head on
+    # the machine, and a head whose agent cannot bind never accepts a job ("No available agent to submit job")
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-                             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+                             *agent_ports, "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
                              f"--temp-dir={raytmp}"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -234,7 +238,16 @@ def ray_head(tmp_path):
         except OSError:
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
-    yield {"address": address, "env": env, "ray": ray_bin}
+    # the dashboard answers before the job agent registers ("No available agent to submit job" on a busy
+    # machine): the project's bounded wait, as users' scripts call it
+    w = subprocess.run([sys.executable, "-m", "ray_jobs.ray_cluster", "wait-for-jobs", address, "--timeout", "300"],
+                       cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=360)
+    try:
+        assert w.returncode == 0 and "accepts jobs" in w.stdout, w.stdout + w.stderr[-3000:]
+    except AssertionError:
+        os.killpg(head.pid, signal.SIGKILL)
+        raise
+    yield {"address": address, "env": env, "ray": ray_bin, "port": port}
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=30)
