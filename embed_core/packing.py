@@ -15,6 +15,8 @@ causal or bidirectional:
 
 transformers passes a ready 4D mask (or BlockMask) through untouched; it infers packed documents from
 position ids only when no mask is given -- we always give one, so documents never attend to each other.
+Sliding-window layers (Gemma3) keep their window inside each document (embed_core.attention says why): a
+second mask per layer type, or the kernel's window under flash_varlen.
 
 This module imports torch only.
 """
@@ -112,18 +114,26 @@ def packed_mean(states: torch.Tensor, pack: PackedBatch) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ masks
-def dense_mask(pack: PackedBatch, causal: bool, dtype: torch.dtype) -> torch.Tensor:
-    """[1, 1, T, T] additive mask: same document (and kv <= q when causal)."""
+def dense_mask(pack: PackedBatch, causal: bool, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """[1, 1, T, T] additive mask: same document (and kv <= q when causal; |q - kv| < window when given)."""
     d = pack.doc_ids
     keep = d[:, None] == d[None, :]
+    t = d.shape[0]
     if causal:
-        t = d.shape[0]
         keep = keep & torch.ones(t, t, dtype=torch.bool, device=d.device).tril()
+    if window is not None:
+        keep = keep & torch.ones(t, t, dtype=torch.bool, device=d.device).triu(1 - window).tril(window - 1)
     mask = torch.zeros(keep.shape, dtype=dtype, device=d.device)
     return mask.masked_fill(~keep, torch.finfo(dtype).min)[None, None]
 
 
-def doc_mask_mod(doc_ids: torch.Tensor, causal: bool):
+def doc_mask_mod(doc_ids: torch.Tensor, causal: bool, window: int | None = None):
+    if window is not None:
+        inner = doc_mask_mod(doc_ids, causal)
+
+        def windowed(b, h, q, kv):
+            return inner(b, h, q, kv) & ((q - kv).abs() < window)
+        return windowed
     if causal:
         def mask_mod(b, h, q, kv):
             return (doc_ids[q] == doc_ids[kv]) & (q >= kv)
@@ -133,9 +143,11 @@ def doc_mask_mod(doc_ids: torch.Tensor, causal: bool):
     return mask_mod
 
 
-def flex_block_mask(pack: PackedBatch, causal: bool, block: int = FLEX_BLOCK):
+def flex_block_mask(pack: PackedBatch, causal: bool, block: int = FLEX_BLOCK, window: int | None = None):
     """FlexAttention BlockMask for the packed row, from the document boundaries (documents are contiguous,
-    so each block spans the document range [first, last]; two blocks interact iff their ranges overlap)."""
+    so each block spans the document range [first, last]; two blocks interact iff their ranges overlap).
+    With `window`: blocks whose closest tokens are `window` or more apart are skipped, and a block is full only
+    when its farthest tokens are closer than `window`."""
     from torch.nn.attention.flex_attention import BlockMask
 
     d = pack.doc_ids
@@ -153,6 +165,10 @@ def flex_block_mask(pack: PackedBatch, causal: bool, block: int = FLEX_BLOCK):
     if causal:
         overlap &= qi[None, :] <= qi[:, None]
         full &= qi[None, :] < qi[:, None]
+    if window is not None:
+        gap = (qi[:, None] - qi[None, :]).abs()
+        overlap &= (gap - 1) * block + 1 < window  # the closest pair of two distinct blocks
+        full &= (gap + 1) * block - 1 < window     # the farthest pair
     partial = overlap & ~full
 
     def to_idx(m: torch.Tensor):
@@ -163,7 +179,7 @@ def flex_block_mask(pack: PackedBatch, causal: bool, block: int = FLEX_BLOCK):
     kv_num, kv_idx = to_idx(partial)
     full_num, full_idx = to_idx(full)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                    mask_mod=doc_mask_mod(d, causal), seq_lengths=(t, t))
+                                    mask_mod=doc_mask_mod(d, causal, window), seq_lengths=(t, t))
 
 
 def cu_seqlens(pack: PackedBatch) -> torch.Tensor:
@@ -186,12 +202,19 @@ def varlen_kwargs(pack: PackedBatch) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def packed_attention_mask(pack: PackedBatch, causal: bool, attn_implementation: str, dtype: torch.dtype):
-    if attn_implementation == "flex_attention":
-        return flex_block_mask(pack, causal)
+def packed_attention_mask(pack: PackedBatch, causal: bool, attn_implementation: str, dtype: torch.dtype,
+                          window: int | None = None):
+    """The per-document mask for the backbone; with sliding-window layers (`window`), one per layer type."""
+    from .attention import per_layer_type
+
     if attn_implementation == "flash_varlen":
-        return None  # the boundaries travel as varlen_kwargs
-    return dense_mask(pack, causal, dtype)
+        return None  # the boundaries travel as varlen_kwargs, the window as each layer's sliding_window
+    if attn_implementation == "flex_attention":
+        make = lambda w=None: flex_block_mask(pack, causal, window=w)  # noqa: E731
+    else:
+        make = lambda w=None: dense_mask(pack, causal, dtype, w)  # noqa: E731
+    # the longest document is the width of gather_index: a shape, known on the host
+    return per_layer_type(make(), lambda: make(window), window, int(pack.gather_index.shape[1]))
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -264,14 +287,18 @@ def register_flex() -> str:
 VARLEN_IMPL_NAME = "embed_varlen"
 
 
-def _varlen_reference(q, k, v, cu, causal: bool, scale):
+def _varlen_reference(q, k, v, cu, causal: bool, scale, window: int | None = None):
     """The same computation as the varlen kernel, per document through SDPA (CPU; tests)."""
     outs = []
     bounds = cu.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         qd, kd, vd = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        keep = None
+        if window is not None and b - a > window:
+            keep = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1 - window).tril(0 if causal else window - 1)
         outs.append(torch.nn.functional.scaled_dot_product_attention(
-            qd, kd, vd, is_causal=causal, scale=scale, enable_gqa=qd.shape[0] != kd.shape[0]).transpose(0, 1))
+            qd, kd, vd, attn_mask=keep, is_causal=causal and keep is None, scale=scale,
+            enable_gqa=qd.shape[0] != kd.shape[0]).transpose(0, 1))
     return torch.cat(outs)
 
 
@@ -292,14 +319,21 @@ def _varlen_kernel():
     return _VARLEN
 
 
-def varlen_attention(q, k, v, cu, max_len: int, causal: bool, scale=None):
-    """[T, H, D] packed q / k / v (k, v may have fewer heads) -> [T, H, D], each document on its own."""
+def varlen_attention(q, k, v, cu, max_len: int, causal: bool, scale=None, window: int | None = None):
+    """[T, H, D] packed q / k / v (k, v may have fewer heads) -> [T, H, D], each document on its own; with
+    `window` (a sliding-window layer), keys |q - k| < window only (and k <= q when causal)."""
+    if window is not None and max_len <= window:
+        window = None  # no document is longer than the window: it changes nothing
     if not q.is_cuda:
-        return _varlen_reference(q, k, v, cu, causal, scale)
+        return _varlen_reference(q, k, v, cu, causal, scale, window)
     fn, has_window, has_gqa = _varlen_kernel()
     kw = {"scale": scale}
+    side = -1 if window is None else window - 1
     if has_window:
-        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+        kw["window_size"] = (side, 0) if causal else (side, side)
+    elif window is not None:
+        raise ValueError(f"this torch's varlen_attn has no window_size: documents longer than the sliding window "
+                         f"({window}) need torch >= 2.11, or attn_implementation='flex_attention'")
     else:
         kw["is_causal"] = causal
     if has_gqa and q.shape[1] != k.shape[1]:
@@ -326,7 +360,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     if query.shape[0] != 1:
         raise ValueError(f"the varlen path takes one packed row, got a batch of {query.shape[0]}")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    out = varlen_attention(q, k, v, cu, int(kwargs["max_length_q"]), bool(module.is_causal), scaling)
+    out = varlen_attention(q, k, v, cu, int(kwargs["max_length_q"]), bool(module.is_causal), scaling,
+                           kwargs.get("sliding_window"))
     return out[None], None
 
 

