@@ -1,0 +1,129 @@
+"""sentence-transformers export (embed_core/export.py): the exported folder loads with SentenceTransformer in a
+process that cannot import this project and gives the checkpoint's own embeddings."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embed_core.export import export_checkpoint
+from embed_core.mteb_encoder import TYPE_INSTRUCTIONS
+from tests.conftest import make_tiny_model_dir, save_tiny_checkpoint
+
+POOLINGS = ("eos_last", "mean", "last_layer_trainable", "multi_layer_trainable")
+ATTENTIONS = ("causal", "bidirectional")
+DOCS = ["a short one", "Photosynthesis turns light into chemical energy in the leaves of plants.",
+        "x", "Two texts of quite different lengths, so padding and the EOS position both matter here."]
+QUERIES = ["how do plants make food?", "what is x"]
+
+# Runs in a fresh interpreter: the project's editable-install finder is removed and its packages blocked, so
+# the folder must carry everything it needs.
+LOADER = r"""
+import importlib.abc, json, sys
+import numpy as np
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("embed_core", "sweeps", "ray_jobs", "tests"):
+            raise ImportError(f"the exported model imported the project ({name})")
+sys.meta_path.insert(0, Block())
+from sentence_transformers import SentenceTransformer
+job = json.load(open(sys.argv[1]))
+for folder, out in job["folders"]:
+    m = SentenceTransformer(folder, trust_remote_code=True, device="cpu", local_files_only=True)
+    docs = m.encode(job["docs"], batch_size=3, convert_to_numpy=True)
+    queries = m.encode(job["queries"], batch_size=3, prompt_name="query", convert_to_numpy=True)
+    np.savez(out, docs=docs, queries=queries)
+bad = [p for p in sys.path if p and (p.startswith(job["project"]) or p == "")]
+print("PATHS_WITH_PROJECT", bad)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, smollm2_dir) -> Path:
+    return make_tiny_model_dir("llama", tmp_path_factory.mktemp("base") / "llama", smollm2_dir)
+
+
+def _load_outside_project(tmp_path: Path, folders: list[Path]) -> list[dict]:
+    """Encode DOCS and QUERIES (prompt "query") with every folder in one subprocess without the project."""
+    outs = [tmp_path / f"emb{i}.npz" for i in range(len(folders))]
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"folders": [[str(f), str(o)] for f, o in zip(folders, outs)], "docs": DOCS,
+                               "queries": QUERIES, "project": str(Path(__file__).resolve().parents[1])}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(job)], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "PATHS_WITH_PROJECT []" in proc.stdout, proc.stdout
+    return [dict(np.load(o)) for o in outs]
+
+
+def _reference(ckpt: Path) -> dict:
+    from embed_core.model import EmbeddingModel
+
+    m = EmbeddingModel.load(ckpt)
+    return {"docs": m.encode(DOCS), "queries": m.encode(QUERIES, instruction=TYPE_INSTRUCTIONS["Retrieval"])}
+
+
+def test_every_design_exports_and_matches_outside_the_project(tmp_path, tiny_base) -> None:
+    cases = [(p, a) for p in POOLINGS for a in ATTENTIONS]
+    folders, refs = [], []
+    for i, (pooling, attention) in enumerate(cases):
+        ckpt = save_tiny_checkpoint(tiny_base, tmp_path / f"ckpt{i}", seed=i, pooling=pooling, attention=attention,
+                                    num_latents=4, max_length=24)
+        folders.append(export_checkpoint(ckpt, tmp_path / f"st{i}"))
+        refs.append(_reference(ckpt))
+    got = _load_outside_project(tmp_path, folders)
+    for (pooling, attention), ref, emb in zip(cases, refs, got):
+        for part in ("docs", "queries"):
+            diff = float(np.abs(ref[part] - emb[part]).max())
+            assert diff <= 1e-5, f"{pooling}+{attention} {part}: max abs difference {diff}"
+    # designs really differ (the comparison above is not vacuous), and the query prompt is applied
+    assert float(np.abs(got[0]["docs"] - got[1]["docs"]).max()) > 1e-3
+    assert float(np.abs(refs[0]["queries"] - _reference_plain(tmp_path / "ckpt0")).max()) > 1e-3
+    folder = folders[0]
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    assert not list(folder.rglob("*.gguf"))
+    for f in folder.glob("*.json"):
+        assert str(tiny_base) not in f.read_text(), f"{f.name} points back to the base model's folder"
+
+
+def _reference_plain(ckpt: Path) -> np.ndarray:
+    from embed_core.model import EmbeddingModel
+
+    return EmbeddingModel.load(ckpt).encode(QUERIES)
+
+
+def test_merged_and_bf16_exports(tmp_path, tiny_base) -> None:
+    from safetensors import safe_open
+
+    ckpt = save_tiny_checkpoint(tiny_base, tmp_path / "ckpt", pooling="multi_layer_trainable",
+                                attention="bidirectional", num_latents=4, max_length=24)
+    merged = export_checkpoint(ckpt, tmp_path / "merged", merge_lora=True)
+    bf16 = export_checkpoint(ckpt, tmp_path / "bf16", merge_lora=True, dtype="bf16")
+    assert not (merged / "adapter").exists()
+    with safe_open(str(bf16 / "model.safetensors"), "pt") as fh:
+        assert {str(fh.get_tensor(k).dtype) for k in fh.keys()} == {"torch.bfloat16"}
+    ref = _reference(ckpt)
+    got_merged, got_bf16 = _load_outside_project(tmp_path, [merged, bf16])
+    assert float(np.abs(ref["docs"] - got_merged["docs"]).max()) <= 1e-5
+    cos = (ref["docs"] * got_bf16["docs"]).sum(-1)
+    assert cos.min() > 0.99, cos
+
+
+def test_model_card_and_cli(tmp_path, tiny_base) -> None:
+    from sweeps.cli import main
+
+    ckpt = save_tiny_checkpoint(tiny_base, tmp_path / "ckpt", pooling="mean", attention="bidirectional", lora_r=8)
+    assert main(["export", str(ckpt), str(tmp_path / "out"), "--merge-lora"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: sentence-transformers" in front and "tags:" in front
+    assert "| LoRA rank | 8 (merged into the weights) |" in card and "`mean`" in card and "bidirectional" in card
+    assert main(["export", str(ckpt), str(tmp_path / "out")]) == 2  # not empty: refused, nothing overwritten
