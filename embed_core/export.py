@@ -305,7 +305,7 @@ def _design_text(facts: dict) -> str:
 
 def _sweep_lines(sweep: dict) -> list[str]:
     lines = ["## Evaluation (from the sweep)", "",
-             f"Sweep `{sweep['name']}`, design `{sweep['config']}` (seed {sweep['seed']}); baseline "
+             f"Sweep `{sweep['sweep']}`, checkpoint `{sweep['name']}`, design `{sweep['config']}` (seed {sweep['seed']}); baseline "
              f"`{sweep['baseline']}`; tests corrected with {sweep['correction']} at alpha {sweep['alpha']}. "
              "Scores are mteb main scores of this checkpoint; the design's mean is over its seeds.", "",
              "| Task | This checkpoint | Design mean | Baseline mean | Per-dataset test vs baseline |",
@@ -346,7 +346,11 @@ def card_text(facts: dict, sweep: dict | None) -> str:
              "task and task type, see `config_sentence_transformers.json`); documents take none. A custom "
              f"instruction: `prompt={json.dumps(facts['query_template'].split('{text}')[0])}` with `{{instruction}}` "
              "filled in."]
-    body = [_front_matter(facts, sweep), f"# {sweep['name'] if sweep else 'embed-sweeps embedding model'}", "",
+    if sweep:  # a sweep checkpoint's labels and the sweep's data recipe fill what the checkpoint folder lacks
+        facts = {**{k: v for k, v in sweep["training"].items() if v not in (None, [], "")},
+                 **{k: v for k, v in facts.items() if v not in (None, [], "")}}
+    title = f"{sweep['sweep']}: {sweep['config']}" if sweep else "embed-sweeps embedding model"
+    body = [_front_matter(facts, sweep), f"# {title}", "",
             "Exported by embed-sweeps (`python -m sweeps export`).", "", "## Usage", "",
             *usage, "", "## Design", "", _design_text(facts), "", "## Training", "", *_training_lines(facts), ""]
     if sweep:
@@ -376,17 +380,42 @@ def sweep_card_facts(ckpt: Path, meta: dict, sweep_dir: Path | None = None) -> d
     spec = next((s for s in layout.read_checkpoints(sweep_dir)
                  if Path(s.path).resolve() == ckpt.resolve()), None)
     summary = json.loads(summary_file.read_text())
-    group = next((g for g in summary["groups"] if spec and spec.name in sum(g["runs"].values(), [])), None)
+    key = _run_name(spec.name, meta) if spec else None
+    group = next((g for g in summary["groups"] if key in sum(g["runs"].values(), [])), None)
     if spec is None or group is None:
         return None
     c, base = spec.labels.config, summary["baseline"]
-    return {"name": spec.name, "config": c, "seed": spec.labels.seed, "baseline": base,
+    sweep_file = sweep_dir / layout.SWEEP_FILE  # {"config": the sweep config as written, ...}
+    raw = json.loads(sweep_file.read_text()).get("config") or {} if sweep_file.is_file() else {}
+    recipe = raw.get("training") or {}
+    training = {"lr": spec.labels.lr, "steps": spec.labels.steps, "builders": recipe.get("builders"),
+                "max_per_source": recipe.get("max_per_source"), "train_files": recipe.get("train_data"),
+                "batch_size": recipe.get("batch_size"), "num_negatives": recipe.get("num_negatives")}
+    return {"sweep": raw.get("name") or sweep_dir.name, "name": spec.name, "config": c, "seed": spec.labels.seed, "baseline": base,
+            "training": training,
             "correction": summary["correction"], "alpha": summary["alpha"], "tasks": group["tasks"],
             "task_types": group.get("categories", {}), "mean": group["mean"].get(c, {}),
             "baseline_mean": group["mean"].get(base, {}) if c != base else {},
             "scores": run_scores(sweep_dir, spec.name, meta.get("fingerprint", "")),
             "instance": {r["scope"]: r for r in group["instance"] if r["config"] == c},
             "wilcoxon": [r for r in group["wilcoxon"] if r["config"] == c]}
+
+
+def _run_name(name: str, meta: dict) -> str:
+    """The report's name of a checkpoint's results (``ray_jobs.report.Run.name``: <model folder>/<revision>)."""
+    from ray_jobs.layout import model_dir_name
+
+    return f"{model_dir_name(name)}/{meta.get('fingerprint', '')}"
+
+
+def _sweep_checkpoints(sweep_dir: Path) -> dict[str, Any]:
+    """Report run name -> CheckpointSpec, for the checkpoints of checkpoints.json that are saved models."""
+    from ray_jobs import layout
+
+    from .model import CONFIG_FILE, read_meta
+
+    return {_run_name(s.name, read_meta(Path(s.path))): s for s in layout.read_checkpoints(sweep_dir)
+            if (Path(s.path) / CONFIG_FILE).is_file()}
 
 
 def run_scores(sweep_dir: Path, name: str, revision: str) -> dict[str, float]:
@@ -414,7 +443,7 @@ def best_checkpoints(sweep_dir: str | Path) -> list[tuple[str, Path]]:
     if not summary_file.is_file():
         raise ConfigError(f"{summary_file} is missing: run `python -m sweeps report {sweep_dir}` first")
     summary = json.loads(summary_file.read_text())
-    specs = {s.name: s for s in layout.read_checkpoints(sweep_dir)}
+    specs = _sweep_checkpoints(sweep_dir)
     chosen = []
     for g in summary["groups"]:
         ranked = sorted(g["configs"], key=lambda c: _design_rank(g, c), reverse=True)

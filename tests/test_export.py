@@ -127,3 +127,55 @@ def test_model_card_and_cli(tmp_path, tiny_base) -> None:
     assert "library_name: sentence-transformers" in front and "tags:" in front
     assert "| LoRA rank | 8 (merged into the weights) |" in card and "`mean`" in card and "bidirectional" in card
     assert main(["export", str(ckpt), str(tmp_path / "out")]) == 2  # not empty: refused, nothing overwritten
+
+
+def test_best_per_base_model_from_a_sweep_report(tmp_path, tiny_base) -> None:
+    """`export SWEEP --best`: the design with the best report mean, of its seeds the best own mean; the card
+    carries the checkpoint's scores and the tests against the baseline from report/summary.json."""
+    from embed_core.export import best_checkpoints, export_best, run_scores
+    from embed_core.model import read_meta
+    from ray_jobs import layout
+    from ray_jobs.report import build_report
+    from ray_jobs.synthetic_results import write_synthetic_sweep
+    from sweeps.cli import main
+
+    sweep = tmp_path / "sweep"
+    tasks = {f"SynSTS-{i}": ("STS", "spearman", "cosine_spearman") for i in range(1, 4)}
+    syn = write_synthetic_sweep(sweep, base_models=(str(tiny_base),), tasks=tasks, n_instances=40, trials=False,
+                                effects={"eos_last+causal": 0.0, "mean+causal": 0.8},
+                                seeds={"eos_last+causal": [0], "mean+causal": [0, 1]})
+    specs = []
+    for i, run in enumerate(syn.run_dirs):  # a real checkpoint per run; its results filed under its fingerprint
+        labels = layout.RunLabels.read(run)
+        ckpt = save_tiny_checkpoint(tiny_base, sweep / "ckpts" / str(i), seed=i, pooling=labels.pooling,
+                                    attention=labels.attention)
+        name = json.loads((run / "model_meta.json").read_text())["name"]
+        rev = read_meta(ckpt)["fingerprint"]
+        dest = layout.result_dir(sweep / layout.RESULTS_DIR, name, rev)
+        run.rename(dest)
+        layout.atomic_write_json(dest / "model_meta.json", {"name": name, "revision": rev})
+        specs.append(layout.CheckpointSpec(name, str(ckpt), labels))
+    layout.write_checkpoints(sweep, specs)
+    (sweep / layout.SWEEP_FILE).write_text(json.dumps({"config": {"name": "tiny-sweep", "training": {
+        "builders": ["snli", "stsb"], "max_per_source": 400, "batch_size": 16}}}))
+    build_report(sweep, n_resamples=99, plots=False, show_progress=False)
+
+    winners = [s for s in specs if s.labels.config == "mean+causal"]
+    own = {s.path: np.mean(list(run_scores(sweep, s.name, read_meta(Path(s.path))["fingerprint"]).values()))
+           for s in winners}
+    assert own[winners[0].path] != own[winners[1].path]
+    [(base, best)] = best_checkpoints(sweep)
+    assert base == str(tiny_base) and str(best) == max(own, key=own.get)
+
+    assert main(["export", str(sweep), "--best", str(tmp_path / "best")]) == 0
+    [folder] = list((tmp_path / "best").iterdir())
+    card = (folder / "README.md").read_text()
+    assert "## Evaluation (from the sweep)" in card and "`mean+causal`" in card and "model-index:" in card
+    for task in tasks:
+        assert f"| {task} |" in card
+    assert "Per-dataset test" in card and "adjusted p" in card and "# tiny-sweep: mean+causal" in card
+    assert "builders snli, stsb; at most 400 examples per source" in card and "| Global batch | 16 |" in card
+    # a checkpoint exported alone finds its sweep (sweep.json above it) and gets the same section
+    out = export_checkpoint(best, tmp_path / "alone")
+    assert "## Evaluation (from the sweep)" in (out / "README.md").read_text()
+    assert (folder / "modules.json").is_file() and list(folder.glob("*.safetensors"))
