@@ -65,7 +65,7 @@ def module_source() -> str:
     if block is None:
         raise RuntimeError("embed_core/st_module.py lost its '# --- shared' markers")
     sources = []
-    for mod, names in re.findall(r"^from (\S+) import (.+)$", block.group(1), re.M):
+    for mod, names in re.findall(r"^from (\S+) import ([^#\n]+)", block.group(1), re.M):
         module = importlib.import_module(mod)
         sources += [inspect.getsource(getattr(module, n.strip())) for n in names.split(",")]
     shared = "# --- shared maths, copied from embed_core at export time\n" + "\n\n\n".join(sources) + "\n\n"
@@ -76,13 +76,14 @@ def module_source() -> str:
 def _load_backbone(ckpt: Path, cfg: EmbedConfig, merge_lora: bool, dtype: torch.dtype):
     """The checkpoint's backbone in `dtype` on CPU, with its adapter (merged or not)."""
     from .backbone import load_backbone, preflight
+    from .model import ADAPTER_DIR
 
     pre = preflight(cfg)
     backbone = load_backbone(pre.source, cfg, torch.float32)  # merge in fp32, then cast
     if cfg.lora_r > 0:
         from peft import PeftModel
 
-        backbone = PeftModel.from_pretrained(backbone, str(ckpt / "adapter"), autocast_adapter_dtype=False)
+        backbone = PeftModel.from_pretrained(backbone, str(ckpt / ADAPTER_DIR), autocast_adapter_dtype=False)
         if merge_lora:
             backbone = backbone.merge_and_unload()
         else:
@@ -92,8 +93,8 @@ def _load_backbone(ckpt: Path, cfg: EmbedConfig, merge_lora: bool, dtype: torch.
 
 def build_module(checkpoint: str | Path, *, merge_lora: bool = False, dtype: str = "fp32"):
     """(the project copy of the sentence-transformers module for `checkpoint`, the checkpoint's meta)."""
-    from .model import _auto_tokenizer, read_meta
     from .backbone import prepare_tokenizer
+    from .model import HEAD_FILE, TOKENIZER_DIR, _auto_tokenizer, read_meta
     from .pooling import head_dims
 
     if dtype not in DTYPES:
@@ -104,7 +105,7 @@ def build_module(checkpoint: str | Path, *, merge_lora: bool = False, dtype: str
     cfg = EmbedConfig.from_dict({**meta["config"], "attn_implementation": "sdpa", "fused_lora": False,
                                  "compile": False, "packing": False})
     backbone, pre = _load_backbone(ckpt, cfg, merge_lora, DTYPES[dtype])
-    tok = prepare_tokenizer(_auto_tokenizer(ckpt / "tokenizer"), cfg)
+    tok = prepare_tokenizer(_auto_tokenizer(ckpt / TOKENIZER_DIR), cfg)
     inner, heads, latents = head_dims(cfg, pre.hidden_size)
     settings = {"pooling": cfg.pooling, "attention": cfg.attention, "max_length": cfg.max_length,
                 "padding_side": cfg.padding_side, "dtype": DTYPE_NAMES[DTYPES[dtype]],
@@ -115,7 +116,7 @@ def build_module(checkpoint: str | Path, *, merge_lora: bool = False, dtype: str
     if list(head.parameters()):
         from safetensors.torch import load_file
 
-        head.load_state_dict(load_file(str(ckpt / "pooling_head.safetensors")), strict=True)
+        head.load_state_dict(load_file(str(ckpt / HEAD_FILE)), strict=True)
     module = st_module.EmbedSweepsEncoder(backbone, tok, head.to(DTYPES[dtype]).eval(), settings)
     return module, dict(meta, config=cfg.to_dict())
 

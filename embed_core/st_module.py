@@ -23,9 +23,10 @@ from torch import nn
 from sentence_transformers.base.modules import InputModule
 
 # --- shared: begin (export.py replaces this block by the source of the named definitions)
-from embed_core.attention import attention_mask_4d, backbone_inputs, position_ids_from_mask, set_causal
-from embed_core.model import eos_rows, pad_ids
-from embed_core.pooling import LatentCrossAttention, eos_last, last_token_index, masked_mean
+# (attention_mask_4d, position_ids_from_mask, eos_rows, last_token_index: used by the others, copied with them)
+from embed_core.attention import attention_mask_4d, backbone_inputs, position_ids_from_mask, set_causal  # noqa: F401
+from embed_core.model import eos_rows, pad_ids  # noqa: F401
+from embed_core.pooling import LatentCrossAttention, eos_last, last_token_index, masked_mean  # noqa: F401
 # --- shared: end
 
 ADAPTER_DIR = "adapter"

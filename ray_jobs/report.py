@@ -729,8 +729,7 @@ def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
         lines.append(" ".join([" " * lw] + [h.rjust(w) for (_, _, h), w in zip(cols, widths)]))
         for label, cells in table:
             lines.append(" ".join([label.ljust(lw)] + [x.rjust(w) for x, w in zip(cells, widths)]))
-        if legend:
-            lines.append("tasks: " + "; ".join(legend))
+        lines += ["tasks: " + "; ".join(legend)] if legend else []
         if not tasks:
             lines.append(f"({len(g.tasks)} tasks: per-task differences and tests in the report)")
         if g.skipped:

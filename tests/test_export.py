@@ -179,3 +179,43 @@ def test_best_per_base_model_from_a_sweep_report(tmp_path, tiny_base) -> None:
     out = export_checkpoint(best, tmp_path / "alone")
     assert "## Evaluation (from the sweep)" in (out / "README.md").read_text()
     assert (folder / "modules.json").is_file() and list(folder.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_gguf_base_exports_real_safetensors(tmp_path) -> None:
+    """The `smollm2-135m` alias is a GGUF: the folder holds the converted backbone (its kept layers) as
+    safetensors, names the hub model it came from, and matches the checkpoint outside the project."""
+    from embed_core.config import EmbedConfig
+    from embed_core.model import EmbeddingModel
+    from tests.conftest import randomize_lora_b
+
+    m = EmbeddingModel.from_config(EmbedConfig(truncate_layers=2, lora_r=4, pooling="eos_last", max_length=32))
+    randomize_lora_b(m, 0.05)
+    ckpt = m.save(tmp_path / "ckpt")
+    out = export_checkpoint(ckpt, tmp_path / "st", merge_lora=True)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["num_hidden_layers"] == 2 and "quantization_config" not in conf
+    assert (out / "model.safetensors").stat().st_size > 50e6 and not list(out.rglob("*.gguf"))
+    card = (out / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+    ref = _reference(ckpt)
+    (got,) = _load_outside_project(tmp_path, [out])
+    assert float(np.abs(ref["docs"] - got["docs"]).max()) <= 1e-5
+    assert float(np.abs(ref["queries"] - got["queries"]).max()) <= 1e-5
+
+
+def test_prompts_follow_the_query_template_and_mteb_keys() -> None:
+    from embed_core.config import EmbedConfig
+    from embed_core.errors import ConfigError
+    from embed_core.export import prompts
+    from embed_core.mteb_encoder import TASK_INSTRUCTIONS
+
+    cfg = EmbedConfig()
+    p = prompts(cfg)
+    for text, instruction in (("q", TYPE_INSTRUCTIONS["Retrieval"]), ("a b", TASK_INSTRUCTIONS["SciFact"])):
+        key = "query" if instruction == TYPE_INSTRUCTIONS["Retrieval"] else "SciFact-query"
+        assert p[key] + text == cfg.format_query(text, instruction)
+    assert p["document"] == p["SciFact-document"] == p["Retrieval-document"] == ""  # documents: no instruction
+    assert p["STSBenchmark"] == cfg.format_query("", TASK_INSTRUCTIONS["STSBenchmark"])  # symmetric: both sides
+    with pytest.raises(ConfigError, match="does not end with"):
+        prompts(EmbedConfig(query_template="{text} ({instruction})"))
