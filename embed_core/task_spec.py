@@ -32,6 +32,8 @@ Reranking              corpus, queries, qrels, candidates   as Retrieval + candi
 =====================  ===================================  ======================================================
 
 Retrieval defaults follow BEIR: corpus ``_id/title/text``, queries ``_id/text``, qrels ``query-id/corpus-id/score``.
+Labels are typed alike in every format: a .csv / .tsv label cell is read as the JSON value it spells ('3' -> 3,
+'0.5' -> 0.5), so a float class is refused whether it came from .jsonl or .csv. Every key: README "Bring your own task".
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ _COLUMNS: dict[str, dict[str, tuple[str, str, bool]]] = {
     "Reranking": {**_RET_COLS, "candidates_query_id": ("query-id", "candidates", True),
                   "candidates_doc_id": ("corpus-id", "candidates", True)},
 }
+_DELIMITED = (".csv", ".tsv")  # text cells: typed on reading (see _read_spec_rows)
 _SPEC_KEYS = {"name", "type", "split", "main_score", "files", "columns", "description", "languages",
               "min_score", "max_score", "samples_per_label", "n_experiments"}
 
@@ -223,6 +226,9 @@ def load_spec(spec: str | os.PathLike | Mapping) -> TaskRef:
     for k in ("min_score", "max_score"):
         if k in raw and (isinstance(raw[k], bool) or not isinstance(raw[k], (int, float))):
             raise err(k, f"must be a number, got {raw[k]!r}")
+    lo, hi = raw.get("min_score", 0), raw.get("max_score", 5)
+    if ttype == "STS" and not lo < hi:
+        raise err("max_score", f"must be above min_score (mteb divides by max_score - min_score), got {lo} and {hi}")
     for k in ("samples_per_label", "n_experiments"):
         if k in raw and (isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 1):
             raise err(k, f"must be an int >= 1, got {raw[k]!r}")
@@ -234,18 +240,18 @@ def load_spec(spec: str | os.PathLike | Mapping) -> TaskRef:
     abs_files: dict[str, str] = {}
     data: dict[str, list[dict]] = {}
     h = hashlib.sha256()
+    col = {role: columns.get(role, default) for role, (default, _f, _r) in roles.items()}
     for k in need_files:
         p = Path(os.path.expanduser(str(files[k])))
         p = p if p.is_absolute() else (base / p)
         if not p.is_file():
             raise DataError(f"{where}: files.{k}: file {str(p)!r} does not exist")
-        rows = _read_rows(p, f"{where}: files.{k}")
+        rows = _read_spec_rows(p, f"{where}: files.{k}", col)
         if not rows:
             raise DataError(f"{where}: files.{k}: file {str(p)!r} has no rows (empty {'split' if k in (split, 'train') else 'file'})")
         abs_files[k] = str(p.resolve())
         data[k] = rows
         h.update(k.encode() + b"\0" + p.read_bytes())
-    col = {role: columns.get(role, default) for role, (default, _f, _r) in roles.items()}
     for role, (default, fkey, required) in roles.items():
         keys = need_files if fkey == "*" else [split if fkey == _SPLIT else fkey]
         for k in keys:
@@ -297,6 +303,19 @@ def _read_rows(p: Path, where: str) -> list[dict]:
         raise DataError(f"{where}: {str(p)!r} is not UTF-8 text: {e}") from None
     if not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{where}: {str(p)!r}: every row must be an object / mapping of column -> value")
+    return rows
+
+
+def _read_spec_rows(p: Path, where: str, col: dict[str, str]) -> list[dict]:
+    """A spec file's rows with labels typed the same whatever the format: a .csv / .tsv cell is text, so its
+    label column is read as a JSON value would be ('3' -> 3, '0.5' -> 0.5, 'neg' -> 'neg') and then checked
+    like a .jsonl label (a float label is refused for Classification / Clustering in both)."""
+    rows = _read_rows(p, where)
+    label = col.get("label")
+    if p.suffix in _DELIMITED and label is not None:
+        for r in rows:
+            if label in r:
+                r[label] = _from_text(r[label])
     return rows
 
 
@@ -402,7 +421,7 @@ def _spec_load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
     if self.data_loaded:
         return
     spec, col, split = self._spec, self._spec["columns"], self._spec["split"]
-    rows = {k: _read_rows(Path(p), k) for k, p in spec["files"].items()}
+    rows = {k: _read_spec_rows(Path(p), k, col) for k, p in spec["files"].items()}
     t = self.metadata.type
     if t in ("STS", "PairClassification"):
         r = rows[split]

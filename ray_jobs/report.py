@@ -681,6 +681,22 @@ def _abbrev(name: str, width: int = 12) -> str:
     return name if len(name) <= width else name[: width - 1] + "~"
 
 
+def _headers(names: list[str], width: int) -> tuple[list[str], list[str]]:
+    """Column headers of at most `width` characters that tell the names apart, and a legend for the cut ones.
+
+    A name that fits stays as is (after the usual abbreviations); names that had to be cut, or whose
+    abbreviations collide, get a number and a legend line (``[1] = AmazonCounterfactualClassification``)."""
+    short = [_abbrev(n, width) for n in names]
+    clash = {h for h in short if short.count(h) > 1}
+    need = [i for i, (n, h) in enumerate(zip(names, short)) if h.endswith("~") and h != n or h in clash]
+    legend = []
+    for k, i in enumerate(need, 1):
+        tag = f"[{k}]"
+        short[i] = _abbrev(names[i], width - len(tag)) + tag
+        legend.append(f"{tag} = {names[i]}")
+    return short, legend
+
+
 def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
     """A compact plain-text table per base model: configs x tasks (when at most `max_tasks`) and categories,
     the baseline in absolute terms, other configs as differences to it; ``*`` marks a difference that is
@@ -691,7 +707,8 @@ def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
     for g in summary.groups:
         tasks = g.tasks if len(g.tasks) <= max_tasks else []
         cats = g.category_names
-        cols: list[tuple[str, str, str]] = [("task", t, _abbrev(t)) for t in tasks]
+        task_heads, legend = _headers(tasks, 14)
+        cols: list[tuple[str, str, str]] = [("task", t, h) for t, h in zip(tasks, task_heads)]
         cols += [("cat", c, _abbrev(f"{c}({len(g.tasks_of(c))})", 14)) for c in cats]
         cols += [("all", "", "mean")]
         if g.baseline_present:
@@ -729,6 +746,7 @@ def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
         lines.append(" ".join([" " * lw] + [h.rjust(w) for (_, _, h), w in zip(cols, widths)]))
         for label, cells in table:
             lines.append(" ".join([label.ljust(lw)] + [x.rjust(w) for x, w in zip(cells, widths)]))
+        lines += ["tasks: " + "; ".join(legend)] if legend else []
         if not tasks:
             lines.append(f"({len(g.tasks)} tasks: per-task differences and tests in the report)")
         if g.skipped:

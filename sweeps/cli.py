@@ -6,6 +6,8 @@
     python -m sweeps report SWEEP_DIR        # stage 4 alone, on results/ (+ trials.json)
     python -m sweeps presets                 # list the shipped presets
     python -m sweeps check CONFIG            # validate a config (and its models / data) without running
+    python -m sweeps export CHECKPOINT OUT [--merge-lora] [--dtype bf16]   # a sentence-transformers folder
+    python -m sweeps export SWEEP_DIR --best OUT_DIR                        # each base model's best checkpoint
 
 CONFIG is a YAML file or a preset name (``demo``, ``paper``, ...). Locally an embedded Ray starts on demand;
 under ``ray job submit --working-dir . -- python -m sweeps run CONFIG`` the job connects to its cluster.
@@ -53,7 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="the merged sweep folder (created, or added to)")
     m.add_argument("parts", nargs="+", help="sweep folders of the parts")
     sub.add_parser("presets", help="list the shipped presets")
+    e = sub.add_parser("export", help="write a checkpoint (or a sweep's best ones) as a sentence-transformers folder")
+    e.add_argument("source", help="a checkpoint folder (a saved model), or with --best a sweep folder")
+    e.add_argument("out", nargs="?", help="the folder to write (must not exist or be empty)")
+    e.add_argument("--best", metavar="OUT_DIR", default=None,
+                   help="export the best checkpoint per base model of the sweep SOURCE into OUT_DIR/<model>__<design>")
+    e.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter into the base weights")
+    e.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="stored weight dtype")
     return p
+
+
+def _export(args) -> int:
+    from embed_core import export
+
+    if args.best is not None:
+        if args.out is not None:
+            print("error: with --best give the output folder once, as --best OUT_DIR", file=sys.stderr)
+            return 2
+        for path in export.export_best(args.source, args.best, merge_lora=args.merge_lora, dtype=args.dtype):
+            print(f"wrote {path}")
+        return 0
+    if args.out is None:
+        print("error: export CHECKPOINT OUT: the output folder is missing", file=sys.stderr)
+        return 2
+    print(f"wrote {export.export_checkpoint(args.source, args.out, merge_lora=args.merge_lora, dtype=args.dtype)}")
+    return 0
 
 
 def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
@@ -93,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
                 print(f"{name:24s} {first}")
             return 0
+        if args.command == "export":
+            return _export(args)
         if args.command in ("run", "check"):
             from sweeps.config import load_sweep_config
 

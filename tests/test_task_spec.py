@@ -94,7 +94,7 @@ def _write(spec_dir: Path, name: str, text: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "unknown_type", "empty_split", "label_type",
-                                  "pair_label_type", "score_type", "qrels_unknown_doc"])
+                                  "csv_label_type", "pair_label_type", "score_type", "qrels_unknown_doc"])
 def test_bad_specs_name_the_file_and_the_field(spec_dir, case) -> None:
     import ray
 
@@ -117,6 +117,10 @@ def test_bad_specs_name_the_file_and_the_field(spec_dir, case) -> None:
         _jsonl(spec_dir / "floats.jsonl", [{"utterance": "x y", "intent": 0.5}])
         spec, err, expect = _write(spec_dir, "s.yaml", base % ("floats.jsonl", cols)), DataError, \
             ["columns.label", "floats.jsonl", "row 1", "float"]
+    elif case == "csv_label_type":  # a .csv cell is text: '0.5' is typed like the .jsonl float above
+        (spec_dir / "floats.csv").write_text("utterance,intent\nx y,0.5\nz w,1.5\nv u,2.5\n")
+        spec, err, expect = _write(spec_dir, "s.yaml", base % ("floats.csv", cols)), DataError, \
+            ["columns.label", "floats.csv", "row 1", "float"]
     elif case == "pair_label_type":
         _jsonl(spec_dir / "p.jsonl", [{"sentence1": "a", "sentence2": "b", "label": "yes"}])
         spec, err, expect = _write(spec_dir, "s.json", json.dumps(
@@ -139,6 +143,23 @@ def test_bad_specs_name_the_file_and_the_field(spec_dir, case) -> None:
         evaluate_checkpoints([reference_spec()], [spec], spec_dir / "results", show_progress=False)
     assert not ray.is_initialized()
     assert not (spec_dir / "results" / "reference__all-MiniLM-L6-v2").exists()
+
+
+def test_csv_and_jsonl_labels_are_typed_alike(spec_dir) -> None:
+    """Integer labels in a .csv train file and a .jsonl test file are one label set (no 'labels mix types')."""
+    rows = [json.loads(x) for x in (spec_dir / "intents_test.jsonl").read_text().splitlines() if x.strip()]
+    ints = sorted({r["intent"] for r in rows})
+    ids = {lab: i for i, lab in enumerate(ints)}
+    _jsonl(spec_dir / "int_test.jsonl", [{"utterance": r["utterance"], "intent": ids[r["intent"]]} for r in rows])
+    (spec_dir / "int_train.csv").write_text("utterance,intent\n" + "".join(
+        f"{r['utterance'].replace(',', ' ')},{ids[r['intent']]}\n" for r in rows))
+    spec = _write(spec_dir, "ints.yaml", "name: IntLabels\ntype: Classification\nfiles: {train: int_train.csv, "
+                  "test: int_test.jsonl}\ncolumns: {text: utterance, label: intent}\n")
+    (ref,) = resolve_tasks([spec])
+    task = ref.build()
+    task.load_data()
+    train = task.dataset["default"]["train"]["label"]
+    assert sorted(set(train)) == list(range(len(ints)))  # one id per label: '1' (csv) and 1 (jsonl) are the same
 
 
 def test_unknown_task_name_and_duplicates() -> None:
@@ -164,3 +185,30 @@ def test_job_arguments_are_checked_before_ray(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not a saved EmbeddingModel folder"):
         evaluate_checkpoints([bad], ["STSBenchmark"], tmp_path)
     assert not ray.is_initialized()
+
+
+def test_a_spec_reproduces_banking77(tmp_path, data_dir) -> None:
+    """The README's example: the spec's dataset is the local mteb Banking77Classification's, row for row, with
+    the same label ids and probe settings (so the same scores)."""
+    from embed_core.mteb_tasks import local_task
+
+    folder = data_dir / "banking77"
+    spec = _write(tmp_path, "banking77.yaml", f"name: MyBanking77\ntype: Classification\nsplit: test\n"
+                  f"main_score: accuracy\nfiles: {{train: {folder}/train.csv, test: {folder}/test.csv}}\n"
+                  "columns: {text: text, label: category}\nsamples_per_label: 8\nn_experiments: 10\n")
+    (ref,) = resolve_tasks([spec])
+    mine, official = ref.build(), local_task("Banking77Classification", data_dir)
+    for t in (mine, official):
+        t.load_data()
+    ds_mine, ds_official = mine.dataset["default"], official.dataset.get("default", official.dataset)
+    for split in ("train", "test"):
+        assert ds_mine[split]["text"] == ds_official[split]["text"]
+        assert ds_mine[split]["label"] == ds_official[split]["label"]
+    assert (mine.samples_per_label, mine.n_experiments) == (official.samples_per_label, official.n_experiments)
+
+
+def test_sts_score_range_must_be_a_range(spec_dir) -> None:
+    spec = _write(spec_dir, "r.yaml", "name: R\ntype: STS\nfiles: {test: sts.jsonl}\n"
+                  "columns: {sentence1: a, sentence2: b, score: sim}\nmin_score: 5\nmax_score: 5\n")
+    with pytest.raises(ConfigError, match="max_score"):
+        resolve_tasks([spec])
