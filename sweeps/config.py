@@ -309,11 +309,11 @@ class SweepConfig:
 
     def cells(self) -> list[Cell]:
         every = [Cell(m, p, a, s) for m, (p, a), s in itertools.product(self.base_models, self.designs, self.seeds)]
-        return [c for c in every if all(str(getattr(c, k)) == v for k, v in self.part.items())]
+        return [c for c in every if all(str(getattr(c, k)) in v.split("|") for k, v in self.part.items())]
 
     def with_part(self, spec: str) -> "SweepConfig":
         """This sweep restricted to the cells matching ``key=value[,key=value]`` over base_model, pooling, attention,
-        design, seed: one part of a sweep run on its own (another machine, a time-limited job) and merged with the
+        design, seed (``seed=1|2``: either value): one part of a sweep run on its own (another machine, a time-limited job) and merged with the
         others afterwards (`python -m sweeps merge`). The config, and so its fingerprint, stay those of the whole."""
         part = {}
         for item in filter(None, (x.strip() for x in spec.split(","))):

@@ -20,6 +20,7 @@ def test_study_preset_runs_in_parts():
     seed0 = study.with_part("seed=0")
     assert len(seed0.cells()) == 10 and {c.seed for c in seed0.cells()} == {0}
     assert seed0.fingerprint() == study.fingerprint()  # a part is the same sweep
+    assert {c.seed for c in study.with_part("seed=1|2").cells()} == {1, 2}
     one = study.with_part("base_model=gemma3-270m, design=multi_layer_trainable+bidirectional")
     assert [(c.base_model, c.design) for c in one.cells()] == [("gemma3-270m", "multi_layer_trainable+bidirectional")] * 3
     with pytest.raises(ConfigError, match="expected key=value"):
