@@ -46,6 +46,10 @@ def _apply_lora(backbone: nn.Module, cfg: EmbedConfig, targets: list[str]) -> nn
     return get_peft_model(backbone, lcfg, autocast_adapter_dtype=False)
 
 
+# config fields that change how a model runs, not what it computes (the checkpoint's fingerprint keeps its name)
+RUNTIME_FIELDS = frozenset({"attn_implementation", "compile", "pack_tokens", "fused_lora"})
+
+
 class EmbeddingModel(nn.Module):
     """backbone (PeftModel when lora_r > 0) + pooling head + tokenizer + config."""
 
@@ -269,11 +273,15 @@ class EmbeddingModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, base_model: str | None = None,
-             trainable: bool = False) -> "EmbeddingModel":
-        """Load a saved directory. `base_model` overrides where the backbone comes from (other machine)."""
+             trainable: bool = False, runtime: dict | None = None) -> "EmbeddingModel":
+        """Load a saved directory. `base_model` overrides where the backbone comes from (other machine);
+        `runtime` overrides how it runs (``attn_implementation``, ``compile``, ``pack_tokens``: the same function)."""
         path = Path(path)
         meta = read_meta(path)
-        cfg = EmbedConfig.from_dict(meta["config"])
+        bad = sorted(set(runtime or {}) - RUNTIME_FIELDS)
+        if bad:
+            raise ConfigError(f"EmbeddingModel.load runtime overrides may only set {sorted(RUNTIME_FIELDS)}, got {bad}")
+        cfg = EmbedConfig.from_dict({**meta["config"], **(runtime or {})})
         if base_model is not None:
             cfg.base_model = base_model
         pre = preflight(cfg)

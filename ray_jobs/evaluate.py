@@ -413,10 +413,19 @@ def _load_encoder(spec: layout.CheckpointSpec, revision: str, batch_size: int, d
         return enc
     from embed_core.model import EmbeddingModel
     from embed_core.mteb_encoder import make_encoder
-    model = EmbeddingModel.load(spec.path, device=device)
-    # one (checkpoint, task) pass embeds each text once: compiling the layers would cost more than it saves
-    model.cfg.compile = False
+    model = EmbeddingModel.load(spec.path, device=device, runtime=eval_runtime(spec.path, device))
     return make_encoder(model, name=spec.name, revision=revision, batch_size=batch_size)
+
+
+def eval_runtime(checkpoint: str, device: str) -> dict:
+    """How a checkpoint runs in one (checkpoint, task) pass, which embeds each text once: no compiled layers (their
+    compile time would exceed the pass), and packed texts through varlen FlashAttention on a GPU rather than
+    FlexAttention (whose kernel is compiled per process). The same function as the trained model's."""
+    from embed_core.model import read_meta
+
+    cfg = read_meta(Path(checkpoint))["config"]
+    packed_flex = cfg.get("packing") and cfg.get("attn_implementation") == "flex_attention"
+    return {"compile": False, **({"attn_implementation": "flash_varlen"} if packed_flex and device == "cuda" else {})}
 
 
 # ====================================================================================== per-instance scores

@@ -192,3 +192,20 @@ def test_smollm2_eos_embeddings_are_semantic():
     model = EmbeddingModel.from_config(EmbedConfig(lora_r=0, max_length=64))
     e = model.encode(["A man is playing a guitar.", "A person plays the guitar.", "The stock market fell sharply."])
     assert e[0] @ e[1] > e[0] @ e[2]
+
+
+def test_load_runtime_overrides_change_how_not_what(tiny_dirs, tmp_path):
+    """Evaluation loads checkpoints without compiled layers (and on a GPU through varlen attention): runtime
+    fields only; anything that would change the function is refused."""
+    from embed_core.errors import ConfigError
+
+    from .conftest import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tiny_dirs["llama"], tmp_path / "ckpt", compile=True)
+    plain = EmbeddingModel.load(ckpt)
+    fast = EmbeddingModel.load(ckpt, runtime={"compile": False})
+    assert plain.cfg.compile and not fast.cfg.compile
+    texts = ["a red car", "the blue house by the river"]
+    np.testing.assert_allclose(fast.encode(texts), plain.encode(texts), atol=1e-6)
+    with pytest.raises(ConfigError, match="runtime overrides"):
+        EmbeddingModel.load(ckpt, runtime={"pooling": "mean"})
