@@ -6,6 +6,7 @@ tmp_path, never to the home folder.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import pickle
 import shutil
@@ -354,3 +355,36 @@ def test_stsbenchmark_end_to_end_reproduces_published_score(minilm, tmp_path, no
     # a second run is answered from the cache (no re-encoding)
     again = mteb.evaluate(minilm, [task], cache=cache, show_progress_bar=False, co2_tracker=False)
     assert again.task_results[0].scores["test"][0]["cosine_spearman"] == pytest.approx(score)
+
+
+@pytest.mark.filterwarnings("ignore:The task 'SummEval' is superseded", "ignore:The used Evaluator is deprecated")
+def test_new_task_types_give_instances_that_reproduce_mteb_and_report_categories(minilm, tmp_path) -> None:
+    """Summarization (per-text correlation, SummEval's deprecated evaluator) and pair classification (per-pair
+    similarity, AP) instances from mteb's saved predictions reproduce mteb's main score; the report files them
+    under their mteb task type."""
+    from ray_jobs import layout
+    from ray_jobs.evaluate import instance_scores
+    from ray_jobs.report import load_results
+
+    tasks = [mt.local_task("SummEval", subsample=8), mt.local_task("TwitterURLCorpus", subsample=40),
+             mt.local_task("STS17", subsample=30)]
+    res = mteb.evaluate(minilm, tasks, cache=None, prediction_folder=tmp_path / "pred", show_progress_bar=False,
+                        co2_tracker=False)
+    rev_dir = layout.result_dir(tmp_path / "results", "m/base", "r1")
+    for task, tr in zip(tasks, res.task_results):
+        preds = json.loads((tmp_path / "pred" / f"{task.metadata.name}_predictions.json").read_text())
+        task.load_data()
+        (inst,) = instance_scores(task, tr, preds)  # raises DataError unless the aggregate equals mteb's
+        assert inst.score() == pytest.approx(tr.get_score(), abs=1e-6)
+        inst.write(rev_dir)
+        tr.to_disk(rev_dir / f"{task.metadata.name}.json")
+        if task.metadata.name == "SummEval":
+            assert inst.aggregate == "mean" and set(inst.ids) <= set(task.dataset["test"]["id"])
+        if task.metadata.name == "STS17":
+            assert inst.subset == "en-en"
+    layout.RunLabels(config="eos_last+causal", base_model="b").write(rev_dir)
+    shutil.copytree(rev_dir, layout.result_dir(tmp_path / "results", "m/other", "r1"))
+    layout.RunLabels(config="mean+bidirectional", base_model="b").write(
+        layout.result_dir(tmp_path / "results", "m/other", "r1"))
+    loaded = load_results(tmp_path / "results")
+    assert loaded.categories == {"STS17": "STS", "SummEval": "Summarization", "TwitterURLCorpus": "PairClassification"}

@@ -30,7 +30,7 @@ import random
 import re
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
@@ -40,7 +40,7 @@ from scipy import sparse
 from ..errors import ConfigError, DataError
 from ..paths import data_dir as resolve_data_dir
 from . import eval_guard, sources
-from .format import TrainExample, normalize_text, read_jsonl, write_jsonl
+from .format import TrainExample, normalize_text, write_jsonl
 
 __all__ = [
     "BUILDERS",
