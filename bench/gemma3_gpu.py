@@ -3,7 +3,11 @@ head_dim 256) + fused LoRA + compiled layers, bf16, causal and bidirectional, do
 sliding window. The weights are random (the real ones do not travel to the device machine); the config and the
 tokenizer are gemma-3-270m's (`.devmodel_gemma/`: config.json + tokenizer files of the converted alias).
 
-    python3 -m bench.gemma3_gpu --model-dir .devmodel_gemma --out $OUT/gemma3_gpu.json
+    # here: the converted alias's config + tokenizer, and peft as a wheel (the device image lacks it)
+    mkdir -p .devmodel_gemma .whl && cp $EMBED_CACHE_DIR/models/gemma-3-270m-q4_k_m-*/{config.json,tokenizer*.json} .devmodel_gemma/
+    pip download --no-deps -d .whl peft==0.21.2
+    # there (carry .devmodel_gemma and .whl):
+    pip install --no-deps .whl/peft-*.whl && python3 -m bench.gemma3_gpu --model-dir .devmodel_gemma --out $OUT/gemma3_gpu.json
 
 Checks: packed (FlexAttention) embeddings == padded (SDPA, per-layer-type 4D masks) embeddings, cosine per text;
 LoRA gradients finite and close; then times a few packed training steps.
