@@ -4,7 +4,7 @@
     storage_path: runs/sweeps              # local or shared filesystem; the sweep lives in <storage_path>/<name>
     seeds: [0]                             # replicate seeds: each is its own grid cell
     grid:
-      base_models: [smollm2-135m]          # hub ids, local dirs, .gguf files or smollm2-135m
+      base_models: [smollm2-135m]          # hub ids, local dirs, .gguf files, smollm2-135m or gemma3-270m
       designs: [eos_last+causal, multi_layer_trainable+bidirectional]   # or pooling: [...] x attention: [...]
     model: {max_length: 64, truncate_layers: 8}    # EmbedConfig fields shared by every trial
     search:                                # inside each cell: Optuna TPE over what is a range or a list
