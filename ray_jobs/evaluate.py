@@ -320,7 +320,9 @@ def _run_plan(plan, root: Path, run_tmp: Path, summary: EvalSummary, *, num_cpus
             bar.close()
     finally:
         if started:
-            ray.shutdown()
+            from .ray_cluster import shutdown
+
+            shutdown()
 
 
 def _root_cause(err: BaseException) -> str:

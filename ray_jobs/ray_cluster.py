@@ -62,8 +62,9 @@ def start_or_connect(address: str | None = None, **kwargs):
     global _exported
     import ray
 
-    if ray.is_initialized():
-        export_address()
+    if ray.is_initialized():  # the caller's Ray: its address for our subprocesses, unless the caller gave one
+        if not os.environ.get(ADDRESS_ENV):
+            _exported = export_address()
         return None
     target = given_address(address)
     if target:
@@ -82,6 +83,18 @@ def start_or_connect(address: str | None = None, **kwargs):
     if not target:
         _exported = exported
     return started
+
+
+def shutdown() -> None:
+    """Shut down the Ray this process started, and take its address back out of $RAY_ADDRESS (a subprocess
+    started later would try to connect to the dead cluster)."""
+    global _exported
+    import ray
+
+    ray.shutdown()
+    if _exported is not None and os.environ.get(ADDRESS_ENV) == _exported:
+        del os.environ[ADDRESS_ENV]
+    _exported = None
 
 
 def export_address() -> str:

@@ -898,7 +898,17 @@ def run_pipeline(sweep: SweepConfig, resume: bool = False, stages: tuple[str, ..
 
 
 def _record_from_files(sweep: SweepConfig, err: BaseException) -> None:
-    """After the training driver failed: trials.json from the trials' files (unfinished ones INTERRUPTED)."""
+    """After the training driver failed: trials.json from the trials' files (unfinished ones INTERRUPTED), and
+    whether the sweep's disk is full (Tune then fails in ways that do not say so, e.g. EOFError)."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(sweep.sweep_dir).free
+        if free < 64 * 2**20:
+            _say(f"the disk holding {sweep.sweep_dir} is full ({free / 2**20:.1f} MiB free): free space, then "
+                 f"{resume_hint(sweep)}")
+    except OSError:
+        pass
     try:
         rows = trial_statuses(sweep.sweep_dir)
         recs = [layout.TrialRecord(trial_id=r.trial_id, cell=r.cell, config="", base_model="", lora_r=int(r.lora_r),

@@ -332,3 +332,38 @@ def test_ctrl_c_beside_another_ray_stops_then_resume_runs_each_trial_once(tmp_pa
     assert "multiple active Ray instances" not in logs
     assert "WorkerGroupStartupTimeoutError" not in logs
     shutil.rmtree(raytmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_full_disk_mid_training_ends_with_a_clear_record(tmp_path, tiny) -> None:
+    """Item 4: the storage fills up while a trial trains. Not recovered from (README): the driver must end (no
+    hang), say the disk is full and how to go on, and leave trials.json when space allows it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        cfg = write_config(tmp_path / "f.yaml", tiny, disk / "runs", "full", ["eos_last+causal"],
+                           training={"max_steps": 40, "checkpoint_every": 2})
+        log = tmp_path / "full.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(sweep_cmd("run", str(cfg), "--stages", "train"), cwd=REPO, env=_env(),
+                                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for(lambda: any((disk / "runs" / "full" / "train").glob("*/checkpoint_*")), 600, proc, log)
+            with open(disk / "filler", "wb") as f:  # take every byte that is left
+                try:
+                    while True:
+                        f.write(b"\0" * 2**20)
+                except OSError:
+                    pass
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        out = log.read_text()
+        assert rc != 0, out[-4000:]
+        assert "is full" in out and "--resume" in out, out[-4000:]
+        (disk / "filler").unlink()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
