@@ -234,6 +234,7 @@ def main() -> int:
         return 0
     start = time.time()
     deadline = start + args.time_limit
+    from ray_jobs.sweep import compile_cache_env
     from sweeps.config import load_sweep_config
 
     sweep = load_sweep_config(args.config, args.sets, args.storage)
@@ -257,7 +258,8 @@ def main() -> int:
                             *(["--part", args.part] if args.part else []), *[f"--set={x}" for x in args.sets],
                             "--out", args.out,
                             "--isolated-steps", str(args.isolated_steps), "--warmup", str(args.warmup)],
-                           cwd=REPO, capture_output=True, text=True, timeout=max(60, deadline - time.time()))
+                           cwd=REPO, capture_output=True, text=True, timeout=max(60, deadline - time.time()),
+                           env={**os.environ, **compile_cache_env(sweep.sweep_dir)})  # the trials reuse its kernels
         log.write(r.stderr[-20000:])
         out["isolated"] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-3000:]}
         out["isolated"]["wall_s"] = round(time.time() - t, 1)
