@@ -81,7 +81,8 @@ def isolated(config: str, part: str | None, sets: list[str], steps: int, warmup:
     sweep = sweep.with_part(part) if part else sweep
     cell = sweep.cells()[0]
     tcfg = sweep.train_config(cell, *sweep.probe_values()).replace(
-        max_steps=warmup + steps, eval_every=0, checkpoint_every=0, checkpoint_every_s=0.0, log_dir=None)
+        max_steps=warmup + steps, warmup_steps=0, eval_every=0, checkpoint_every=0, checkpoint_every_s=0.0,
+        log_dir=None)
     examples = load_examples(tcfg)
     init_single_process_group("nccl" if torch.cuda.is_available() else "gloo")
     t0 = time.time()
@@ -181,9 +182,15 @@ def memory_estimates(sweep) -> dict:
 
 # ====================================================================================== the run
 def versions() -> dict:
-    import importlib.metadata as md
+    import importlib
 
-    return {p: md.version(p) for p in ("torch", "transformers", "peft", "deepspeed", "ray", "mteb", "optuna")}
+    def version(name: str) -> str:
+        try:
+            return str(importlib.import_module(name).__version__)
+        except Exception as err:  # noqa: BLE001 - a missing version is not worth the run
+            return f"unknown ({type(err).__name__})"
+
+    return {p: version(p) for p in ("torch", "transformers", "peft", "deepspeed", "ray", "mteb", "optuna")}
 
 
 def device_name() -> str:

@@ -46,10 +46,10 @@ def memory_plan(sweep: SweepConfig, examples: list) -> dict[str, MemoryEstimate]
     """cell key -> estimate, for the most demanding cell of each base model (designs differ only by the small
     pooling head; the base model and the data decide)."""
     plan: dict[str, MemoryEstimate] = {}
-    for model in sweep.base_models:
+    for model in dict.fromkeys(c.base_model for c in sweep.cells()):  # the models of this part of the sweep
         cells = [c for c in sweep.cells() if c.base_model == model]
-        best = max((trial_memory(sweep, c, examples) for c in cells[:: max(1, len(sweep.seeds))]),
-                   key=lambda e: e.total_gib)
+        one_per_design = {c.design: c for c in cells}.values()
+        best = max((trial_memory(sweep, c, examples) for c in one_per_design), key=lambda e: e.total_gib)
         plan[model] = best
     return plan
 

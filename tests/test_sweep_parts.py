@@ -72,3 +72,32 @@ def test_bench_throughput_counts_concurrent_trials():
     out = throughput({"a": hist(100.0, 11), "b": hist(100.2, 11)}, iso_tokens_per_s=1000.0)
     assert out["in_sweep_step_s"] == pytest.approx(1.0)
     assert out["concurrent_trials_median"] == 2 and out["in_sweep_vs_isolated"] == pytest.approx(2.0)
+
+
+def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
+    """A part's GPU plan estimates the base models it runs (a part of one model once crashed the GPU planning
+    with an empty max()); one estimate per model, the largest design's; the GPU share is raised only when needed."""
+    import yaml
+
+    from embed_core.memory import gpu_share
+    from embed_core.trainer import load_examples
+    from sweeps.config import load_sweep_config
+    from sweeps.resources import memory_plan
+
+    raw = {"name": "mem", "storage_path": str(tmp_path), "seeds": [0, 1],
+           "grid": {"base_models": [str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])],
+                    "designs": ["eos_last+causal", "multi_layer_trainable+bidirectional"]},
+           "model": {"max_length": 32}, "search": {"lora_r": 4, "lr": 1e-3},
+           "training": {"builders": ["stsb"], "max_per_source": 100, "batch_size": 8, "max_steps": 2, "packing": True,
+                        "eval_every": 1, "val_size": 8}}
+    (tmp_path / "mem.yaml").write_text(yaml.safe_dump(raw))
+    sweep = load_sweep_config(str(tmp_path / "mem.yaml")).with_part(f"base_model={tiny_dirs['qwen2']},seed=1")
+    examples = load_examples(sweep.train_config(sweep.cells()[0], *sweep.probe_values()))
+    plan = memory_plan(sweep, examples)
+    assert list(plan) == [str(tiny_dirs["qwen2"])]
+    est = plan[str(tiny_dirs["qwen2"])]
+    assert 0 < est.tokens_per_forward and est.total_gib > est.activations_gib > 0
+    assert gpu_share(10.0, 80.0, 0.125) == 0.125          # 10 GiB of an 80 GiB GPU holds it
+    assert gpu_share(12.0, 80.0, 0.125) == pytest.approx(1 / 6)  # raised to the largest 1/k that does
+    with pytest.raises(ValueError, match="needs"):
+        gpu_share(90.0, 80.0, 0.5)
