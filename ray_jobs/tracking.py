@@ -78,6 +78,8 @@ def callbacks(sweep: SweepConfig) -> list:
 
         wdir = sweep.sweep_dir / layout.WANDB_DIR
         wdir.mkdir(parents=True, exist_ok=True)
+        if wandb_mode(sweep) == "offline":  # Ray's callback asks for an API key unless WANDB_MODE says offline
+            os.environ["WANDB_MODE"] = "offline"
         out.append(WandbLoggerCallback(project=sweep.tracking.wandb.get("project") or WANDB_PROJECT,
                                        group=sweep.name, mode=wandb_mode(sweep), dir=str(wdir)))
     return out

@@ -1,5 +1,6 @@
 """Experiment tracking (``tracking:``): the section's validation, and one real tiny sweep logged by Ray Tune's own
-MLflowLoggerCallback into the sweep's MLflow store, read back with MLflow's client."""
+MLflowLoggerCallback into the sweep's MLflow store, read back with MLflow's client (and by WandbLoggerCallback,
+offline, into the sweep's wandb/ folder)."""
 from __future__ import annotations
 
 import math
@@ -62,8 +63,9 @@ def test_sweep_logs_trials_scores_and_report_to_mlflow(tmp_path, tiny_dirs) -> N
     from ray_jobs.sweep import read_sweep
 
     cfg = write_config(tmp_path / "t.yaml", tiny_dirs["llama"], tmp_path / "runs", "tracked", ["eos_last+causal"],
-                       training={"max_steps": 4, "eval_every": 2}, tracking={"mlflow": True})
-    p = run_cli("run", str(cfg), timeout=900)
+                       training={"max_steps": 4, "eval_every": 2},
+                       tracking={"mlflow": True, "wandb": {"mode": "offline"}})
+    p = run_cli("run", str(cfg), timeout=900, WANDB_API_KEY="")
     assert p.returncode == 0, p.stderr[-3000:]
     sweep_dir = tmp_path / "runs" / "tracked"
     assert (sweep_dir / "mlruns" / tracking.MLFLOW_DB).is_file()
@@ -86,3 +88,7 @@ def test_sweep_logs_trials_scores_and_report_to_mlflow(tmp_path, tiny_dirs) -> N
     assert math.isfinite(score) and -1 <= score <= 1
     assert [a.path for a in client.list_artifacts(report[0].info.run_id)] == ["summary.json"]
     assert "MLflow: MTEB scores of 1 trial(s)" in p.stdout
+    # W&B offline: Ray's WandbLoggerCallback wrote the trial's run (config + history) under <sweep>/wandb
+    offline = list((sweep_dir / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb")), offline
+    assert t.data.tags["trial_name"].endswith(offline[0].name.rsplit("-", 1)[-1])
