@@ -817,6 +817,10 @@ def init_ray(address: str | None = None, **kwargs) -> bool:
     if ctx is not None:
         url = getattr(ctx, "dashboard_url", None)
         _say(f"local Ray started at {os.environ.get('RAY_ADDRESS')}" + (f"; dashboard: http://{url}" if url else ""))
+    if kwargs.get("log_to_driver") is False:
+        from .console import worker_logs_dir
+
+        _say(f"workers' output (training, evaluation) goes to {worker_logs_dir()}/worker-*; --verbose shows it here")
     return ctx is not None
 
 

@@ -88,6 +88,10 @@ def test_sweep_logs_trials_scores_and_report_to_mlflow(tmp_path, tiny_dirs) -> N
     assert math.isfinite(score) and -1 <= score <= 1
     assert [a.path for a in client.list_artifacts(report[0].info.run_id)] == ["summary.json"]
     assert "MLflow: MTEB scores of 1 trial(s)" in p.stdout
+    # the quiet console (no --verbose): workers' lines stay in Ray's session logs, named at the start
+    out = p.stdout + p.stderr
+    assert "workers' output (training, evaluation) goes to" in p.stdout
+    assert "Reporting training result" not in out and "is superseded by" not in out, out[-3000:]
     # W&B offline: Ray's WandbLoggerCallback wrote the trial's run (config + history) under <sweep>/wandb
     offline = list((sweep_dir / "wandb" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb")), offline
