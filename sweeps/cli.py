@@ -130,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "part", None):
                 sweep = sweep.with_part(args.part)
             if args.command == "check":
+                from ray_jobs import tracking
                 from ray_jobs.sweep import check_evaluation_tasks
 
                 sizes = sweep.preflight(check_data=True)
                 check_evaluation_tasks(sweep)
+                tracking.check(sweep)
                 print(f"ok: {sweep.name}: {len(sweep.cells())} cells, {sweep.num_trials()} trials; "
                       f"training examples per seed {sizes}; sweep folder {sweep.sweep_dir}")
                 if sweep.resources.use_gpu is not False:

@@ -242,7 +242,8 @@ class TrackingSection:
     not what the sweep trains."""
 
     mlflow: dict | None = None   # {tracking_uri: null (= <sweep>/mlruns), experiment: null (= the sweep's name)}
-    wandb: dict | None = None    # {project: null (= embed-sweeps), mode: null (online iff WANDB_API_KEY) | offline | online}
+    wandb: dict | None = None    # {project: null (= embed-sweeps), mode: null (= online iff WANDB_API_KEY) | offline
+    #                              | online}
 
 
 def _opt_str(v: Any) -> bool:
