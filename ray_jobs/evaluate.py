@@ -350,9 +350,11 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, run_tmp: str, revision:
 
     from embed_core.mteb_encoder import cached
 
+    from .console import drop_superseded_warnings
+
     # noise in the worker logs: tiny quick subsamples leave labels unpredicted; the local tasks are the v1 ones
     warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
-    warnings.filterwarnings("ignore", message=".*is superseded by.*")
+    drop_superseded_warnings()
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     enc = cached(_load_encoder(spec, revision, batch_size, device))

@@ -14,6 +14,8 @@ Layout under the sweep's storage path (``<storage>/<sweep name>/``)::
     results/<model>/<revision>/run_labels.json      RunLabels: which design / seed / trial this is
     results/<model>/<revision>/instances/<Task>.json  InstanceScores: per-instance scores
     report/report.md, report.html, *.png            the significance report
+    mlruns/mlflow.db, mlruns/artifacts/             MLflow's store when ``tracking.mlflow`` has no tracking_uri
+    wandb/                                          W&B's run files (``tracking.wandb``; offline runs: wandb sync)
 
 ``<model>`` is the mteb model name with ``/`` replaced by ``__`` (mteb's rule) and ``<revision>`` the
 checkpoint's content fingerprint, so mteb's result cache never mixes two checkpoints.
@@ -74,6 +76,8 @@ REPORT_DIR = "report"
 LABELS_FILE = "run_labels.json"
 INSTANCES_DIR = "instances"
 DRIVER_FILE = "driver.json"  # the running sweep driver (pid, host; touched as a heartbeat)
+MLFLOW_DIR = "mlruns"  # the sweep's own MLflow store (SQLite + artifacts: MLflow 3 refuses a plain file store)
+WANDB_DIR = "wandb"
 #: files in a checkpoint's results folder that are not task results
 RESULT_META_FILES = ("model_meta.json", LABELS_FILE)
 #: written files are world-readable (a shared results folder is read by other users' reports)

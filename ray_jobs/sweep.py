@@ -37,7 +37,7 @@ from typing import Any
 from embed_core.errors import ConfigError
 from sweeps.config import Cell, SweepConfig, parse_sweep_config
 
-from . import layout
+from . import layout, tracking
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
                 trial_name_creator=trial_dirname),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.failure.trial_max_failures),
-                                      callbacks=[printer]),
+                                      callbacks=[printer, *tracking.callbacks(sweep)]),
         )
     with SigintWatch() as sigint:
         grid = tuner.fit()
@@ -799,6 +799,7 @@ def report_stage(sweep: SweepConfig):
                            trials=trials if trials.is_file() else None, baseline=sweep.report.baseline,
                            correction=sweep.report.correction, alpha=sweep.report.alpha)
     print(console_table(summary), flush=True)
+    tracking.log_report(sweep, summary.files["summary"])
     _say(f"report: {sweep_dir / layout.REPORT_DIR / 'report.html'}")
     return summary
 
@@ -816,6 +817,10 @@ def init_ray(address: str | None = None, **kwargs) -> bool:
     if ctx is not None:
         url = getattr(ctx, "dashboard_url", None)
         _say(f"local Ray started at {os.environ.get('RAY_ADDRESS')}" + (f"; dashboard: http://{url}" if url else ""))
+    if kwargs.get("log_to_driver") is False:
+        from .console import worker_logs_dir
+
+        _say(f"workers' output (training, evaluation) goes to {worker_logs_dir()}/worker-*; --verbose shows it here")
     return ctx is not None
 
 
@@ -875,6 +880,7 @@ def run_pipeline(sweep: SweepConfig, resume: bool = False, stages: tuple[str, ..
     t0 = time.time()
     if "evaluate" in stages:
         check_evaluation_tasks(sweep)  # a bad task name or spec fails now, not after hours of training
+    tracking.check(sweep)
     sweep_dir = prepare(sweep, resume=resume or "train" not in stages)
     _say(f"sweep {sweep.name}: {sweep_dir}")
     out: dict[str, Any] = {"sweep_dir": str(sweep_dir)}

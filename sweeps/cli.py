@@ -1,6 +1,6 @@
 """Command line of the sweep system.
 
-    python -m sweeps run CONFIG [--resume] [--storage PATH] [--set key.path=value ...] [--address ADDR]
+    python -m sweeps run CONFIG [--resume] [--storage PATH] [--set key.path=value ...] [--address ADDR] [--verbose]
     python -m sweeps status SWEEP_DIR | CONFIG
     python -m sweeps evaluate SWEEP_DIR      # stage 3 alone, on checkpoints.json
     python -m sweeps report SWEEP_DIR        # stage 4 alone, on results/ (+ trials.json)
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same config")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     r.add_argument("--stages", default="train,evaluate,report", help="comma-separated subset of the stages")
+    r.add_argument("--verbose", action="store_true", help="also show Ray workers' output here (Ray Train, DeepSpeed, "
+                   "transformers, mteb, tqdm); by default it stays in Ray's session logs")
     r.add_argument("--part", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                    help="run only the matching cells (base_model, pooling, attention, design, seed), e.g. "
                         "--part base_model=gemma3-270m; merge the parts' folders with `sweeps merge`")
@@ -128,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "part", None):
                 sweep = sweep.with_part(args.part)
             if args.command == "check":
+                from ray_jobs import tracking
                 from ray_jobs.sweep import check_evaluation_tasks
 
                 sizes = sweep.preflight(check_data=True)
                 check_evaluation_tasks(sweep)
+                tracking.check(sweep)
                 print(f"ok: {sweep.name}: {len(sweep.cells())} cells, {sweep.num_trials()} trials; "
                       f"training examples per seed {sizes}; sweep folder {sweep.sweep_dir}")
                 if sweep.resources.use_gpu is not False:
@@ -146,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             from ray_jobs.sweep import SweepInterrupted, resume_hint
 
+            from ray_jobs import console
+
+            console.setup_driver(args.verbose)
             try:
-                run_pipeline(sweep, resume=args.resume, stages=stages, ray_address=args.address)
+                run_pipeline(sweep, resume=args.resume, stages=stages, ray_address=args.address,
+                             ray_init_kwargs=console.ray_init_kwargs(args.verbose))
             except (SweepInterrupted, KeyboardInterrupt) as err:  # Ctrl-C: stop, say how to go on
                 print(f"interrupted: {err or 'Ctrl-C'}; {resume_hint(sweep)}", file=sys.stderr, flush=True)
                 return 130

@@ -17,6 +17,7 @@
     failure: {train_max_failures: 1, trial_max_failures: 0}
     evaluation: {tasks: [STSBenchmark, SciFact], quick: true, num_cpus: 1, num_gpus: 0}
     report: {baseline: eos_last+causal, correction: holm, alpha: 0.05}
+    tracking: {mlflow: true, wandb: false}    # Ray Tune's logger callbacks (`ray_jobs.tracking`); off by default
     overrides:                             # per base model / design / seed adjustments
       - match: {base_model: mistralai/Mistral-7B-v0.1}
         resources: {num_workers: 4}
@@ -235,6 +236,31 @@ class ReportSection:
 
 
 @dataclass
+class TrackingSection:
+    """Experiment tracking through Ray Tune's own logger callbacks (`ray_jobs.tracking`): None = off, a mapping
+    (``true`` = {}) = on with these options. Not part of the fingerprint: it changes where results are mirrored,
+    not what the sweep trains."""
+
+    mlflow: dict | None = None   # {tracking_uri: null (= <sweep>/mlruns), experiment: null (= the sweep's name)}
+    wandb: dict | None = None    # {project: null (= embed-sweeps), mode: null (= online iff WANDB_API_KEY) | offline
+    #                              | online}
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str) and v.strip() != ""
+
+
+# backend -> (field, check, what it must be): one validator per option
+_TRACKING_OPTIONS = {
+    "mlflow": (("tracking_uri", _opt_str, "a tracking URI (http://..., sqlite:///..., databricks) or null"),
+               ("experiment", _opt_str, "an experiment name or null (the sweep's name)")),
+    "wandb": (("project", _opt_str, "a W&B project name or null (embed-sweeps)"),
+              ("mode", lambda v: v in (None, "offline", "online"), "offline, online or null (online iff "
+                                                                    "WANDB_API_KEY is set)")),
+}
+
+
+@dataclass
 class Override:
     match: dict
     model: dict = field(default_factory=dict)
@@ -301,6 +327,7 @@ class SweepConfig:
     source: str = "<dict>"
     raw: dict = field(default_factory=dict)
     part: dict = field(default_factory=dict)  # run only the cells matching this (`with_part`); not in sweep.json
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     # ---------------------------------------------------------------- derived
     @property
@@ -364,7 +391,7 @@ class SweepConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that decides what the sweep trains and evaluates (not where it is stored)."""
-        d = {k: v for k, v in self.raw.items() if k not in ("storage_path",)}
+        d = {k: v for k, v in self.raw.items() if k not in ("storage_path", "tracking")}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -435,7 +462,7 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
     ctx = _Ctx(source)
     raw = _mapping(ctx, "<top level>", raw)
     known = {"name", "storage_path", "seeds", "grid", "model", "search", "scheduler", "training", "resources",
-             "failure", "evaluation", "report", "overrides", "description"}
+             "failure", "evaluation", "report", "overrides", "tracking", "description"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ctx.err("<top level>", f"unknown section(s) {unknown}; known: {sorted(known)}")
@@ -556,7 +583,8 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
     cfg = SweepConfig(name=name, storage_path=storage, seeds=list(seeds), base_models=list(models), designs=designs,
                       model=model, search=search, lora_r=lora_r, lr=lr, scheduler=scheduler, training=training,
                       resources=resources, failure=failure, evaluation=evaluation, report=report,
-                      overrides=overrides, source=source, raw=copy.deepcopy(raw))
+                      overrides=overrides, source=source, raw=copy.deepcopy(raw),
+                      tracking=_parse_tracking(ctx, raw.get("tracking")))
     for o in overrides:
         if not any(o.matches(c) for c in cfg.cells()):
             raise ctx.err("overrides", f"match {o.match} selects no grid cell")
@@ -599,6 +627,33 @@ def _parse_designs(ctx: _Ctx, grid: dict) -> list[tuple[str, str]]:
     if len(set(out)) != len(out):
         raise ctx.err("grid", f"repeated designs in {['+'.join(d) for d in out]}")
     return out
+
+
+def _parse_tracking(ctx: _Ctx, raw: Any) -> TrackingSection:
+    """``tracking: {mlflow: true | false | {options}, wandb: ...}``: each backend off (false / null), on with
+    defaults (true) or on with options, each option checked."""
+    raw = _mapping(ctx, "tracking", raw)
+    unknown = sorted(set(raw) - set(_TRACKING_OPTIONS))
+    if unknown:
+        raise ctx.err("tracking", f"unknown backend(s) {unknown}; known: {sorted(_TRACKING_OPTIONS)}")
+    out = {}
+    for backend, checks in _TRACKING_OPTIONS.items():
+        v = raw.get(backend)
+        if v is None or v is False:
+            continue
+        if v is True:
+            v = {}
+        if not isinstance(v, dict):
+            raise ctx.err(f"tracking.{backend}", f"must be true, false or a mapping of options, got {v!r:.60}")
+        known = [name for name, _, _ in checks]
+        extra = sorted(set(v) - set(known))
+        if extra:
+            raise ctx.err(f"tracking.{backend}", f"unknown option(s) {extra}; known: {known}")
+        for name, ok, what in checks:
+            if not ok(v.get(name)):
+                raise ctx.err(f"tracking.{backend}.{name}", f"must be {what}, got {v.get(name)!r}")
+        out[backend] = {name: v.get(name) for name in known}
+    return TrackingSection(**out)
 
 
 def _check_resources(ctx: _Ctx, path: str, r: ResourcesSection) -> None:
