@@ -12,8 +12,9 @@ compiled kernels)::
 One forward embeds every role of the worker's share of a batch (packed or padded), or one GradCache chunk of it.
 Its tokens are estimated from the training texts: the largest of ``SAMPLE_STEPS`` sampled global batches, at
 ``CHARS_PER_TOKEN`` characters a token, or ``max_length`` a text without packing (padding). The per-token
-constants were fitted to H100 runs of SmolLM2-135M (a trial of 256 triplets, ~38k tokens a step, 30 layers:
-~16 GB) and are checked against the measured peak by ``bench/sweep_gpu.py`` (``memory_estimate_vs_measured``).
+constants were fitted to the one GPU figure at hand: SmolLM2-135M trials of 256 triplets (~38k tokens a step,
+30 layers) took ~16 GB each on an H100 in the first GPU run of the sweep. ``bench/sweep_gpu.py`` records the
+estimate next to each trial process's measured peak (NVML) to check them; that check has not run on a GPU yet.
 """
 from __future__ import annotations
 
