@@ -26,6 +26,7 @@ from embed_core.packing import register_attention
 from embed_core.pooling import build_pooling
 
 from .conftest import randomize_lora_b
+from .test_fused_lora import _run  # embeddings + gradients of a packed or padded pass
 
 pytestmark = pytest.mark.slow
 
@@ -201,18 +202,6 @@ def test_packed_long_document_keeps_the_window(gemma, impl):
         torch.testing.assert_close(out, ref, atol=5e-4, rtol=1e-3, msg=lambda m: f"{attention}: {m}")
 
 
-def _embed_and_grads(model, rows, packed: bool):
-    model.zero_grad()
-    if packed:
-        emb = model(packed=model.pack(rows))
-    else:
-        enc = pad_ids(rows, model.tokenizer, model.cfg.max_length)
-        emb = model(enc["input_ids"], enc["attention_mask"])
-    (emb * torch.linspace(-1, 1, emb.shape[-1])).sum().backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return emb.detach(), grads
-
-
 def test_fused_lora_covers_gemma3_and_equals_peft(gemma):
     """Fused LoRA patches q/k/v/o/gate/up/down of all 18 layers and the GELU-tanh gate/up MLP (checked against the
     module's own forward when patched); packed under FlexAttention, bidirectional: PEFT's embeddings and gradients."""
@@ -220,9 +209,9 @@ def test_fused_lora_covers_gemma3_and_equals_peft(gemma):
     try:
         assert model.info["fused_lora"] == {"linears": 7 * 18, "mlps": 18}
         rows = model.token_ids(TEXTS)
-        emb, grads = _embed_and_grads(model, rows, packed=True)
+        emb, grads = _run(model, rows, packed=True)
         unfuse_lora(model.backbone)
-        emb_ref, grads_ref = _embed_and_grads(model, rows, packed=False)
+        emb_ref, grads_ref = _run(model, rows, packed=False)
     finally:
         unfuse_lora(model.backbone)
         model.zero_grad()
