@@ -101,3 +101,18 @@ def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
     assert gpu_share(12.0, 80.0, 0.125) == pytest.approx(1 / 6)  # raised to the largest 1/k that does
     with pytest.raises(ValueError, match="needs"):
         gpu_share(90.0, 80.0, 0.5)
+
+
+def test_cuda_oom_is_recognised_through_rays_wrapping():
+    """A trial is retried only for a CUDA OOM (found in the text Ray wraps a worker's error in), nothing else."""
+    from ray_jobs.sweep import is_cuda_oom
+
+    class Failed(Exception):
+        def __init__(self, msg, failures):
+            super().__init__(msg)
+            self.worker_failures = failures
+
+    oom = RuntimeError("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert is_cuda_oom(Failed("Training failed due to worker errors", {0: oom}))
+    assert is_cuda_oom(RuntimeError("...\ntorch.OutOfMemoryError: CUDA out of memory"))
+    assert not is_cuda_oom(Failed("Training failed", {0: FloatingPointError("non-finite training loss")}))
