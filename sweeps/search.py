@@ -81,6 +81,7 @@ class CellSearcher(Searcher):
             import optuna
             from ray.tune.search.optuna import OptunaSearch
 
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "study created" INFO line per cell otherwise
             seed = _cell_seed(self._seed, key)
             sampler = (optuna.samplers.TPESampler(seed=seed) if self._sampler == "tpe"
                        else optuna.samplers.RandomSampler(seed=seed))
