@@ -23,8 +23,10 @@ from torch import nn
 from sentence_transformers.base.modules import InputModule
 
 # --- shared: begin (export.py replaces this block by the source of the named definitions)
-# (attention_mask_4d, position_ids_from_mask, eos_rows, last_token_index: used by the others, copied with them)
-from embed_core.attention import attention_mask_4d, backbone_inputs, position_ids_from_mask, set_causal  # noqa: F401
+# (attention_mask_4d, per_layer_type, position_ids_from_mask, eos_rows, last_token_index: used by the others, copied
+# with them)
+from embed_core.attention import attention_mask_4d, backbone_inputs, per_layer_type, position_ids_from_mask  # noqa: F401
+from embed_core.attention import set_causal, sliding_window  # noqa: F401
 from embed_core.model import eos_rows, pad_ids  # noqa: F401
 from embed_core.pooling import LatentCrossAttention, eos_last, last_token_index, masked_mean  # noqa: F401
 # --- shared: end
@@ -115,7 +117,8 @@ class EmbedSweepsEncoder(InputModule):
     def forward(self, features: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
         mask = features["attention_mask"]
         dtype = next(self.backbone.parameters()).dtype
-        out = self.backbone(**backbone_inputs(features["input_ids"], mask, self.bidirectional, dtype),
+        window = sliding_window(self.backbone.config)  # Gemma3's local layers keep their window, as in training
+        out = self.backbone(**backbone_inputs(features["input_ids"], mask, self.bidirectional, dtype, window),
                             output_hidden_states=self.head.needs_all_layers, return_dict=True)
         features["token_embeddings"] = out.last_hidden_state
         features["sentence_embedding"] = self.head(out.last_hidden_state, mask, out.hidden_states).float()

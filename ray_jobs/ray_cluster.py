@@ -126,7 +126,7 @@ def wait_for_job_agent(address: str, timeout_s: float = 180.0, poll_s: float = 2
                 if client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
                     return time.time() - t0
                 time.sleep(poll_s)
-        except (ConnectionError, RuntimeError) as err:  # the agent / dashboard is not up yet
+        except (OSError, RuntimeError) as err:  # the agent / dashboard is not up yet (requests errors are OSErrors)
             last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         time.sleep(poll_s)
     raise TimeoutError(f"the Ray cluster at {address} accepted no job within {timeout_s:.0f} s (last: {last}); "

@@ -16,7 +16,7 @@ def _counts(tcfg: TrainConfig) -> dict[str, int]:
     from embed_core.backbone import meta_backbone, preflight
     from embed_core.pooling import build_pooling
 
-    pre = preflight(tcfg.model)
+    pre = preflight(tcfg.model, convert=False)  # a GGUF's header only: `check` reads no weights
     net = meta_backbone(pre.hf_config, tcfg.model)
     r = tcfg.model.lora_r
     lora = sum(r * (m.in_features + m.out_features) for n, m in net.named_modules()
