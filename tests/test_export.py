@@ -39,7 +39,8 @@ for folder, out in job["folders"]:
     docs = m.encode(job["docs"], batch_size=3, convert_to_numpy=True)
     queries = m.encode(job["queries"], batch_size=3, prompt_name="query", convert_to_numpy=True)
     np.savez(out, docs=docs, queries=queries)
-bad = [p for p in sys.path if p and (p.startswith(job["project"]) or p == "")]
+# the project's own folders (a venv inside the checkout is the interpreter, not the project)
+bad = [p for p in sys.path if p and p.startswith(job["project"]) and not p.startswith(sys.prefix)]
 print("PATHS_WITH_PROJECT", bad)
 """
 
