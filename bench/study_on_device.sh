@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The `study` preset on a one-GPU machine that is lent in calls of at most 10 minutes (bench/NOTES.md): every call
+# runs this same command and it goes on where the last call stopped, so calls can be sent back to back without a
+# decision in between.
+#
+#   source .devstageN/gpu_env.sh && bash bench/study_on_device.sh      # repeat until it prints "study: all parts done"
+#
+# Steps, each skipped once its mark is in $STATE:
+#   1. attention: the Gemma cell as a plain Trainer (2 steps after 1 of warm-up) with FlexAttention; if that fails
+#      (head_dim 256 is the Flex backward's largest), with flash_varlen. The choice becomes an `overrides` entry of
+#      every part, so all parts keep one sweep fingerprint and merge.
+#   2. the parts, one base model x one seed each, in PARTS order, each a `bench.sweep_gpu` run in its own storage
+#      (`--resume` inside it continues an interrupted part). A part starts with the Inductor / Triton caches of
+#      the parts before (one shared folder) and with the reference's results already computed (the evaluation
+#      skips finished checkpoint x task pairs).
+# What comes back under $OUT each call: every part's bench JSON + log and, once the part is done, its archive
+# (`python -m sweeps merge` takes the extracted folders).
+set -u
+STATE=${STATE:-/tmp/study_state}
+LIMIT=${LIMIT:-570}                      # seconds this call may use (the device's per-call limit is 600)
+PARTS=${PARTS:-"seed=0,base_model=smollm2-135m seed=0,base_model=gemma3-270m seed=1,base_model=smollm2-135m
+seed=1,base_model=gemma3-270m seed=2,base_model=smollm2-135m seed=2,base_model=gemma3-270m"}
+PROBE_PART=${PROBE_PART:-seed=0,base_model=gemma3-270m}
+EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
+while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${STUDY_SETS:-}"
+START=$(date +%s)
+left() { echo $(( START + LIMIT - $(date +%s) )); }
+mkdir -p "$STATE" /tmp/sweeps/.compile_cache "${OUT:=/tmp/study_out}"
+export TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=300
+export EMBED_DATA_DIR=${EMBED_DATA_DIR:-/tmp/site/embed_data}
+export TORCHINDUCTOR_CACHE_DIR=/tmp/sweeps/.compile_cache/inductor TRITON_CACHE_DIR=/tmp/sweeps/.compile_cache/triton
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null | tee -a "$STATE/device.txt"
+
+if [ ! -f "$STATE/attn" ]; then
+  for impl in flex_attention flash_varlen; do
+    t=$(date +%s)
+    if timeout $(( $(left) - 60 )) python -m bench.sweep_gpu --isolated --config study \
+         --part "$PROBE_PART" "${EXTRA[@]}" --set model.attn_implementation=$impl --isolated-steps 2 --warmup 1 \
+         --out "$STATE/probe.json" > "$STATE/probe_$impl.out" 2> "$STATE/probe_$impl.err"; then
+      echo "$impl" > "$STATE/attn"
+      echo "study: gemma3-270m trains with $impl ($(( $(date +%s) - t )) s): $(tail -1 "$STATE/probe_$impl.out")"
+      break
+    fi
+    echo "study: gemma3-270m with $impl failed after $(( $(date +%s) - t )) s:"; tail -5 "$STATE/probe_$impl.err"
+  done
+  cp "$STATE"/probe_* "$OUT/" 2>/dev/null
+  [ -f "$STATE/attn" ] || { echo "study: no attention implementation trains gemma3-270m here"; exit 1; }
+fi
+ATTN=$(cat "$STATE/attn")
+SETS=("${EXTRA[@]}")
+[ "$ATTN" = flex_attention ] || SETS+=(--set "overrides=[{match: {base_model: gemma3-270m}, model: {attn_implementation: $ATTN}}]")
+
+i=0
+for part in $PARTS; do
+  i=$((i + 1))
+  [ -f "$STATE/done_$i" ] && continue
+  [ "$(left)" -lt 90 ] && { echo "study: $(left) s left in this call; part $i ($part) next call"; exit 0; }
+  storage=/tmp/sweeps/p$i
+  mkdir -p "$storage"
+  ln -sfn /tmp/sweeps/.compile_cache "$storage/.compile_cache"
+  mkdir -p "$storage/study/results"
+  for ref in /tmp/sweeps/p*/study/results/reference__*; do    # the reference is the same model in every part
+    [ -d "$ref" ] && [ ! -e "$storage/study/results/$(basename "$ref")" ] && cp -r "$ref" "$storage/study/results/"
+  done
+  n=$(ls "$STATE"/bench_p${i}_*.json 2>/dev/null | wc -l)
+  iso=(--skip-isolated)
+  [ "$n" = 0 ] && [[ "$part" == seed=0,* ]] && iso=(--isolated-steps 10 --warmup 4)   # the Trainer alone, once per model
+  echo "study: part $i ($part), call $((n + 1)) for it, $(left) s left"
+  python -m bench.sweep_gpu --config study --part "$part" "${SETS[@]}" --storage "$storage" \
+    --out "$STATE/bench_p${i}_$n.json" --archive "$STATE/part_p$i.tar.gz" --time-limit $(( $(left) - 25 )) "${iso[@]}" \
+    | tail -12
+  cp "$STATE/bench_p${i}_$n.json" "$STATE/bench_p${i}_$n.log" "$STATE/part_p$i.tar.gz" "$OUT/" 2>/dev/null
+  if python - "$STATE/bench_p${i}_$n.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+sys.exit(0 if d.get("train_rc") == 0 and not d.get("train_interrupted") and d.get("eval_rc") == 0
+         and not d.get("eval_interrupted") else 1)
+EOF
+  then
+    touch "$STATE/done_$i"
+    echo "study: part $i done"
+  else
+    echo "study: part $i not finished in this call (resumes next call)"
+    exit 0
+  fi
+done
+echo "study: all parts done"
