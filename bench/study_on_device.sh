@@ -31,7 +31,9 @@ export EMBED_DATA_DIR=${EMBED_DATA_DIR:-/tmp/site/embed_data}
 export TORCHINDUCTOR_CACHE_DIR=/tmp/sweeps/.compile_cache/inductor TRITON_CACHE_DIR=/tmp/sweeps/.compile_cache/triton
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null | tee -a "$STATE/device.txt"
 
-if [ ! -f "$STATE/attn" ]; then
+next=""                                  # the first part not done yet: the probe waits until a Gemma part is next
+i=0; for part in $PARTS; do i=$((i + 1)); [ -f "$STATE/done_$i" ] || { next=$part; break; }; done
+if [ ! -f "$STATE/attn" ] && [[ "$next" == *"${PROBE_PART#*base_model=}"* ]]; then
   for impl in flex_attention flash_varlen; do
     t=$(date +%s)
     if timeout $(( $(left) - 60 )) python -m bench.sweep_gpu --isolated --config study \
@@ -46,7 +48,7 @@ if [ ! -f "$STATE/attn" ]; then
   cp "$STATE"/probe_* "$OUT/" 2>/dev/null
   [ -f "$STATE/attn" ] || { echo "study: no attention implementation trains gemma3-270m here"; exit 1; }
 fi
-ATTN=$(cat "$STATE/attn")
+ATTN=$(cat "$STATE/attn" 2>/dev/null || echo flex_attention)
 SETS=("${EXTRA[@]}")
 [ "$ATTN" = flex_attention ] || SETS+=(--set "overrides=[{match: {base_model: gemma3-270m}, model: {attn_implementation: $ATTN}}]")
 

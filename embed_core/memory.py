@@ -11,10 +11,13 @@ compiled kernels)::
 
 One forward embeds every role of the worker's share of a batch (packed or padded), or one GradCache chunk of it.
 Its tokens are estimated from the training texts: the largest of ``SAMPLE_STEPS`` sampled global batches, at
-``CHARS_PER_TOKEN`` characters a token, or ``max_length`` a text without packing (padding). The per-token
-constants were fitted to the one GPU figure at hand: SmolLM2-135M trials of 256 triplets (~38k tokens a step,
-30 layers) took ~16 GB each on an H100 in the first GPU run of the sweep. ``bench/sweep_gpu.py`` records the
-estimate next to each trial process's measured peak (NVML) to check them; that check has not run on a GPU yet.
+``CHARS_PER_TOKEN`` characters a token, or ``max_length`` a text without packing (padding). The constants are fitted to two GPU figures: SmolLM2-135M
+trials of 256 triplets (~38k tokens a step, 30 layers) took ~16 GB each on an H100 in the first GPU run of the
+sweep (nvidia-smi), and the `study` preset's SmolLM2-135M trials (128 triplets, ~11k tokens a step) peaked at
+9.8-11.0 GiB per trial process (NVML, ``bench/results/sweep_gpu_h100.json``; the estimate then was 8.9 GiB with a
+1.5 GiB overhead, now 10.9). The first is overestimated (~23 GiB): the estimate errs on the safe side for large
+steps; the fixed part (the CUDA context, cuBLAS / NCCL / Inductor workspaces, the allocator's cache after the
+held-out evaluation) is what the second figure pins.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ ACT_HIDDEN = 6.0          # activation elements kept per token and layer, per un
 ACT_INTERMEDIATE = 2.5    # ... per unit of MLP intermediate size
 CHARS_PER_TOKEN = 4.0     # English training text through SmolLM2's BPE measured 4.8: on the safe side
 SAFETY = 1.15             # allocator fragmentation and the variation between steps
-OVERHEAD_GIB = 1.5        # CUDA context, library workspaces, compiled kernels
+OVERHEAD_GIB = 3.5        # CUDA context, library workspaces, compiled kernels, the allocator's cache
 SAMPLE_STEPS = 64
 
 

@@ -15,10 +15,14 @@ baseline) is listed in the report with the reason, and everything else still ren
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,8 +415,8 @@ def _analyse_group(base: str, runs: list[Run], categories: dict[str, str], *, ba
         stats.correct_family(g.wilcoxon, correction, alpha)
         # ---- per-dataset tests over instances
         jobs = [(c, t) for c in configs if c != baseline for t in tasks]
-        for c, t in progress(jobs, desc=f"per-dataset tests [{base}]"):
-            g.instance.extend(_instance_tests(g, c, t, n_resamples=n_resamples, seed=seed, ci_method=ci_method))
+        g.instance.extend(_run_instance_tests(g, jobs, progress, n_resamples=n_resamples, seed=seed,
+                                              ci_method=ci_method))
         for r in g.instance:
             if r.skipped:
                 skipped.append(f"[{base}] per-dataset test {r.config} vs {baseline} on {r.scope}: skipped, {r.skipped}")
@@ -446,6 +450,39 @@ def _analyse_group(base: str, runs: list[Run], categories: dict[str, str], *, ba
         skipped.append(f"[{base}] Friedman / Nemenyi: dataset(s) left out because some config has no score: "
                        f"{', '.join(g.friedman.left_out)}")
     return g
+
+
+POOL_MIN_INSTANCES = 20_000  # per-dataset tests over fewer instances in all run serially (seconds)
+
+
+def _test_workers() -> int:
+    """Processes for the per-dataset tests: the CPUs this process may use (``EMBED_REPORT_WORKERS`` caps them)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n, int(os.environ.get("EMBED_REPORT_WORKERS", n))))
+
+
+def _run_instance_tests(g: GroupReport, jobs: list[tuple[str, str]], progress, **kw: Any) -> list[stats.TestResult]:
+    """`_instance_tests` of every (config, task) in `jobs`, in order, in a pool of processes: a test of 10,000
+    resamples over the ~50k pairs of TwitterURLCorpus takes a minute of one core, and there are (configs - 1) x
+    tasks of them. Each test draws from its own generator (`stats.rng_for` over its names), so the results are
+    those of a serial run. A job carries only its two configs' runs, each with only its task's instances."""
+    desc = f"per-dataset tests [{g.base_model}]"
+    size = sum(len(i.ids) for _, t in jobs for r in g.runs[g.baseline] for i in r.instances.get(t, ()))
+    workers = min(len(jobs), _test_workers()) if size >= POOL_MIN_INSTANCES else 1  # a pool starts in ~2 s
+    if workers <= 1:
+        return [r for c, t in progress(jobs, desc=desc) for r in _instance_tests(g, c, t, **kw)]
+    # spawn: forking a process that holds Ray's gRPC threads can deadlock the child
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_instance_tests, _slim(g, c, t), c, t, **kw) for c, t in jobs]
+        return [r for f in progress(futures, desc=desc) for r in f.result()]
+
+
+def _slim(g: GroupReport, config: str, task: str) -> GroupReport:
+    """`g` with only the runs of `config` and the baseline, each holding only `task`'s instances."""
+    def only(r: Run) -> Run:
+        return dataclasses.replace(r, instances={task: r.instances[task]} if task in r.instances else {})
+
+    return dataclasses.replace(g, runs={c: [only(r) for r in g.runs[c]] for c in {config, g.baseline}})
 
 
 def _instance_tests(g: GroupReport, config: str, task: str, *, n_resamples: int, seed: int,

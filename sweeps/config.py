@@ -272,6 +272,9 @@ class Override:
         return all(str(getattr(cell, k)) == str(v) for k, v in self.match.items())
 
 
+FINGERPRINT_IGNORES = ("storage_path", "tracking", "description", "resources", "failure")
+
+
 # ====================================================================================== cells
 @dataclass(frozen=True)
 class Cell:
@@ -390,8 +393,10 @@ class SweepConfig:
         return int(first(self.lora_r)), float(first(self.lr))
 
     def fingerprint(self) -> str:
-        """Hash of everything that decides what the sweep trains and evaluates (not where it is stored)."""
-        d = {k: v for k, v in self.raw.items() if k not in ("storage_path", "tracking")}
+        """Hash of everything that decides what the sweep trains and evaluates: not where it is stored or tracked,
+        its description, nor the resources and retries it runs with (a part run on a bigger GPU, or a resume with
+        another GPU share, is the same sweep)."""
+        d = {k: v for k, v in self.raw.items() if k not in FINGERPRINT_IGNORES}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:

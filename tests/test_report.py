@@ -279,3 +279,20 @@ def test_report_on_real_mteb_results(real_results) -> None:
     assert "Friedman / Nemenyi: skipped, 2 config(s)" in "\n".join(s.skipped)
     assert (s.out_dir / "report.html").is_file() and (s.out_dir / "heatmap_minilm-reference.png").is_file()
     assert f"{expected['STSBenchmark'][0]:.4f}" in console_table(s)
+
+
+def test_per_dataset_tests_in_a_process_pool_equal_the_serial_ones(tmp_path: Path, monkeypatch) -> None:
+    """Large tasks' tests run in spawned processes; each test draws from its own generator, so the pool changes
+    nothing but the time (the pool starts only above POOL_MIN_INSTANCES: lowered here)."""
+    import ray_jobs.report as report
+
+    sweep = write_synthetic_sweep(tmp_path / "sw", effects={BASE: 0.0, STRONG: 0.3, NULL: 0.0}, n_instances=60,
+                                  tasks=dict(list(TASKS.items())[:2]), seeds={BASE: [0, 1], STRONG: [0, 1], NULL: [0]})
+    monkeypatch.setenv("EMBED_REPORT_WORKERS", "1")
+    serial = build_report(sweep.sweep_dir, n_resamples=500, show_progress=False)
+    monkeypatch.setenv("EMBED_REPORT_WORKERS", "2")
+    monkeypatch.setattr(report, "POOL_MIN_INSTANCES", 0)
+    pooled = build_report(sweep.sweep_dir, n_resamples=500, show_progress=False)
+    (a,), (b,) = serial.groups, pooled.groups
+    assert len(a.instance) == 4 and [r.to_dict() for r in a.instance] == [r.to_dict() for r in b.instance]
+    assert all(r.p_value is not None for r in b.instance)

@@ -127,9 +127,10 @@ def test_presets_validate_and_cli_sets_apply() -> None:
         load_sweep_config("no-such-preset")
 
 
-def test_fingerprint_ignores_storage_only() -> None:
-    a, b = cfg(), cfg(storage_path="/elsewhere")
+def test_fingerprint_ignores_where_and_how_only() -> None:
+    a, b = cfg(), cfg(storage_path="/elsewhere", resources__gpus_per_worker=0.5, description="other words")
     assert a.fingerprint() == b.fingerprint() != cfg(search__samples_per_cell=2).fingerprint()
+    assert a.fingerprint() != cfg(training__max_steps=7).fingerprint()
 
 
 # ====================================================================================== searcher / scheduler

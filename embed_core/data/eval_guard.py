@@ -263,6 +263,12 @@ def check_no_overlap(examples: Sequence[TrainExample], data_dir: str | Path | No
             ex = replace(ex, negatives=[n for n in ex.negatives if (i, n) not in bad_negs])
         kept.append(ex)
     n_negs = sum(1 for h in hits if h.field == "negative")
-    logger.warning("evaluation overlap filtered: %d examples dropped, %d negatives removed (%s)",
-                   len(drop), n_negs, _describe(hits, limit=3))
+    message = (f"evaluation overlap filtered: {len(drop)} examples dropped, {n_negs} negatives removed "
+               f"({_describe(hits, limit=3)})")
+    if message not in _SAID:  # a sweep filters the same data once per seed and per check: say it once
+        _SAID.add(message)
+        logger.warning(message)
     return kept
+
+
+_SAID: set[str] = set()
