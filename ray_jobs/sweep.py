@@ -29,7 +29,9 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ DATA_DIR = "data"
 COMPILE_CACHE_DIR = ".compile_cache"  # beside the sweeps of a storage path: torch.compile's Inductor / Triton caches
 SWEEP_FORMAT = "embed_sweeps.sweep/v1"
 CHECKPOINT_PATH_KEY = "checkpoint_path"
+WALL_FILE = "wall.json"  # in a trial's train/ folder: {run of its driver: wall seconds}; costs add up over resumes
+WALL_TICK_S = 2.0
 
 
 def _say(msg: str) -> None:
@@ -183,8 +187,6 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
 
     from embed_core.trainer import read_trainer_state
 
-    from .train import build_trainer, fit
-
     started = time.time()
     sweep = read_sweep(sweep_dir)
     cell = Cell(config["base_model"], config["pooling"], config["attention"], int(config["seed"]))
@@ -196,21 +198,8 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
     use_gpu = bool(config["use_gpu"])
     gpus = float(config.get("gpus_per_worker") or res.gpus_per_worker)
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if use_gpu else {})}
-    for attempt in range(OOM_RETRIES + 1):
-        trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, sweep.failure.train_max_failures,
-                                num_to_keep=1, resources_per_worker=per_worker,
-                                fault_injection=_fault_for(sweep, cell, run_dir),
-                                callbacks=[_report_callback_class()(sweep.scheduler.metric)],
-                                env=compile_cache_env(Path(sweep_dir)))
-        try:
-            result = fit(trainer, run_dir)
-            break
-        except Exception as err:  # noqa: BLE001 - only a shared GPU's OOM is retried
-            if not (use_gpu and gpus < 1 and attempt < OOM_RETRIES and is_cuda_oom(err)):
-                raise
-            _say(f"trial {cell.key}: CUDA out of memory beside other trials; retrying from its last checkpoint "
-                 f"once GPU memory frees (attempt {attempt + 2}/{OOM_RETRIES + 1})")
-            wait_for_gpu_memory(float(config.get("gpu_mem_need_gib") or 0.0))
+    with WallLedger(run_dir):
+        result = _fit_with_oom_retries(worker_cfg, run_dir, sweep, cell, res, use_gpu, gpus, per_worker, config)
     state = read_trainer_state(result.checkpoint.path)
     history = state.get("history") or [{}]
     final = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
@@ -225,6 +214,65 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
     if sweep.scheduler.metric not in final:
         final[sweep.scheduler.metric] = float("nan")
     ray.tune.report(final)
+
+
+def _fit_with_oom_retries(worker_cfg, run_dir: Path, sweep: SweepConfig, cell: Cell, res, use_gpu: bool, gpus: float,
+                          per_worker: dict, config: dict):
+    """The trial's Train run; one that died of CUDA OOM beside other trials is started again from its last
+    checkpoint once NVML shows the memory free (``OOM_RETRIES`` times)."""
+    from .train import build_trainer, fit
+
+    for attempt in range(OOM_RETRIES + 1):
+        trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, sweep.failure.train_max_failures,
+                                num_to_keep=1, resources_per_worker=per_worker,
+                                fault_injection=_fault_for(sweep, cell, run_dir),
+                                callbacks=[_report_callback_class()(sweep.scheduler.metric)],
+                                env=compile_cache_env(run_dir.parent.parent))
+        try:
+            result = fit(trainer, run_dir)
+            break
+        except Exception as err:  # noqa: BLE001 - only a shared GPU's OOM is retried
+            if not (use_gpu and gpus < 1 and attempt < OOM_RETRIES and is_cuda_oom(err)):
+                raise
+            _say(f"trial {cell.key}: CUDA out of memory beside other trials; retrying from its last checkpoint "
+                 f"once GPU memory frees (attempt {attempt + 2}/{OOM_RETRIES + 1})")
+            wait_for_gpu_memory(float(config.get("gpu_mem_need_gib") or 0.0))
+    return result
+
+
+class WallLedger(threading.Thread):
+    """This run of a trial's driver writes its wall time so far into the trial's ``wall.json`` every
+    ``WALL_TICK_S`` seconds and when it ends. A resumed trial is a new run with its own entry, so the entries sum to
+    the trial's wall time over every run, whatever Tune restores its own clock (``time_total_s``) to; a run
+    killed without warning loses at most one tick."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.path, self.key, self.t0 = Path(run_dir) / WALL_FILE, uuid.uuid4().hex[:12], time.time()
+        self.halt = threading.Event()
+
+    def __enter__(self) -> "WallLedger":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.halt.set()
+        self.write()
+
+    def run(self) -> None:
+        while not self.halt.wait(WALL_TICK_S):
+            self.write()
+
+    def write(self) -> None:
+        layout.atomic_write_json(self.path, {**read_wall(self.path.parent), self.key: round(time.time() - self.t0, 2)})
+
+
+def read_wall(run_dir: Path) -> dict[str, float]:
+    try:
+        return {str(k): float(v) for k, v in json.loads((Path(run_dir) / WALL_FILE).read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 OOM_RETRIES = 3
@@ -476,7 +524,8 @@ def _trial_record(sweep: SweepConfig, cfg: dict, tid: str, status: str, m: dict,
                   error: str) -> layout.TrialRecord:
     cell = Cell(cfg["base_model"], cfg["pooling"], cfg["attention"], int(cfg["seed"]))
     res = sweep.resources_for(cell)
-    wall = _wall_s(trial_dir, float(m.get("time_total_s") or 0.0))
+    ledger = read_wall(sweep.sweep_dir / TRAIN_DIR / f"{cell.key}-{tid}")
+    wall = sum(ledger.values()) if ledger else _wall_s(trial_dir, float(m.get("time_total_s") or 0.0))
     metric = m.get(sweep.scheduler.metric)
     return layout.TrialRecord(
         trial_id=tid, cell=cell.key, config=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]),
@@ -511,8 +560,8 @@ def _results(trial_dir: Path) -> list[dict]:
 
 
 def _wall_s(trial_dir: Path, fallback: float) -> float:
-    """Wall time over every run of the trial: Tune restarts ``time_total_s`` from 0 when a resumed driver
-    restarts the trial, so each run's last value is summed (the costs add up across resumes)."""
+    """Wall time over every run of a trial without a ``wall.json`` (a sweep of an earlier version): Tune's
+    ``time_total_s`` of each run, a drop marking a new run."""
     total, prev = 0.0, 0.0
     for r in _results(trial_dir):
         t = float(r.get("time_total_s") or 0.0)
@@ -704,6 +753,10 @@ def status_text(sweep_dir: str | os.PathLike) -> str:
     sweep_dir = Path(sweep_dir)
     sweep = read_sweep(sweep_dir)
     rows = trial_statuses(sweep_dir)
+    if not rows and (sweep_dir / layout.TRIALS_FILE).is_file():  # merged or copied: the records, no Tune folder
+        max_steps = int(sweep.training.get("max_steps") or 0)
+        rows = [TrialStatus(t.trial_id, t.cell, t.lora_r, t.lr, t.status, t.steps, max_steps, t.val_metric)
+                for t in layout.read_trials(sweep_dir)]
     lines = [f"sweep {sweep.name} at {sweep_dir}: {len(sweep.cells())} cells, {sweep.num_trials()} trials planned, "
              f"{len(rows)} started; {driver_state(sweep_dir)[1]}"]
     lines.append(f"{'trial':10s} {'cell':52s} {'lora_r':>6s} {'lr':>9s} {'status':10s} {'step':>9s} "

@@ -9,7 +9,7 @@ import pytest
 
 from embed_core.errors import ConfigError
 from ray_jobs import layout
-from ray_jobs.sweep import SWEEP_FORMAT, merge_parts, read_sweep
+from ray_jobs.sweep import SWEEP_FORMAT, merge_parts, read_sweep, status_text
 from ray_jobs.synthetic_results import write_synthetic_sweep
 from sweeps.config import load_sweep_config
 
@@ -54,6 +54,8 @@ def test_merge_parts_unions_records_and_results(tmp_path):
     files = lambda d: sorted(p.relative_to(d / layout.RESULTS_DIR) for p in (d / layout.RESULTS_DIR).rglob("*.json"))
     assert files(out) == sorted(files(a) + files(b))
     assert read_sweep(out).fingerprint() == study.fingerprint()
+    shown = status_text(out)  # no Tune folder in a merged sweep: status shows its records
+    assert f"{len(trials)} started" in shown and all(t.trial_id in shown for t in trials)
     merge_parts(out, [a])  # merging a part again changes nothing
     assert len(layout.read_trials(out)) == len(trials) and files(out) == sorted(files(a) + files(b))
     other = _part(tmp_path, "c", load_sweep_config("demo"), "synthetic/base-C", 2)
