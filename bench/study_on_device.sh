@@ -6,20 +6,24 @@
 #   source .devstageN/gpu_env.sh && bash bench/study_on_device.sh      # repeat until it prints "study: all parts done"
 #
 # Steps, each skipped once its mark is in $STATE:
-#   1. attention: the Gemma cell as a plain Trainer (2 steps after 1 of warm-up) with FlexAttention; if that fails
+#   1. (PROBE=1) attention: the Gemma cell as a plain Trainer (2 steps after 1 of warm-up) with FlexAttention; if that fails
 #      (head_dim 256 is the Flex backward's largest), with flash_varlen. The choice becomes an `overrides` entry of
 #      every part, so all parts keep one sweep fingerprint and merge.
-#   2. the parts, one base model x one seed each, in PARTS order, each a `bench.sweep_gpu` run in its own storage
+#   2. the parts, one base model x seed(s) each, in PARTS order, each a `bench.sweep_gpu` run in its own storage
 #      (`--resume` inside it continues an interrupted part). A part starts with the Inductor / Triton caches of
 #      the parts before (one shared folder) and with the reference's results already computed (the evaluation
-#      skips finished checkpoint x task pairs).
+#      skips finished checkpoint x task pairs); a part ends with its evaluation (AFTER_TRAIN), the report is
+#      built from the merged parts (`python -m sweeps merge` then `python -m sweeps report`).
 # What comes back under $OUT each call: every part's bench JSON + log and, once the part is done, its archive
 # (`python -m sweeps merge` takes the extracted folders).
 set -u
 STATE=${STATE:-/tmp/study_state}
 LIMIT=${LIMIT:-570}                      # seconds this call may use (the device's per-call limit is 600)
-PARTS=${PARTS:-"seed=0,base_model=smollm2-135m seed=0,base_model=gemma3-270m seed=1,base_model=smollm2-135m
-seed=1,base_model=gemma3-270m seed=2,base_model=smollm2-135m seed=2,base_model=gemma3-270m"}
+# studies/h100 holds the first part (seed=0,base_model=smollm2-135m, 2026-12-06); the others, larger parts sharing
+# one start-up (7 trials at a time fit an 80 GB GPU):
+PARTS=${PARTS:-"seed=0,base_model=gemma3-270m seed=1|2,base_model=smollm2-135m seed=1|2,base_model=gemma3-270m"}
+PROBE=${PROBE:-0}                        # 1: probe Gemma's attention first (FlexAttention trained it on an H100)
+AFTER_TRAIN=${AFTER_TRAIN:-evaluate}     # the report is built after merging, on any machine
 PROBE_PART=${PROBE_PART:-seed=0,base_model=gemma3-270m}
 EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
 while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${STUDY_SETS:-}"
@@ -33,7 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/de
 
 next=""                                  # the first part not done yet: the probe waits until a Gemma part is next
 i=0; for part in $PARTS; do i=$((i + 1)); [ -f "$STATE/done_$i" ] || { next=$part; break; }; done
-if [ ! -f "$STATE/attn" ] && [[ "$next" == *"${PROBE_PART#*base_model=}"* ]]; then
+if [ "$PROBE" = 1 ] && [ ! -f "$STATE/attn" ] && [[ "$next" == *"${PROBE_PART#*base_model=}"* ]]; then
   for impl in flex_attention flash_varlen; do
     t=$(date +%s)
     if timeout $(( $(left) - 60 )) python -m bench.sweep_gpu --isolated --config study \
@@ -61,15 +65,17 @@ for part in $PARTS; do
   mkdir -p "$storage"
   ln -sfn /tmp/sweeps/.compile_cache "$storage/.compile_cache"
   mkdir -p "$storage/study/results"
-  for ref in /tmp/sweeps/p*/study/results/reference__*; do    # the reference is the same model in every part
+  refs=(/tmp/sweeps/p*/study/results/reference__*)       # the reference is the same model in every part, and in
+  [ ${#EXTRA[@]} = 0 ] && refs+=(studies/*/study/results/reference__*)   # the committed study (same settings)
+  for ref in "${refs[@]}"; do
     [ -d "$ref" ] && [ ! -e "$storage/study/results/$(basename "$ref")" ] && cp -r "$ref" "$storage/study/results/"
   done
   n=$(ls "$STATE"/bench_p${i}_*.json 2>/dev/null | wc -l)
   iso=(--skip-isolated)
-  [ "$n" = 0 ] && [[ "$part" == seed=0,* ]] && iso=(--isolated-steps 10 --warmup 4)   # the Trainer alone, once per model
+  [ "$n" = 0 ] && [[ "$part" == seed=0,* ]] && iso=(--isolated-steps 10 --warmup 4)   # the Trainer alone, once a model
   echo "study: part $i ($part), call $((n + 1)) for it, $(left) s left"
   python -m bench.sweep_gpu --config study --part "$part" "${SETS[@]}" --storage "$storage" \
-    --out "$STATE/bench_p${i}_$n.json" --archive "$STATE/part_p$i.tar.gz" --time-limit $(( $(left) - 25 )) "${iso[@]}" \
+    --out "$STATE/bench_p${i}_$n.json" --archive "$STATE/part_p$i.tar.gz" --time-limit $(( $(left) - 25 )) --after-train "$AFTER_TRAIN" "${iso[@]}" \
     | tail -12
   cp "$STATE/bench_p${i}_$n.json" "$STATE/bench_p${i}_$n.log" "$STATE/part_p$i.tar.gz" "$OUT/" 2>/dev/null
   if python - "$STATE/bench_p${i}_$n.json" <<'EOF'

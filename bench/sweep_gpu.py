@@ -234,6 +234,8 @@ def main() -> int:
     p.add_argument("--isolated-steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--skip-isolated", action="store_true")
+    p.add_argument("--after-train", default="evaluate,report",
+                   help="the stages after training (`evaluate` alone: a part whose report is built after merging)")
     p.add_argument("--isolated", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.isolated:
@@ -280,7 +282,8 @@ def main() -> int:
     out["gpu_busy_fraction_training"] = sampler.busy(t_train, t_train_end)
     save()
     if rc == 0 and not cut:
-        rc, out["eval_stage_s"], out["eval_interrupted"] = run_stage(args, "evaluate,report", deadline, log)
+        rc, out["eval_stage_s"], out["eval_interrupted"] = run_stage(args, args.after_train, deadline, log)
+        out["after_train"] = args.after_train
         out["eval_rc"] = rc
         out["eval_gpu_busy"] = sampler.busy(t_train_end, time.time())
     sampler.halt.set()
