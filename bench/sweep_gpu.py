@@ -170,7 +170,7 @@ def memory_estimates(sweep) -> dict:
     """embed_core.memory's estimate per base model, to hold against the measured peaks."""
     try:
         from embed_core.data import read_jsonl
-        from ray_jobs.sweep import data_file
+        from sweeps.layout import data_file
         from sweeps.resources import memory_plan
 
         first = sweep.cells()[0]

@@ -361,7 +361,7 @@ def card_text(facts: dict, sweep: dict | None) -> str:
 
 # ---------------------------------------------------------------------------------------- sweeps
 def _find_sweep(ckpt: Path) -> Path | None:
-    from ray_jobs.layout import SWEEP_FILE
+    from sweeps.layout import SWEEP_FILE
 
     for parent in ckpt.resolve().parents:
         if (parent / SWEEP_FILE).is_file():
@@ -372,7 +372,7 @@ def _find_sweep(ckpt: Path) -> Path | None:
 def sweep_card_facts(ckpt: Path, meta: dict, sweep_dir: Path | None = None) -> dict[str, Any] | None:
     """The sweep's view of `ckpt` (its checkpoints.json entry, its own mteb scores, its design's means and
     tests from report/summary.json), or None when the checkpoint is not part of a sweep with a report."""
-    from ray_jobs import layout
+    from sweeps import layout
 
     sweep_dir = sweep_dir or _find_sweep(ckpt)
     summary_file = sweep_dir / layout.REPORT_DIR / "summary.json" if sweep_dir else None
@@ -403,15 +403,15 @@ def sweep_card_facts(ckpt: Path, meta: dict, sweep_dir: Path | None = None) -> d
 
 
 def _run_name(name: str, meta: dict) -> str:
-    """The report's name of a checkpoint's results (``ray_jobs.report.Run.name``: <model folder>/<revision>)."""
-    from ray_jobs.layout import model_dir_name
+    """The report's name of a checkpoint's results (``sweeps.report.Run.name``: <model folder>/<revision>)."""
+    from sweeps.layout import model_dir_name
 
     return f"{model_dir_name(name)}/{meta.get('fingerprint', '')}"
 
 
 def _sweep_checkpoints(sweep_dir: Path) -> dict[str, Any]:
     """Report run name -> CheckpointSpec, for the checkpoints of checkpoints.json that are saved models."""
-    from ray_jobs import layout
+    from sweeps import layout
 
     from .model import CONFIG_FILE, read_meta
 
@@ -421,8 +421,8 @@ def _sweep_checkpoints(sweep_dir: Path) -> dict[str, Any]:
 
 def run_scores(sweep_dir: Path, name: str, revision: str) -> dict[str, float]:
     """One checkpoint's mteb main scores, read from results/<model>/<revision>/<Task>.json."""
-    from ray_jobs import layout
-    from ray_jobs.report import read_task_result
+    from sweeps import layout
+    from sweeps.report import read_task_result
 
     folder = layout.result_dir(sweep_dir / layout.RESULTS_DIR, name, revision)
     scores = {}
@@ -437,7 +437,7 @@ def run_scores(sweep_dir: Path, name: str, revision: str) -> dict[str, float]:
 def best_checkpoints(sweep_dir: str | Path) -> list[tuple[str, Path]]:
     """Per base model: the design with the best report mean (over its tasks and seeds), then, of its seeds,
     the checkpoint with the best own mean. Returns (base model, checkpoint path) pairs."""
-    from ray_jobs import layout
+    from sweeps import layout
 
     sweep_dir = Path(sweep_dir)
     summary_file = sweep_dir / layout.REPORT_DIR / "summary.json"
@@ -475,7 +475,7 @@ def _own_mean(sweep_dir: Path, spec) -> float:
 def export_best(sweep_dir: str | Path, out_dir: str | Path, *, merge_lora: bool = False,
                 dtype: str = "fp32") -> list[Path]:
     """`export_checkpoint` for each base model's winner, into out_dir/<base model>__<design>."""
-    from ray_jobs.layout import model_dir_name
+    from sweeps.layout import model_dir_name
 
     from .model import read_meta
 

@@ -9,7 +9,7 @@ succeeds or fails; loading a checkpoint (a LoRA adapter + pooling head over a ca
 against minutes of encoding, and the embedding cache only pays off within a task (texts rarely repeat across
 tasks, and the instruction differs per task anyway).
 
-Every result goes to ``results/<model>/<revision>/`` (ray_jobs.layout): mteb's TaskResult JSON, written last and
+Every result goes to ``results/<model>/<revision>/`` (sweeps.layout): mteb's TaskResult JSON, written last and
 atomically (it is the "done" marker), ``model_meta.json``, ``run_labels.json`` and ``instances/<Task>.json``
 with per-instance scores whose aggregate is checked against mteb's main score. A rerun skips (checkpoint, task)
 pairs whose files are there and valid; a failed task never loses the others' results: everything that finished
@@ -39,7 +39,7 @@ from typing import Any, Sequence
 from embed_core.errors import ConfigError, DataError, EmbedCoreError
 from embed_core.task_spec import TaskRef, resolve_tasks
 
-from . import layout
+from sweeps import layout
 
 __all__ = ["EvalSummary", "EvaluationFailed", "QUICK_SUBSAMPLE", "REFERENCE_PATH", "evaluate_checkpoints",
            "instance_scores", "main", "reference_spec", "resolve_tasks", "specs_from_args"]

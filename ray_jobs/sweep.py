@@ -3,7 +3,7 @@ write the significance report. Run it with ``python -m sweeps run CONFIG`` (see 
 ``ray job submit --working-dir . -- python -m sweeps run CONFIG`` on a cluster.
 
 Stages, each idempotent and runnable alone on what the previous one left in ``<storage>/<name>/``
-(layout: `ray_jobs.layout`):
+(layout: `sweeps.layout`):
 
 1. **prepare** (driver, no Ray): validate the config, check every base model's structure and the training data,
    write ``sweep.json`` and the training examples (one JSONL per distinct data recipe, under ``data/``).
@@ -13,7 +13,7 @@ Stages, each idempotent and runnable alone on what the previous one left in ``<s
    (`trial_driver`) that starts a `TorchTrainer` with the trial's ScalingConfig; a callback forwards the Train
    workers' reports to Tune. Writes ``trials.json`` and ``checkpoints.json`` (best completed trial(s) per cell).
 3. **evaluate**: `ray_jobs.evaluate` fans the chosen checkpoints x tasks out as Ray tasks (``results/``).
-4. **report**: `ray_jobs.report` turns ``results/`` (+ ``trials.json``) into ``report/`` and a console table.
+4. **report**: `sweeps.report` turns ``results/`` (+ ``trials.json``) into ``report/`` and a console table.
 
 Faults: a Train worker that dies is restarted by Ray Train (``failure.train_max_failures``) from the trial's last
 checkpoint; a trial that still fails (NaN loss, OOM, ...) is retried by Tune (``failure.trial_max_failures``)
@@ -37,15 +37,13 @@ from typing import Any
 from embed_core.errors import ConfigError
 from sweeps.config import Cell, SweepConfig, parse_sweep_config
 
-from . import layout, tracking
+from sweeps import layout
+from sweeps.layout import COMPILE_CACHE_DIR, SWEEP_FORMAT, TRAIN_DIR, TUNE_DIR, data_file, read_sweep
+
+from . import tracking
 
 log = logging.getLogger(__name__)
 
-TUNE_DIR = "tune"
-TRAIN_DIR = "train"
-DATA_DIR = "data"
-COMPILE_CACHE_DIR = ".compile_cache"  # beside the sweeps of a storage path: torch.compile's Inductor / Triton caches
-SWEEP_FORMAT = "embed_sweeps.sweep/v1"
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 
@@ -54,30 +52,6 @@ def _say(msg: str) -> None:
 
 
 # ====================================================================================== prepare
-def read_sweep(sweep_dir: str | os.PathLike) -> SweepConfig:
-    """The SweepConfig a sweep folder was started with (``sweep.json``)."""
-    p = Path(sweep_dir) / layout.SWEEP_FILE
-    if not p.is_file():
-        raise ConfigError(f"{str(sweep_dir)!r} is not a sweep folder: {layout.SWEEP_FILE} is missing")
-    obj = json.loads(p.read_text())
-    if obj.get("format") != SWEEP_FORMAT:
-        raise ConfigError(f"{p} has format {obj.get('format')!r}, this version reads {SWEEP_FORMAT!r}")
-    cfg = parse_sweep_config(obj["config"], source=str(p))
-    cfg.storage_path = str(Path(sweep_dir).resolve().parent)  # the folder may have moved (copied off a cluster)
-    return cfg
-
-
-def data_key(tcfg) -> str:
-    """Training data is a function of these fields only: trials with equal keys share one JSONL file."""
-    d = {k: getattr(tcfg, k) for k in ("train_data", "builders", "data_dir", "max_per_source", "seed",
-                                       "max_bad_fraction")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def data_file(sweep_dir: Path, tcfg) -> Path:
-    return Path(sweep_dir) / DATA_DIR / f"train-{data_key(tcfg)}.jsonl"
-
-
 def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True) -> Path:
     """Validate everything checkable before Ray (models' structure, data), create the sweep folder, write
     ``sweep.json`` and the training data. ``resume`` requires the folder to exist with the same config."""
@@ -791,7 +765,7 @@ def evaluate_stage(sweep: SweepConfig):
 
 
 def report_stage(sweep: SweepConfig):
-    from .report import build_report, console_table
+    from sweeps.report import build_report, console_table
 
     sweep_dir = sweep.sweep_dir
     trials = sweep_dir / layout.TRIALS_FILE
@@ -928,12 +902,7 @@ def _record_from_files(sweep: SweepConfig, err: BaseException) -> None:
         _say(f"training driver failed ({type(err).__name__}: {err}); could not write trials.json: {e2}")
 
 
-__all__ = ["CHECKPOINT_PATH_KEY", "SweepInterrupted", "collect_trials", "data_file", "driver_state", "evaluate_stage",
+__all__ = ["CHECKPOINT_PATH_KEY", "SweepInterrupted", "collect_trials", "driver_state", "evaluate_stage",
            "init_ray", "max_concurrent", "resume_hint",
-           "prepare", "read_sweep", "report_stage", "run_pipeline", "select_checkpoints", "status_text",
+           "prepare", "report_stage", "run_pipeline", "select_checkpoints", "status_text",
            "train_stage", "trial_driver", "trial_statuses"]
-
-if __name__ == "__main__":  # pragma: no cover - the CLI is `python -m sweeps`
-    from sweeps.cli import main
-
-    sys.exit(main())

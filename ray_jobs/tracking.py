@@ -18,7 +18,7 @@ from pathlib import Path
 from embed_core.errors import ConfigError
 from sweeps.config import SweepConfig
 
-from . import layout
+from sweeps import layout
 
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "artifacts"
@@ -124,7 +124,7 @@ def log_report(sweep: SweepConfig, summary_file: Path) -> None:
 
 
 def _log_scores(sweep: SweepConfig) -> int:
-    from .report import load_results
+    from sweeps.report import load_results
 
     c, exp = client(sweep), ensure_experiment(sweep)
     logged = 0

@@ -14,7 +14,7 @@ import pytest
 
 from embed_core.config import EmbedConfig
 from embed_core.model import EmbeddingModel
-from ray_jobs import layout
+from sweeps import layout
 from tests.conftest import save_tiny_checkpoint
 from ray_jobs.evaluate import EvaluationFailed, evaluate_checkpoints, specs_from_args
 
@@ -126,7 +126,7 @@ def test_sweep_evaluate_stage_uses_the_callers_ray(tiny_ckpts, tiny_dirs, tmp_pa
     import ray
     import yaml
 
-    from ray_jobs.report import load_results
+    from sweeps.report import load_results
     from ray_jobs.sweep import check_evaluation_tasks, evaluate_stage, prepare
     from sweeps.config import load_sweep_config
 

@@ -135,9 +135,9 @@ def test_best_per_base_model_from_a_sweep_report(tmp_path, tiny_base) -> None:
     carries the checkpoint's scores and the tests against the baseline from report/summary.json."""
     from embed_core.export import best_checkpoints, export_best, run_scores
     from embed_core.model import read_meta
-    from ray_jobs import layout
-    from ray_jobs.report import build_report
-    from ray_jobs.synthetic_results import write_synthetic_sweep
+    from sweeps import layout
+    from sweeps.report import build_report
+    from sweeps.synthetic_results import write_synthetic_sweep
     from sweeps.cli import main
 
     sweep = tmp_path / "sweep"

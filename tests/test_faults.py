@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ray_jobs import layout
+from sweeps import layout
 from tests.test_sweep_job import REPO, _env, ray_head, run_cli, sweep_cmd, tiny, write_config  # noqa: F401
 
 
@@ -128,7 +128,7 @@ def _nan_baseline():
 
 
 def _probe_nonfinite():
-    from ray_jobs.stats import paired_instance_test
+    from sweeps.stats import paired_instance_test
 
     (a, b), (ca, cb) = _nan_baseline()
     got = paired_instance_test(a, b, n_resamples=2000, rng=0)
@@ -139,8 +139,8 @@ def _probe_nonfinite():
 
 
 def _probe_stale_result(tmp: Path):
-    from ray_jobs.report import load_results
-    from ray_jobs.synthetic_results import write_synthetic_sweep
+    from sweeps.report import load_results
+    from sweeps.synthetic_results import write_synthetic_sweep
 
     write_synthetic_sweep(tmp, effects={"eos_last+causal": 0.0, "mean+causal": 0.0}, seeds={
         "eos_last+causal": [0], "mean+causal": [0]}, n_instances=40)
@@ -179,17 +179,17 @@ def _fake_sweep(tmp: Path, tiny_dir: Path, trial_state: str = "RUNNING", driver_
 
     cfg = load_sweep_config(write_config(tmp / "s.yaml", tiny_dir, tmp / "runs", "rec", ["eos_last+causal"]))
     d = cfg.sweep_dir
-    layout.atomic_write_json(d / layout.SWEEP_FILE, {"format": job.SWEEP_FORMAT, "config": cfg.to_dict()})
+    layout.atomic_write_json(d / layout.SWEEP_FILE, {"format": layout.SWEEP_FORMAT, "config": cfg.to_dict()})
     cell = cfg.cells()[0]
-    tdir = d / job.TUNE_DIR / f"{cell.key}-abc12"
+    tdir = d / layout.TUNE_DIR / f"{cell.key}-abc12"
     tdir.mkdir(parents=True)
     (tdir / "params.json").write_text(json.dumps({**cell.to_dict(), "lora_r": 4, "lr": 1e-3, "cell_key": cell.key}))
     # two runs of the trial: 0-10 s, then after a resume 0-6 s (Tune restarts time_total_s)
     (tdir / "result.json").write_text("".join(json.dumps({"step": s, "time_total_s": t}) + "\n"
                                               for s, t in ((0, 5.0), (0, 10.0), (0, 3.0), (0, 6.0))))
-    (d / job.TUNE_DIR / "experiment_state-2026.json").write_text(json.dumps(
+    (d / layout.TUNE_DIR / "experiment_state-2026.json").write_text(json.dumps(
         {"trial_data": [[json.dumps({"trial_id": "abc12", "status": trial_state}), "{}"]]}))
-    ck = d / job.TRAIN_DIR / f"{cell.key}-abc12" / "checkpoint_000001"
+    ck = d / layout.TRAIN_DIR / f"{cell.key}-abc12" / "checkpoint_000001"
     ck.mkdir(parents=True)
     (ck / "trainer_state.json").write_text(json.dumps({"step": 2}))
     res = d / layout.RESULTS_DIR / "m" / "rev"
@@ -230,7 +230,8 @@ def _probe_step_from_checkpoint(tmp, tiny_dir):
 
 
 def _probe_wall_adds_up(tmp, tiny_dir):
-    from ray_jobs.sweep import TUNE_DIR, _wall_s
+    from ray_jobs.sweep import _wall_s
+    from sweeps.layout import TUNE_DIR
 
     d = _fake_sweep(tmp, tiny_dir)
     assert _wall_s(next((d / TUNE_DIR).glob("*-abc12")), 0.0) == pytest.approx(16.0)

@@ -362,9 +362,9 @@ def test_new_task_types_give_instances_that_reproduce_mteb_and_report_categories
     """Summarization (per-text correlation, SummEval's deprecated evaluator) and pair classification (per-pair
     similarity, AP) instances from mteb's saved predictions reproduce mteb's main score; the report files them
     under their mteb task type."""
-    from ray_jobs import layout
+    from sweeps import layout
     from ray_jobs.evaluate import instance_scores
-    from ray_jobs.report import load_results
+    from sweeps.report import load_results
 
     tasks = [mt.local_task("SummEval", subsample=8), mt.local_task("TwitterURLCorpus", subsample=40),
              mt.local_task("STS17", subsample=30)]

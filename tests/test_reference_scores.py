@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs import layout
+from sweeps import layout
 from ray_jobs.evaluate import evaluate_checkpoints, reference_spec
 
 PUBLISHED = {"STSBenchmark": 82.03, "SICK-R": 77.58}

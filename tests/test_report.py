@@ -1,6 +1,6 @@
-"""ray_jobs.report on synthetic sweeps with known effects, on bad input, and on real mteb.evaluate output.
+"""sweeps.report on synthetic sweeps with known effects, on bad input, and on real mteb.evaluate output.
 
-The synthetic sweeps are written by ray_jobs.synthetic_results in the exact layout of ray_jobs.layout; the
+The synthetic sweeps are written by sweeps.synthetic_results in the exact layout of sweeps.layout; the
 real fixture runs all-MiniLM-L6-v2 through mteb.evaluate on two subsampled local STS tasks (real mteb, real
 data) and adds a second config whose predictions are perturbed.
 """
@@ -22,9 +22,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from embed_core.errors import ConfigError, DataError  # noqa: E402
-from ray_jobs import layout  # noqa: E402
-from ray_jobs.report import build_report, console_table, load_results, main  # noqa: E402
-from ray_jobs.synthetic_results import mteb_task_result, write_synthetic_sweep  # noqa: E402
+from sweeps import layout  # noqa: E402
+from sweeps.report import build_report, console_table, load_results, main  # noqa: E402
+from sweeps.synthetic_results import mteb_task_result, write_synthetic_sweep  # noqa: E402
 
 BASE = "eos_last+causal"
 STRONG, NULL, WORSE = "multi_layer_trainable+bidirectional", "mean+causal", "last_layer_trainable+causal"

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs import layout
+from sweeps import layout
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from embed_core.errors import ConfigError
-from ray_jobs import layout
-from ray_jobs.sweep import SWEEP_FORMAT, merge_parts, read_sweep
-from ray_jobs.synthetic_results import write_synthetic_sweep
+from sweeps import layout
+from ray_jobs.sweep import merge_parts
+from sweeps.layout import SWEEP_FORMAT, read_sweep
+from sweeps.synthetic_results import write_synthetic_sweep
 from sweeps.config import load_sweep_config
 
 

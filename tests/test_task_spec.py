@@ -175,7 +175,7 @@ def test_job_arguments_are_checked_before_ray(tmp_path) -> None:
     import ray
 
     from ray_jobs.evaluate import evaluate_checkpoints, reference_spec
-    from ray_jobs.layout import CheckpointSpec, RunLabels
+    from sweeps.layout import CheckpointSpec, RunLabels
 
     for kw, match in (({"num_gpus": -1}, "num_gpus"), ({"max_retries": 1.5}, "max_retries"),
                       ({"subsample": 0}, "subsample")):

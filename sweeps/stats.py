@@ -1,6 +1,6 @@
 """Significance tests for the sweep report: pure numpy / scipy / statsmodels / scikit-posthocs, no Ray.
 
-What is tested, and against what (``ray_jobs.report`` assembles the inputs from a results folder):
+What is tested, and against what (``sweeps.report`` assembles the inputs from a results folder):
 
 * :func:`wilcoxon_by_category`: the paper's test. Per task category, a paired Wilcoxon signed-rank test
   (``scipy.stats.wilcoxon``, two-sided, exact for small n) of one config's dataset scores against the
@@ -9,7 +9,7 @@ What is tested, and against what (``ray_jobs.report`` assembles the inputs from 
   bootstrap confidence interval of the score difference (``scipy.stats.bootstrap``, percentile by default)
   and a paired permutation test (``scipy.stats.permutation_test``, ``permutation_type="samples"``: each
   instance's two models are swapped at random). Scores over resamples are vectorised for the four
-  :data:`ray_jobs.layout.AGGREGATES` and equal ``InstanceScores.score(index)`` row by row.
+  :data:`sweeps.layout.AGGREGATES` and equal ``InstanceScores.score(index)`` row by row.
 * :func:`adjust_pvalues` / :func:`correct_family`: Holm (default) or Benjamini-Hochberg across a family of
   tests (``statsmodels.stats.multitest.multipletests``).
 * :func:`friedman_nemenyi`: Friedman test over datasets x configs (``scipy.stats.friedmanchisquare``), the
@@ -317,7 +317,7 @@ def _unify(preps: Sequence[_Prepared]) -> None:
 
 def resample_scores(kind: str, index: np.ndarray, *, values=None, pred=None, gold=None) -> np.ndarray:
     """Main scores of many resamples at once: row b of `index` (B x m instance indices, repeats allowed)
-    gives ``aggregate(kind, ..., index=index[b])`` (see :func:`ray_jobs.layout.aggregate`)."""
+    gives ``aggregate(kind, ..., index=index[b])`` (see :func:`sweeps.layout.aggregate`)."""
     p = _Prepared(kind, values, pred, gold)
     _unify([p])
     return p.score_index(index)

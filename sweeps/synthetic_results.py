@@ -1,13 +1,13 @@
-"""A synthetic sweep in the exact on-disk layout of :mod:`ray_jobs.layout`, with known effects.
+"""A synthetic sweep in the exact on-disk layout of :mod:`sweeps.layout`, with known effects.
 
 For the report's tests and for a preview of the report before any real sweep has run::
 
-    python -m ray_jobs.synthetic_results OUT_DIR        # writes OUT_DIR/results/..., OUT_DIR/trials.json
-    python -m ray_jobs.report OUT_DIR                   # -> OUT_DIR/report/report.html
+    python -m sweeps.synthetic_results OUT_DIR        # writes OUT_DIR/results/..., OUT_DIR/trials.json
+    python -m sweeps.report OUT_DIR                   # -> OUT_DIR/report/report.html
 
 Every checkpoint folder holds what the evaluation job writes: an mteb 2.26 TaskResult JSON per task
 (``<Task>.json``), ``model_meta.json``, ``run_labels.json`` and ``instances/<Task>.json``
-(:class:`~ray_jobs.layout.InstanceScores`); the sweep folder holds ``trials.json``. The main score in each
+(:class:`~sweeps.layout.InstanceScores`); the sweep folder holds ``trials.json``. The main score in each
 TaskResult is recomputed from the instances (rounded to 6 digits, as mteb writes it).
 
 Scores come from a latent quality per config (:data:`DEFAULT_EFFECTS`, in logit-like units): a positive
@@ -185,7 +185,7 @@ def write_synthetic_sweep(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ray_jobs.synthetic_results", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sweeps.synthetic_results", description=__doc__.split("\n")[0])
     ap.add_argument("out", help="sweep folder to write (results/ and trials.json)")
     ap.add_argument("--base-models", nargs="+", default=["synthetic/base-A", "synthetic/base-B"])
     ap.add_argument("--instances", type=int, default=200, help="instances per dataset")

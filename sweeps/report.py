@@ -1,14 +1,14 @@
 """The sweep's significance report: a results folder in, report.md + report.html + PNGs out.
 
-    python -m ray_jobs.report RESULTS_DIR [--trials trials.json] [--baseline eos_last+causal] [--out DIR]
+    python -m sweeps.report RESULTS_DIR [--trials trials.json] [--baseline eos_last+causal] [--out DIR]
                               [--correction holm|bh] [--alpha 0.05] [--resamples 10000]
 
 RESULTS_DIR is the sweep folder (holding ``results/``, and ``trials.json`` which is then used too) or the
 ``results/`` folder itself: ``<model>/<revision>/<Task>.json`` (mteb TaskResult JSON), ``run_labels.json``
-and ``instances/*.json`` per checkpoint (:mod:`ray_jobs.layout`). No Ray is needed.
+and ``instances/*.json`` per checkpoint (:mod:`sweeps.layout`). No Ray is needed.
 
 Designs (configs) are compared within a base model; checkpoints with the same (base_model, config) are
-replicates (seeds) and are averaged. What is tested is in :mod:`ray_jobs.stats`. Whatever cannot be
+replicates (seeds) and are averaged. What is tested is in :mod:`sweeps.stats`. Whatever cannot be
 compared (a task missing for a config, instance ids that do not match, too few datasets in a category, no
 baseline) is listed in the report with the reason, and everything else still renders.
 """
@@ -203,7 +203,7 @@ def load_results(results_root: str | Path, *, split: str = "test") -> Results:
                 runs.append(run)
     if not runs:
         raise DataError(f"no checkpoint results under {str(root)!r}: expected <model>/<revision>/<Task>.json "
-                        f"(mteb's result layout) with run_labels.json and instances/ (ray_jobs.layout)")
+                        f"(mteb's result layout) with run_labels.json and instances/ (sweeps.layout)")
     categories, source = _categories(runs)
     return Results(root, sweep_dir, runs, categories, source, problems)
 
@@ -605,7 +605,7 @@ def build_report(
     """Read a results folder, run every test, write report.md, report.html, PNGs and summary.json.
 
     results_root: a sweep folder (with ``results/``) or a results folder. out_dir: default the sweep's
-    ``report/`` (:data:`ray_jobs.layout.REPORT_DIR`) beside ``results/``, else ``<results_root>/report``.
+    ``report/`` (:data:`sweeps.layout.REPORT_DIR`) beside ``results/``, else ``<results_root>/report``.
     trials: a trials.json (or the folder holding one); None looks for one in the sweep folder; False: none.
     correction: ``holm`` (family-wise error) or ``bh`` (Benjamini-Hochberg false discovery rate), applied
     per base model within each family (Wilcoxon tests, per-dataset tests, seed tests) at level `alpha`.
@@ -773,7 +773,7 @@ def _cell(v: float | None, absolute: bool, r: stats.TestResult | None) -> str:
 # ====================================================================================== CLI
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m ray_jobs.report",
+        prog="python -m sweeps.report",
         description="Significance report of a sweep's results folder (report.md, report.html, PNGs).")
     ap.add_argument("results", help="sweep folder (with results/) or results folder (<model>/<revision>/...)")
     ap.add_argument("--trials", default=None, help="trials.json for score-vs-cost and best LoRA rank / LR per cell "

@@ -1,21 +1,27 @@
-"""Where a sweep keeps its files and the formats its stages exchange (train -> evaluate -> report).
+"""Every path a sweep writes and the formats its stages exchange (prepare -> train -> evaluate -> report), with
+the only readers of them. Each path is named once, here.
 
-No Ray import: the sweep driver, the MTEB fan-out job and the report all read and write these files, and
-each stage can run alone on what an earlier stage left (a results folder copied from a cluster, say).
+No Ray and no torch import: the sweep driver, the MTEB fan-out job and the report all read and write these
+files, and each stage can run alone on what an earlier stage left (a results folder copied from a cluster, say).
 
 Layout under the sweep's storage path (``<storage>/<sweep name>/``)::
 
-    sweep.json                        the resolved sweep config (sweeps.config.SweepConfig)
-    tune/<cell>/...                   Ray Tune experiment of one grid cell (trial dirs, TensorBoard)
+    sweep.json                        the resolved sweep config + its fingerprint (:func:`read_sweep`)
+    data/train-<key>.jsonl            training examples, one file per data recipe (:func:`data_file`)
+    tune/                             the one Ray Tune experiment: trial dirs ``<cell>-<trial id>``, searcher state
+    train/<cell>-<trial id>/          each trial's Ray Train run: checkpoint_*/ (model + DeepSpeed state)
     trials.json                       one TrialRecord per trial, every cell (status, hyper-params, cost)
     checkpoints.json                  the CheckpointSpecs chosen for evaluation
+    driver.json                       the running sweep driver (pid, host; touched as a heartbeat)
     results/<model>/<revision>/<Task>.json          mteb TaskResult JSON (mteb's own cache layout)
     results/<model>/<revision>/model_meta.json      mteb's model meta
     results/<model>/<revision>/run_labels.json      RunLabels: which design / seed / trial this is
     results/<model>/<revision>/instances/<Task>.json  InstanceScores: per-instance scores
-    report/report.md, report.html, *.png            the significance report
+    report/report.md, report.html, *.png, summary.json  the significance report
     mlruns/mlflow.db, mlruns/artifacts/             MLflow's store when ``tracking.mlflow`` has no tracking_uri
     wandb/                                          W&B's run files (``tracking.wandb``; offline runs: wandb sync)
+
+and beside the sweeps of a storage path, ``<storage>/.compile_cache/`` (torch.compile's caches, shared).
 
 ``<model>`` is the mteb model name with ``/`` replaced by ``__`` (mteb's rule) and ``<revision>`` the
 checkpoint's content fingerprint, so mteb's result cache never mixes two checkpoints.
@@ -36,6 +42,7 @@ over all instances it equals mteb's main score.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -46,7 +53,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from embed_core.config import dataclass_from_dict
-from embed_core.errors import DataError
+from embed_core.errors import ConfigError, DataError
+from sweeps.config import SweepConfig, parse_sweep_config
 
 __all__ = [
     "AGGREGATES",
@@ -78,6 +86,11 @@ INSTANCES_DIR = "instances"
 DRIVER_FILE = "driver.json"  # the running sweep driver (pid, host; touched as a heartbeat)
 MLFLOW_DIR = "mlruns"  # the sweep's own MLflow store (SQLite + artifacts: MLflow 3 refuses a plain file store)
 WANDB_DIR = "wandb"
+TUNE_DIR = "tune"
+TRAIN_DIR = "train"
+DATA_DIR = "data"
+COMPILE_CACHE_DIR = ".compile_cache"  # beside the sweeps of a storage path: torch.compile's Inductor / Triton caches
+SWEEP_FORMAT = "embed_sweeps.sweep/v1"
 #: files in a checkpoint's results folder that are not task results
 RESULT_META_FILES = ("model_meta.json", LABELS_FILE)
 #: written files are world-readable (a shared results folder is read by other users' reports)
@@ -344,3 +357,29 @@ def aggregate(kind: str, *, values=None, pred=None, gold=None, index=None) -> fl
         from sklearn.metrics import average_precision_score
         return float(average_precision_score(g.astype(int), p))
     raise DataError(f"unknown aggregate {kind!r}: one of {AGGREGATES}")
+
+
+# ====================================================================================== sweep.json, training data
+def read_sweep(sweep_dir: str | os.PathLike) -> SweepConfig:
+    """The SweepConfig a sweep folder was started with (``sweep.json``)."""
+    p = Path(sweep_dir) / SWEEP_FILE
+    if not p.is_file():
+        raise ConfigError(f"{str(sweep_dir)!r} is not a sweep folder: {SWEEP_FILE} is missing")
+    obj = json.loads(p.read_text())
+    if obj.get("format") != SWEEP_FORMAT:
+        raise ConfigError(f"{p} has format {obj.get('format')!r}, this version reads {SWEEP_FORMAT!r}")
+    cfg = parse_sweep_config(obj["config"], source=str(p))
+    cfg.storage_path = str(Path(sweep_dir).resolve().parent)  # the folder may have moved (copied off a cluster)
+    return cfg
+
+
+def data_key(tcfg) -> str:
+    """Training data is a function of these fields only: trials with equal keys share one JSONL file."""
+    d = {k: getattr(tcfg, k) for k in ("train_data", "builders", "data_dir", "max_per_source", "seed",
+                                       "max_bad_fraction")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_file(sweep_dir: Path, tcfg) -> Path:
+    """The JSONL file `prepare` writes for the training data of `tcfg` (a TrainConfig)."""
+    return Path(sweep_dir) / DATA_DIR / f"train-{data_key(tcfg)}.jsonl"
