@@ -74,7 +74,9 @@ def isolated(config: str, part: str | None, sets: list[str], steps: int, warmup:
     """Run in a subprocess: the first cell's TrainConfig, a plain Trainer, `steps` timed steps after `warmup`."""
     import torch
 
-    from embed_core.trainer import Trainer, init_single_process_group, load_examples
+    from embed_core.distributed import init_single_process_group
+    from embed_core.train_data import load_examples
+    from embed_core.trainer import Trainer
     from sweeps.config import load_sweep_config
 
     sweep = load_sweep_config(config, sets)

@@ -23,19 +23,17 @@ rebuilt with the same run name, resumes from that trial's latest checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from embed_core.errors import ConfigError
-from sweeps.config import Cell, SweepConfig, parse_sweep_config
+from sweeps.config import Cell, SweepConfig
 
 from sweeps import layout
 from sweeps.layout import COMPILE_CACHE_DIR, SWEEP_FORMAT, TRAIN_DIR, TUNE_DIR, data_file, read_sweep
@@ -56,7 +54,7 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
     """Validate everything checkable before Ray (models' structure, data), create the sweep folder, write
     ``sweep.json`` and the training data. ``resume`` requires the folder to exist with the same config."""
     from embed_core.data import write_jsonl
-    from embed_core.trainer import TrainData, load_examples
+    from embed_core.train_data import TrainData, load_examples
 
     sweep_dir = sweep.sweep_dir
     stored = sweep_dir / layout.SWEEP_FILE
@@ -89,9 +87,7 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
             continue
         examples = load_examples(tcfg)
         TrainData(tcfg, examples)  # DataError: too few examples for one batch / for val_size
-        tmp = f.with_suffix(f".tmp{os.getpid()}")
-        write_jsonl(examples, tmp)
-        os.replace(tmp, f)
+        write_jsonl(examples, f)  # atomic: a concurrent or killed prepare never leaves half a file
     if not stored.is_file():
         layout.atomic_write_json(stored, {"format": SWEEP_FORMAT, "fingerprint": sweep.fingerprint(),
                                           "config": sweep.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -98,7 +98,7 @@ def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
 def _memory_lines(sweep) -> str:
     """Each base model's GPU memory per trial worker (estimate) and how many share one GPU."""
     from embed_core.memory import gpu_total_gib
-    from embed_core.trainer import load_examples
+    from embed_core.train_data import load_examples
     from sweeps.resources import memory_plan
 
     examples = load_examples(sweep.train_config(sweep.cells()[0], *sweep.probe_values()))

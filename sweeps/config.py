@@ -34,15 +34,14 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from embed_core.config import ATTENTIONS, POOLINGS, EmbedConfig
+from embed_core.config import ATTENTIONS, POOLINGS, EmbedConfig, is_int, is_number
 from embed_core.errors import ConfigError
-from embed_core.trainer import TrainConfig
+from embed_core.train_config import TrainConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 SCHEDULERS = ("asha", "fifo")
@@ -90,14 +89,6 @@ def _fields(ctx: _Ctx, path: str, d: dict, cls) -> Any:
         raise ctx.err(path, str(e)) from None
 
 
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 # ====================================================================================== sections
 @dataclass
 class Param:
@@ -118,7 +109,7 @@ class Param:
     @classmethod
     def parse(cls, ctx: _Ctx, path: str, name: str, raw: Any, integer: bool, positive: bool = True) -> "Param":
         def check(v: Any, where: str) -> Any:
-            if integer and not _is_int(v) or not integer and not _is_num(v):
+            if integer and not is_int(v) or not integer and not is_number(v):
                 raise ctx.err(where, f"must be {'an int' if integer else 'a number'}, got {v!r}")
             if positive and v <= 0 and not (integer and name == "lora_r" and v == 0):
                 raise ctx.err(where, f"must be > 0, got {v!r}")
@@ -204,9 +195,9 @@ class EvaluationOptions:
 
 # (field, check, what it must be): one validator per option
 _OPTION_CHECKS = (
-    ("batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    ("subsample", lambda v: v is None or _is_int(v) and v >= 1, "an int >= 1 or null"),
-    ("seed", _is_int, "an int"),
+    ("batch_size", lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    ("subsample", lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 or null"),
+    ("seed", is_int, "an int"),
     ("overwrite", lambda v: isinstance(v, bool), "true or false"),
     ("data_dir", lambda v: v is None or isinstance(v, str) and v != "", "a folder path or null"),
     ("fault_injection", lambda v: v is None or all(isinstance(f, dict) and "task" in f
@@ -429,7 +420,7 @@ class SweepConfig:
         every cell's TrainConfig and the training data of each seed, before Ray starts.
         Returns {seed: number of examples}."""
         from embed_core.backbone import preflight
-        from embed_core.trainer import TrainData, load_examples
+        from embed_core.train_data import TrainData, load_examples
 
         self.check_storage()
 
@@ -479,7 +470,7 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds) \
+    if not isinstance(seeds, list) or not seeds or not all(is_int(s) and s >= 0 for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise ctx.err("seeds", f"must be a list of distinct ints >= 0, got {seeds!r}")
 
@@ -506,7 +497,7 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
         raise ctx.err("model", str(e)) from None
 
     search = _fields(ctx, "search", _mapping(ctx, "search", raw.get("search")), SearchSection)
-    if not _is_int(search.samples_per_cell) or search.samples_per_cell < 1:
+    if not is_int(search.samples_per_cell) or search.samples_per_cell < 1:
         raise ctx.err("search.samples_per_cell", f"must be an int >= 1, got {search.samples_per_cell!r}")
     if search.sampler not in SAMPLERS:
         raise ctx.err("search.sampler", f"unknown sampler {search.sampler!r}: one of {SAMPLERS}")
@@ -526,7 +517,7 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
                                           "loss or acc")
     for f in ("grace_period", "reduction_factor"):
         v = getattr(scheduler, f)
-        if not _is_int(v) or v < (2 if f == "reduction_factor" else 1):
+        if not is_int(v) or v < (2 if f == "reduction_factor" else 1):
             raise ctx.err(f"scheduler.{f}", f"must be an int >= {2 if f == 'reduction_factor' else 1}, got {v!r}")
 
     training = dict(_mapping(ctx, "training", raw.get("training")))
@@ -542,14 +533,14 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
     failure = _fields(ctx, "failure", _mapping(ctx, "failure", raw.get("failure")), FailureSection)
     for f in ("train_max_failures", "trial_max_failures"):
         v = getattr(failure, f)
-        if not _is_int(v) or v < -1:
+        if not is_int(v) or v < -1:
             raise ctx.err(f"failure.{f}", f"must be an int >= -1 (-1: retry forever), got {v!r}")
     evaluation = _fields(ctx, "evaluation", _mapping(ctx, "evaluation", raw.get("evaluation")), EvaluationSection)
     _check_evaluation(ctx, evaluation)
     report = _fields(ctx, "report", _mapping(ctx, "report", raw.get("report")), ReportSection)
     if report.correction not in ("holm", "bh"):
         raise ctx.err("report.correction", f"must be holm or bh, got {report.correction!r}")
-    if not _is_num(report.alpha) or not 0 < report.alpha < 1:
+    if not is_number(report.alpha) or not 0 < report.alpha < 1:
         raise ctx.err("report.alpha", f"must be in (0, 1), got {report.alpha!r}")
     names = ["+".join(d) for d in designs]
     if report.baseline not in names:
@@ -657,15 +648,15 @@ def _parse_tracking(ctx: _Ctx, raw: Any) -> TrackingSection:
 
 
 def _check_resources(ctx: _Ctx, path: str, r: ResourcesSection) -> None:
-    if not _is_int(r.num_workers) or r.num_workers < 1:
+    if not is_int(r.num_workers) or r.num_workers < 1:
         raise ctx.err(f"{path}.num_workers", f"must be an int >= 1, got {r.num_workers!r}")
     if r.use_gpu not in (True, False, "auto"):
         raise ctx.err(f"{path}.use_gpu", f"must be true, false or auto, got {r.use_gpu!r}")
     for f in ("cpus_per_worker", "gpus_per_worker"):
         v = getattr(r, f)
-        if not _is_num(v) or v < 0:
+        if not is_number(v) or v < 0:
             raise ctx.err(f"{path}.{f}", f"must be a number >= 0, got {v!r}")
-    if r.max_concurrent_trials is not None and (not _is_int(r.max_concurrent_trials) or r.max_concurrent_trials < 1):
+    if r.max_concurrent_trials is not None and (not is_int(r.max_concurrent_trials) or r.max_concurrent_trials < 1):
         raise ctx.err(f"{path}.max_concurrent_trials", f"must be an int >= 1 or null (fit the cluster), "
                                                        f"got {r.max_concurrent_trials!r}")
 
@@ -677,11 +668,11 @@ def _check_evaluation(ctx: _Ctx, e: EvaluationSection) -> None:
         raise ctx.err("evaluation.tasks", f"must be a non-empty list of task names or spec files, got {e.tasks!r}")
     for f in ("num_cpus", "num_gpus"):
         v = getattr(e, f)
-        if not _is_num(v) or v < 0:
+        if not is_number(v) or v < 0:
             raise ctx.err(f"evaluation.{f}", f"must be a number >= 0, got {v!r}")
-    if not _is_int(e.max_retries) or e.max_retries < 0:
+    if not is_int(e.max_retries) or e.max_retries < 0:
         raise ctx.err("evaluation.max_retries", f"must be an int >= 0, got {e.max_retries!r}")
-    if not _is_int(e.top_k) or e.top_k < 1:
+    if not is_int(e.top_k) or e.top_k < 1:
         raise ctx.err("evaluation.top_k", f"must be an int >= 1, got {e.top_k!r}")
     if not isinstance(e.quick, bool) or not isinstance(e.reference, bool):
         raise ctx.err("evaluation", "quick and reference must be true or false")

@@ -45,13 +45,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from embed_core import files
 from embed_core.config import dataclass_from_dict
 from embed_core.errors import ConfigError, DataError
 from sweeps.config import SweepConfig, parse_sweep_config
@@ -93,8 +93,6 @@ COMPILE_CACHE_DIR = ".compile_cache"  # beside the sweeps of a storage path: tor
 SWEEP_FORMAT = "embed_sweeps.sweep/v1"
 #: files in a checkpoint's results folder that are not task results
 RESULT_META_FILES = ("model_meta.json", LABELS_FILE)
-#: written files are world-readable (a shared results folder is read by other users' reports)
-FILE_MODE = 0o644
 
 AGGREGATES = ("mean", "spearman", "pearson", "average_precision")
 
@@ -118,15 +116,8 @@ def result_dir(results_root: str | os.PathLike, model_name: str, revision: str) 
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON via a temporary file + rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, FILE_MODE)  # mkstemp creates 0600
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (embed_core.files), numpy scalars / arrays and paths included."""
+    return files.atomic_write_json(path, obj, default=_json_default)
 
 
 def _json_default(x: Any) -> Any:

@@ -174,7 +174,6 @@ def test_stats_fault(fix, probe, tmp_path) -> None:
 def _fake_sweep(tmp: Path, tiny_dir: Path, trial_state: str = "RUNNING", driver_pid: int | None = None):
     """A sweep folder as a killed driver leaves it: sweep.json, one Tune trial (state `trial_state`), its
     results, a Train checkpoint ahead of them, and driver.json naming `driver_pid`."""
-    from ray_jobs import sweep as job
     from sweeps.config import load_sweep_config
 
     cfg = load_sweep_config(write_config(tmp / "s.yaml", tiny_dir, tmp / "runs", "rec", ["eos_last+causal"]))

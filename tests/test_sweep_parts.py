@@ -81,7 +81,7 @@ def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
     import yaml
 
     from embed_core.memory import gpu_share
-    from embed_core.trainer import load_examples
+    from embed_core.train_data import load_examples
     from sweeps.config import load_sweep_config
     from sweeps.resources import memory_plan
 
