@@ -7,7 +7,7 @@ Stages, each idempotent and runnable alone on what the previous one left in ``<s
 
 1. **prepare** (driver, no Ray): validate the config, check every base model's structure and the training data,
    write ``sweep.json`` and the training examples (one JSONL per distinct data recipe, under ``data/``).
-2. **train**: one Tune experiment (``tune/``). The searcher (`sweeps.search.CellSearcher`) visits every grid
+2. **train**: one Tune experiment (``tune/``). The searcher (`ray_jobs.search.CellSearcher`) visits every grid
    cell (base model x design x seed) and samples LoRA rank / LR inside it with one Optuna study per cell; ASHA
    per cell stops weak trials on the trainer's held-out metric. Each Tune trial is a driver function
    (`trial_driver`) that starts a `TorchTrainer` with the trial's ScalingConfig; a callback forwards the Train
@@ -34,6 +34,7 @@ from typing import Any
 
 from embed_core.errors import ConfigError
 from sweeps.config import Cell, SweepConfig
+from sweeps.search import cell_of
 
 from sweeps import layout
 from sweeps.layout import COMPILE_CACHE_DIR, SWEEP_FORMAT, TRAIN_DIR, TUNE_DIR, data_file, read_sweep
@@ -157,7 +158,7 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
 
     started = time.time()
     sweep = read_sweep(sweep_dir)
-    cell = Cell(config["base_model"], config["pooling"], config["attention"], int(config["seed"]))
+    cell = cell_of(config)
     tcfg = sweep.train_config(cell, config["lora_r"], config["lr"])
     res = sweep.resources_for(cell)
     run_dir = Path(sweep_dir) / TRAIN_DIR / f"{cell.key}-{ray.tune.get_context().get_trial_id()}"
@@ -347,7 +348,7 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
     """Run (or resume) the Tune experiment; write trials.json and checkpoints.json. Ray must be initialised."""
     from ray import tune
 
-    from sweeps.search import CellSearcher, make_scheduler
+    from .search import CellSearcher, make_scheduler
 
     sweep_dir = sweep.sweep_dir
     exp_dir = sweep_dir / TUNE_DIR
@@ -444,7 +445,7 @@ def collect_trials(sweep: SweepConfig, grid, use_gpu: bool) -> list[layout.Trial
 
 def _trial_record(sweep: SweepConfig, cfg: dict, tid: str, status: str, m: dict, trial_dir: Path, use_gpu: bool,
                   error: str) -> layout.TrialRecord:
-    cell = Cell(cfg["base_model"], cfg["pooling"], cfg["attention"], int(cfg["seed"]))
+    cell = cell_of(cfg)
     res = sweep.resources_for(cell)
     wall = _wall_s(trial_dir, float(m.get("time_total_s") or 0.0))
     metric = m.get(sweep.scheduler.metric)
@@ -564,7 +565,7 @@ def trial_statuses(sweep_dir: str | os.PathLike) -> list[TrialStatus]:
         params = _params(trial_dir) or tune_trials[tid]["config"]
         results = _results(trial_dir)
         last = results[-1] if results else {}
-        cell = Cell(params["base_model"], params["pooling"], params["attention"], int(params["seed"]))
+        cell = cell_of(params)
         status = states.get(tid, "PENDING")
         if (trial_dir / "error.txt").is_file():
             status = "ERROR"

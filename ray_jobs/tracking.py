@@ -124,7 +124,7 @@ def log_report(sweep: SweepConfig, summary_file: Path) -> None:
 
 
 def _log_scores(sweep: SweepConfig) -> int:
-    from sweeps.report import load_results
+    from sweeps.results import load_results
 
     c, exp = client(sweep), ensure_experiment(sweep)
     logged = 0

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args) -> int:
-    from embed_core import export
+    from sweeps import export
 
     if args.best is not None:
         if args.out is not None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,9 +235,16 @@ def write_trials(sweep_dir: str | os.PathLike, trials: Sequence[TrialRecord]) ->
                              {"format": "embed_sweeps.trials/v1", "trials": [t.to_dict() for t in trials]})
 
 
-def read_trials(sweep_dir: str | os.PathLike) -> list[TrialRecord]:
-    obj = _read_json(Path(sweep_dir) / TRIALS_FILE, "trials file")
-    return [TrialRecord.from_dict(t) for t in obj.get("trials", [])]
+def read_trials(path: str | os.PathLike) -> list[TrialRecord]:
+    """A trials.json (or the sweep folder holding one); DataError naming the file when it is not one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / TRIALS_FILE
+    obj = _read_json(p, "trials file")
+    try:
+        return [TrialRecord.from_dict(t) for t in obj.get("trials", [])]
+    except (AttributeError, TypeError, ConfigError) as err:
+        raise DataError(f"trials file {str(p)!r} is not a trials.json (layout.write_trials): {err}") from None
 
 
 def write_checkpoints(sweep_dir: str | os.PathLike, specs: Sequence[CheckpointSpec]) -> Path:
@@ -374,3 +382,36 @@ def data_key(tcfg) -> str:
 def data_file(sweep_dir: Path, tcfg) -> Path:
     """The JSONL file `prepare` writes for the training data of `tcfg` (a TrainConfig)."""
     return Path(sweep_dir) / DATA_DIR / f"train-{data_key(tcfg)}.jsonl"
+
+
+# ====================================================================================== mteb results
+def read_task_result(path: str | Path, split: str = "test") -> tuple[str, float, str]:
+    """(task name, main score, what was averaged) from an mteb TaskResult JSON.
+
+    The main score is the mean of ``main_score`` over the subsets of `split` (mteb's convention); without
+    that split, the mean over every split present. Raises DataError naming the file and field.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(obj, dict) or "task_name" not in obj or not isinstance(obj.get("scores"), dict):
+        raise DataError(f"{path}: not an mteb TaskResult (needs 'task_name' and a 'scores' object)")
+    scores = obj["scores"]
+    splits = [split] if split in scores else sorted(scores)
+    vals = []
+    for sp in splits:
+        entries = scores[sp]
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: scores[{sp!r}] is not a list of subset scores")
+        for e in entries:
+            if not isinstance(e, dict) or "main_score" not in e:
+                raise DataError(f"{path}: scores[{sp!r}] has an entry without 'main_score'")
+            vals.append(float(e["main_score"]) if e["main_score"] is not None else math.nan)
+    if not vals:
+        raise DataError(f"{path}: no scores")
+    what = f"split {splits[0]}" if len(splits) == 1 else f"mean over splits {', '.join(splits)}"
+    if len(vals) > 1:
+        what += f", mean over {len(vals)} subsets"
+    return str(obj["task_name"]), float(np.mean(vals)), what

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .report import GroupReport, ReportSummary
+    from .analysis import GroupReport, ReportSummary
 
 __all__ = ["build_blocks", "plot_cd", "plot_cost", "plot_heatmap", "plot_seeds", "to_html", "to_markdown", "write_all"]
 

@@ -126,7 +126,7 @@ def test_sweep_evaluate_stage_uses_the_callers_ray(tiny_ckpts, tiny_dirs, tmp_pa
     import ray
     import yaml
 
-    from sweeps.report import load_results
+    from sweeps.results import load_results
     from ray_jobs.sweep import check_evaluation_tasks, evaluate_stage, prepare
     from sweeps.config import load_sweep_config
 

@@ -133,7 +133,7 @@ def test_model_card_and_cli(tmp_path, tiny_base) -> None:
 def test_best_per_base_model_from_a_sweep_report(tmp_path, tiny_base) -> None:
     """`export SWEEP --best`: the design with the best report mean, of its seeds the best own mean; the card
     carries the checkpoint's scores and the tests against the baseline from report/summary.json."""
-    from embed_core.export import best_checkpoints, export_best, run_scores
+    from sweeps.export import best_checkpoints, export_checkpoint, run_scores
     from embed_core.model import read_meta
     from sweeps import layout
     from sweeps.report import build_report

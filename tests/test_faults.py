@@ -139,7 +139,7 @@ def _probe_nonfinite():
 
 
 def _probe_stale_result(tmp: Path):
-    from sweeps.report import load_results
+    from sweeps.results import load_results
     from sweeps.synthetic_results import write_synthetic_sweep
 
     write_synthetic_sweep(tmp, effects={"eos_last+causal": 0.0, "mean+causal": 0.0}, seeds={

@@ -364,7 +364,7 @@ def test_new_task_types_give_instances_that_reproduce_mteb_and_report_categories
     under their mteb task type."""
     from sweeps import layout
     from ray_jobs.evaluate import instance_scores
-    from sweeps.report import load_results
+    from sweeps.results import load_results
 
     tasks = [mt.local_task("SummEval", subsample=8), mt.local_task("TwitterURLCorpus", subsample=40),
              mt.local_task("STS17", subsample=30)]

@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 
 from embed_core.errors import ConfigError, DataError  # noqa: E402
 from sweeps import layout  # noqa: E402
-from sweeps.report import build_report, console_table, load_results, main  # noqa: E402
+from sweeps.report import build_report, console_table, main  # noqa: E402
+from sweeps.results import load_results  # noqa: E402
 from sweeps.synthetic_results import mteb_task_result, write_synthetic_sweep  # noqa: E402
 
 BASE = "eos_last+causal"
