@@ -98,7 +98,6 @@ __all__ = [
     "LOCAL_TASKS",
     "PUBLISHED_MINILM_L6_V2_SCORES",
     "local_task",
-    "local_tasks",
     "scifact_abstract_sentences",
     "task_category",
 ]
@@ -119,8 +118,7 @@ LOCAL_TASKS: tuple[str, ...] = (
     "TwitterURLCorpus",
 )
 
-#: The six tasks evaluated when none are named (``python -m ray_jobs.evaluate`` without ``--tasks``,
-#: :func:`local_tasks` without names): the project's original set, kept so default runs and their timings do
+#: The six tasks evaluated when none are named (``python -m ray_jobs.evaluate`` without ``--tasks``): the project's original set, kept so default runs and their timings do
 #: not change; the other local tasks are evaluated when named.
 DEFAULT_TASKS: tuple[str, ...] = LOCAL_TASKS[:6]
 
@@ -244,19 +242,6 @@ def local_task(
             )
         task.filter_eval_splits(list(eval_splits))
     return task
-
-
-def local_tasks(
-    names: Sequence[str] | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    subsample: int | None = None,
-    seed: int = 42,
-) -> list[AbsTask]:
-    """:func:`local_task` for each of `names` (default: :data:`DEFAULT_TASKS`)."""
-    return [
-        local_task(n, data_dir, subsample=subsample, seed=seed) for n in (names or DEFAULT_TASKS)
-    ]
 
 
 def task_category(name: str | AbsTask) -> str:

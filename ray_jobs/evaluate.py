@@ -41,6 +41,8 @@ from embed_core.task_spec import TaskRef, resolve_tasks
 
 from sweeps import layout
 
+from . import test_hooks
+
 __all__ = ["EvalSummary", "EvaluationFailed", "QUICK_SUBSAMPLE", "REFERENCE_PATH", "evaluate_checkpoints",
            "instance_scores", "main", "reference_spec", "resolve_tasks", "specs_from_args"]
 
@@ -166,16 +168,6 @@ def _check_specs(specs: Sequence[layout.CheckpointSpec]) -> None:
             raise ConfigError(f"checkpoint name {s.name!r} must look like 'org/name' (mteb's model name rule)")
 
 
-def _fault(options: Any) -> list[dict]:
-    if not options:
-        return []
-    items = [options] if isinstance(options, dict) else list(options)
-    for it in items:
-        if not isinstance(it, dict) or "task" not in it:
-            raise ConfigError(f"fault_injection: each entry needs 'task' (and 'times', 'checkpoint'), got {it!r}")
-    return items
-
-
 def evaluate_checkpoints(
     specs: Sequence[layout.CheckpointSpec],
     tasks: Sequence[str | dict | os.PathLike],
@@ -193,20 +185,18 @@ def evaluate_checkpoints(
     data_dir: str | os.PathLike | None = None,
     ray_address: str | None = None,
     raise_on_failure: bool = True,
-    fault_injection: dict | list | None = None,
 ) -> EvalSummary:
     """Evaluate every checkpoint on every task, one Ray task per pair (see the module docstring).
 
     Tasks and checkpoints are validated here, before Ray starts. Uses the running Ray if the caller initialised
     one (the sweep driver), else connects to `ray_address` / $RAY_ADDRESS, else starts a local Ray (and shuts it
-    down at the end). fault_injection (tests): ``{"task": T, "times": N[, "checkpoint": name]}`` or a list of
-    them: the first N attempts of that pair raise.
+    down at the end). The tests inject failures through $EMBED_TEST_FAULTS (ray_jobs/test_hooks.py).
     """
     t0 = time.time()
     refs = resolve_tasks(list(tasks), data_dir)
     specs = [s if isinstance(s, layout.CheckpointSpec) else layout.CheckpointSpec.from_dict(s) for s in specs]
     _check_specs(specs)
-    faults = _fault(fault_injection)
+    faults = test_hooks.faults("evaluate")  # the tests' injected failures ($EMBED_TEST_FAULTS)
     for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
             raise ConfigError(f"{k} must be a number >= 0, got {v!r}")
@@ -261,9 +251,10 @@ def _say(msg: str, show: bool = True) -> None:
 
 
 def _main_score(path: Path) -> float:
-    obj = json.loads(path.read_text())
-    vals = [float(e["main_score"]) for split in obj["scores"].values() for e in split]
-    return float(sum(vals) / len(vals))
+    """The task's main score as the report reads it (layout.read_task_result: the mean over the test split's
+    subsets, over every split only when there is no test split). One reader, so the evaluation summary and the
+    report agree; the local tasks evaluate the test split alone, where both averages are the same."""
+    return layout.read_task_result(path)[1]
 
 
 def _run_plan(plan, root: Path, run_tmp: Path, summary: EvalSummary, *, num_cpus, num_gpus, max_retries, quick, subsample, seed,
@@ -271,7 +262,7 @@ def _run_plan(plan, root: Path, run_tmp: Path, summary: EvalSummary, *, num_cpus
     import ray
 
     started = False
-    num_cpus_local = int(os.environ["EMBED_EVAL_RAY_CPUS"]) if os.environ.get("EMBED_EVAL_RAY_CPUS") else None
+    num_cpus_local = test_hooks.eval_ray_cpus()
     if not ray.is_initialized():
         from .ray_cluster import given_address, start_or_connect
 

@@ -39,7 +39,7 @@ from sweeps.search import cell_of
 from sweeps import layout
 from sweeps.layout import COMPILE_CACHE_DIR, SWEEP_FORMAT, TRAIN_DIR, TUNE_DIR, data_file, read_sweep
 
-from . import tracking
+from . import test_hooks, tracking
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
     for attempt in range(OOM_RETRIES + 1):
         trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, sweep.failure.train_max_failures,
                                 num_to_keep=1, resources_per_worker=per_worker,
-                                fault_injection=_fault_for(sweep, cell, run_dir),
+                                fault_injection=test_hooks.train_fault(config.get("test_faults"), cell, run_dir),
                                 callbacks=[_report_callback_class()(sweep.scheduler.metric)],
                                 env=compile_cache_env(Path(sweep_dir)))
         try:
@@ -224,14 +224,6 @@ def wait_for_gpu_memory(need_gib: float, timeout_s: float = 600.0, poll_s: float
         if free and max(free) >= need:
             return
         time.sleep(poll_s)
-
-
-def _fault_for(sweep: SweepConfig, cell: Cell, run_dir: Path) -> dict | None:
-    fault = sweep.fault_injection_for(cell)
-    if not fault:
-        return None
-    return {"step": int(fault.get("step", 1)), "rank": int(fault.get("rank", 0)),
-            "delay_s": float(fault.get("delay_s", 2.0)), "marker": str(run_dir / "FAULT_INJECTED.json")}
 
 
 def trial_dirname(trial) -> str:
@@ -354,7 +346,8 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
     exp_dir = sweep_dir / TUNE_DIR
     use_gpu = _resolve_use_gpu(sweep)
     plan = gpu_plan(sweep, use_gpu)
-    trainable = tune.with_parameters(_trainable_with_gpu(use_gpu, plan), sweep_dir=str(sweep_dir))
+    trainable = tune.with_parameters(_trainable_with_gpu(use_gpu, plan, test_hooks.faults("train")),
+                                     sweep_dir=str(sweep_dir))
     # The trial driver only starts the TorchTrainer, whose workers hold the CPUs / GPUs in their own placement
     # group. Tune needs a non-empty bundle per trial: a token amount of memory (1 MiB), no CPU.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
@@ -395,17 +388,19 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
     return trials, specs
 
 
-def _trainable_with_gpu(use_gpu: bool, plan: dict[str, dict[str, float]]):
-    """Tune trainables take (config, **with_parameters): the resolved use_gpu and GPU plan travel in the config."""
+def _trainable_with_gpu(use_gpu: bool, plan: dict[str, dict[str, float]], test_faults: list | None = None):
+    """Tune trainables take (config, **with_parameters): the resolved use_gpu, GPU plan and the tests' injected
+    faults (ray_jobs/test_hooks.py) travel in the config."""
     import functools
 
-    return functools.partial(_trial_entry, use_gpu=use_gpu, plan=plan)
+    return functools.partial(_trial_entry, use_gpu=use_gpu, plan=plan, test_faults=test_faults or [])
 
 
-def _trial_entry(config: dict, sweep_dir: str, use_gpu: bool, plan: dict | None = None) -> None:
+def _trial_entry(config: dict, sweep_dir: str, use_gpu: bool, plan: dict | None = None,
+                 test_faults: list | None = None) -> None:
     mine = (plan or {}).get(config["base_model"], {})
     trial_driver(dict(config, use_gpu=use_gpu, gpus_per_worker=mine.get("gpus_per_worker"),
-                      gpu_mem_need_gib=mine.get("need_gib")), sweep_dir)
+                      gpu_mem_need_gib=mine.get("need_gib"), test_faults=test_faults or []), sweep_dir)
 
 
 #: Tune states of a trial that had not finished when the driver stopped (Ctrl-C, a killed driver)

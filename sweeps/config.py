@@ -187,7 +187,6 @@ class EvaluationOptions:
     seed: int = 42
     overwrite: bool = False          # re-run pairs whose results exist
     data_dir: str | None = None      # shared data folder for local tasks
-    fault_injection: Any = None      # tests: {"task": T, "times": N[, "checkpoint": name]} or a list of them
 
     def kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,9 +199,6 @@ _OPTION_CHECKS = (
     ("seed", is_int, "an int"),
     ("overwrite", lambda v: isinstance(v, bool), "true or false"),
     ("data_dir", lambda v: v is None or isinstance(v, str) and v != "", "a folder path or null"),
-    ("fault_injection", lambda v: v is None or all(isinstance(f, dict) and "task" in f
-                                                   for f in (v if isinstance(v, list) else [v])),
-     "null, or {task: T, times: N} / a list of them"),
 )
 
 
@@ -257,7 +253,6 @@ class Override:
     model: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)
-    fault_injection: dict | None = None  # fault-tolerance drills: {"step": N, "rank": 0} SIGKILLs a worker once
 
     def matches(self, cell: "Cell") -> bool:
         return all(str(getattr(cell, k)) == str(v) for k, v in self.match.items())
@@ -354,10 +349,6 @@ class SweepConfig:
         for o in self._overrides_for(cell):
             d.update(o.resources)
         return ResourcesSection(**d)
-
-    def fault_injection_for(self, cell: Cell) -> dict | None:
-        faults = [o.fault_injection for o in self._overrides_for(cell) if o.fault_injection]
-        return faults[-1] if faults else None
 
     def train_config(self, cell: Cell, lora_r: int, lr: float) -> TrainConfig:
         """The TrainConfig of one trial (ConfigError names the cell)."""

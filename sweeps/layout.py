@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embed_core import files
-from embed_core.config import dataclass_from_dict
+from embed_core.config import dataclass_from_dict, read_versioned_json
 from embed_core.errors import ConfigError, DataError
 from sweeps.config import SweepConfig, parse_sweep_config
 
@@ -362,11 +362,7 @@ def aggregate(kind: str, *, values=None, pred=None, gold=None, index=None) -> fl
 def read_sweep(sweep_dir: str | os.PathLike) -> SweepConfig:
     """The SweepConfig a sweep folder was started with (``sweep.json``)."""
     p = Path(sweep_dir) / SWEEP_FILE
-    if not p.is_file():
-        raise ConfigError(f"{str(sweep_dir)!r} is not a sweep folder: {SWEEP_FILE} is missing")
-    obj = json.loads(p.read_text())
-    if obj.get("format") != SWEEP_FORMAT:
-        raise ConfigError(f"{p} has format {obj.get('format')!r}, this version reads {SWEEP_FORMAT!r}")
+    obj = read_versioned_json(sweep_dir, SWEEP_FILE, SWEEP_FORMAT, "a sweep folder")
     cfg = parse_sweep_config(obj["config"], source=str(p))
     cfg.storage_path = str(Path(sweep_dir).resolve().parent)  # the folder may have moved (copied off a cluster)
     return cfg

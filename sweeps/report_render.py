@@ -529,10 +529,6 @@ def build_blocks(s: "ReportSummary", images: dict[str, Any], cost_note: str) -> 
 
 
 # ====================================================================================== markdown / html
-def _md_inline(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def _md_cell(x: Any) -> str:
     t = x.text if isinstance(x, Cell) else str(x)
     return t.replace("|", "\\|").replace("\n", " ")

@@ -51,9 +51,9 @@ def test_fan_out_retries_failures_and_reruns(tiny_ckpts, tmp_path, monkeypatch) 
     # ckpt0 / STSBenchmark fails once and is retried; ckpt1 / SciFact fails every attempt
     faults = [{"task": "STSBenchmark", "checkpoint": names[0], "times": 1},
               {"task": "SciFact", "checkpoint": names[1], "times": 99}]
+    monkeypatch.setenv("EMBED_TEST_FAULTS", json.dumps({"evaluate": faults}))
     with pytest.raises(EvaluationFailed) as ei:
-        evaluate_checkpoints(specs, TASKS, results, quick=True, max_retries=1, fault_injection=faults,
-                             show_progress=True)
+        evaluate_checkpoints(specs, TASKS, results, quick=True, max_retries=1, show_progress=True)
     assert not ray.is_initialized()  # the local Ray it started is shut down again
     s = ei.value.summary
     assert [(f["checkpoint"], f["task"]) for f in s.failed] == [(names[1], "SciFact")]
@@ -79,6 +79,7 @@ def test_fan_out_retries_failures_and_reruns(tiny_ckpts, tmp_path, monkeypatch) 
     before = _files(results)
 
     # rerun through the CLI: the three done pairs are skipped (files untouched), the failed one runs now
+    monkeypatch.delenv("EMBED_TEST_FAULTS")
     env = dict(os.environ, EMBED_EVAL_RAY_CPUS="2")
     p = subprocess.run([sys.executable, "-m", "ray_jobs.evaluate", "--checkpoints", *map(str, tiny_ckpts), "--tasks",
                         *TASKS, "--results", str(results), "--quick", "--json", str(tmp_path / "s.json")],

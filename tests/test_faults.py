@@ -53,8 +53,11 @@ CONFIG_FAULTS = [
      "evaluation.options: unknown field(s) ['batch_sise']"),
     ("options-type", lambda r, t: r["evaluation"].update(options={"batch_size": "big"}),
      "evaluation.options.batch_size: must be an int >= 1"),
-    ("options-fault-shape", lambda r, t: r["evaluation"].update(options={"fault_injection": {"times": 1}}),
-     "evaluation.options.fault_injection"),
+    ("options-no-fault-field", lambda r, t: r["evaluation"].update(options={"fault_injection": {"times": 1}}),
+     "evaluation.options: unknown field(s) ['fault_injection']"),  # faults are a test hook: ray_jobs/test_hooks.py
+    ("override-no-fault-field", lambda r, t: r.update(overrides=[{"match": {"pooling": "mean"},
+                                                                  "fault_injection": {"step": 1}}]),
+     "fault_injection"),
     ("baseline-typo", lambda r, t: r.update(report={"baseline": "eos_lst+causal"}),
      "report.baseline: 'eos_lst+causal' is not one of the grid's designs"),
     ("baseline-not-trained", lambda r, t: r.update(report={"baseline": "mean+bidirectional"}), "report.baseline"),

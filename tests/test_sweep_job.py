@@ -173,9 +173,9 @@ def test_failed_trials_are_retried_then_marked_while_the_sweep_completes(tmp_pat
         tmp_path / "f.yaml", tiny, tmp_path / "runs", "faults", ["eos_last+causal", "mean+causal", "mean+bidirectional"],
         failure={"train_max_failures": 1, "trial_max_failures": 1},
         resources={"num_workers": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
-        overrides=[{"match": {"pooling": "mean", "attention": "causal"}, "fault_injection": {"step": 3}},
-                   {"match": {"pooling": "mean", "attention": "bidirectional"}, "training": {"temperature": 1e-40}}])
-    p = run_cli("run", str(cfg), "--stages", "train")
+        overrides=[{"match": {"pooling": "mean", "attention": "bidirectional"}, "training": {"temperature": 1e-40}}])
+    kill = {"train": [{"match": {"pooling": "mean", "attention": "causal"}, "step": 3}]}
+    p = run_cli("run", str(cfg), "--stages", "train", EMBED_TEST_FAULTS=json.dumps(kill))
     assert p.returncode == 0
     sweep_dir = tmp_path / "runs" / "faults"
     trials = {t.config: t for t in layout.read_trials(sweep_dir)}
