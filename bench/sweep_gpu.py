@@ -77,7 +77,7 @@ def isolated(config: str, part: str | None, sets: list[str], steps: int, warmup:
     from embed_core.distributed import init_single_process_group
     from embed_core.train_data import load_examples
     from embed_core.trainer import Trainer
-    from sweeps.config import load_sweep_config
+    from sweeps.config_parse import load_sweep_config
 
     sweep = load_sweep_config(config, sets)
     sweep = sweep.with_part(part) if part else sweep
@@ -243,8 +243,8 @@ def main() -> int:
         return 0
     start = time.time()
     deadline = start + args.time_limit
-    from ray_jobs.sweep import compile_cache_env
-    from sweeps.config import load_sweep_config
+    from ray_jobs.trial import compile_cache_env
+    from sweeps.config_parse import load_sweep_config
 
     sweep = load_sweep_config(args.config, args.sets, args.storage)
     sweep = sweep.with_part(args.part) if args.part else sweep

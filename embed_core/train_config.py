@@ -103,6 +103,11 @@ class TrainConfig:
     # ------------------------------------------------------------------ checks
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError on any bad value; with `world_size`, also check the batch splits evenly."""
+        self._check_values()
+        self._check_combinations(world_size)
+
+    def _check_values(self) -> None:
+        """Each field on its own: types and ranges."""
         self.model.validate()
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
@@ -142,6 +147,9 @@ class TrainConfig:
             raise ConfigError(f"packing must be true or false, got {self.packing!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+    def _check_combinations(self, world_size: int | None) -> None:
+        """Fields that constrain each other, the data sources, DeepSpeed keys the trainer owns, the workers."""
         if self.model.lora_r == 0 and self.model.pooling in ("eos_last", "mean"):
             raise ConfigError(f"nothing to train: lora_r=0 with the parameter-free pooling {self.model.pooling!r}; "
                               "set lora_r > 0 or use a trainable pooling head")

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from sweeps import layout
 from sweeps.config import SweepConfig
+from sweeps.merge import merge_parts
 
-from . import console, sweep as job, tracking
+from . import console, records, sweep as job, tracking
+from .console import say
 
 STAGES = ("train", "evaluate", "report")
 
@@ -39,14 +41,16 @@ def run(sweep: SweepConfig, *, resume: bool, stages: str, address: str | None, v
 
 
 def merge(out: str, parts: list[str]) -> int:
-    job.merge_parts(out, parts)
+    merged = merge_parts(out, parts)
+    say(f"merged {len(parts)} part(s) into {merged}: {len(layout.read_trials(merged))} trials, "
+        f"{len(layout.read_checkpoints(merged))} checkpoints")
     return 0
 
 
 def on_folder(command: str, sweep_dir: Path, address: str | None = None) -> int:
     """`status`, `evaluate` (stage 3 alone) or `report` (stage 4 alone) on an existing sweep folder."""
     if command == "status":
-        print(job.status_text(sweep_dir))
+        print(records.status_text(sweep_dir))
         return 0
     sweep = layout.read_sweep(sweep_dir)
     if command == "evaluate":

@@ -23,6 +23,8 @@ from ray.tune.search import Searcher
 from sweeps.config import SweepConfig
 from sweeps.search import CELL_KEY, cell_seed, optuna_space, trial_config
 
+from . import compat
+
 class CellSearcher(Searcher):
     """One Optuna study per grid cell; ``samples_per_cell`` trials per cell, suggested round-robin.
 
@@ -82,7 +84,7 @@ class CellSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         study = self._studies.get(self._trial_cell.get(trial_id, ""))
-        if study is not None and trial_id in study._ot_trials:
+        if study is not None and compat.optuna_search_knows(study, trial_id):
             if result is not None and self.metric not in result:
                 result = None
             study.on_trial_complete(trial_id, result=result, error=error)
@@ -155,7 +157,7 @@ class PerCellASHA(FIFOScheduler):
         self._for(trial).on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
-        stopped = sum(getattr(s, "_num_stopped", 0) for s in self._by_cell.values())
+        stopped = sum(compat.asha_num_stopped(s) for s in self._by_cell.values())
         return f"PerCellASHA: {len(self._by_cell)} cells, {stopped} trials stopped early"
 
 

@@ -10,7 +10,7 @@ Stages, each idempotent and runnable alone on what the previous one left in ``<s
 2. **train**: one Tune experiment (``tune/``). The searcher (`ray_jobs.search.CellSearcher`) visits every grid
    cell (base model x design x seed) and samples LoRA rank / LR inside it with one Optuna study per cell; ASHA
    per cell stops weak trials on the trainer's held-out metric. Each Tune trial is a driver function
-   (`trial_driver`) that starts a `TorchTrainer` with the trial's ScalingConfig; a callback forwards the Train
+   (`ray_jobs.trial`) that starts a `TorchTrainer` with the trial's ScalingConfig; a callback forwards the Train
    workers' reports to Tune. Writes ``trials.json`` and ``checkpoints.json`` (best completed trial(s) per cell).
 3. **evaluate**: `ray_jobs.evaluate` fans the chosen checkpoints x tasks out as Ray tasks (``results/``).
 4. **report**: `sweeps.report` turns ``results/`` (+ ``trials.json``) into ``report/`` and a console table.
@@ -28,26 +28,20 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from embed_core.errors import ConfigError
-from sweeps.config import Cell, SweepConfig
-from sweeps.search import cell_of
-
 from sweeps import layout
-from sweeps.layout import COMPILE_CACHE_DIR, SWEEP_FORMAT, TRAIN_DIR, TUNE_DIR, data_file, read_sweep
+from sweeps.config import Cell, SweepConfig
+from sweeps.layout import SWEEP_FORMAT, TUNE_DIR, data_file
 
 from . import test_hooks, tracking
+from .console import say as _say
+from .records import UNFINISHED, DriverHeartbeat, collect_trials, select_checkpoints, trial_statuses
+from .trial import trainable_with_gpu, trial_dirname
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_PATH_KEY = "checkpoint_path"
-
-
-def _say(msg: str) -> None:
-    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ====================================================================================== prepare
@@ -107,127 +101,7 @@ def convert_models_once(sweep: SweepConfig) -> None:
         resolve_source(sweep.train_config(cell, *sweep.probe_values()).model)
 
 
-def compile_cache_env(sweep_dir: Path) -> dict[str, str]:
-    """torch.compile's caches beside the sweep folder, in its storage path: a trial reuses the kernels an earlier
-    trial of the same shape compiled, and a resumed sweep, or another sweep of the same models, reuses them all."""
-    root = Path(sweep_dir).parent / COMPILE_CACHE_DIR
-    return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
-
-
-# ====================================================================================== trial side
-def _report_callback_class():
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class SweepReportCallback(TuneReportCallback):
-        """Forward rank 0's Train reports to Tune once they carry the scheduler's metric (the held-out
-        evaluation runs every ``eval_every`` steps; later reports carry its last value forward), with the
-        checkpoint path when there is one. Tune requires the metric in every result it receives."""
-
-        def __init__(self, metric: str) -> None:
-            super().__init__()
-            self._metric = metric
-            self._carry: dict[str, float] = {}
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            m = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool))}
-            m["evaluated"] = self._metric in m  # a fresh held-out evaluation, not one carried forward
-            for k in ("val_acc", "val_margin"):
-                if k in m:
-                    self._carry[k] = m[k]
-                elif k in self._carry:
-                    m[k] = self._carry[k]
-            if self._metric not in m:
-                return
-            if checkpoint:
-                m[CHECKPOINT_PATH_KEY] = checkpoint.path
-            self._training_actor_item_queue.put(m)
-
-    return SweepReportCallback
-
-
-def trial_driver(config: dict, sweep_dir: str) -> None:
-    """One Tune trial (Ray Train V2 pattern): build the trial's TrainConfig, start a `TorchTrainer` with the
-    trial's ScalingConfig, and report its final metrics + checkpoint path to Tune. A run that failed on a CUDA
-    out-of-memory error while other trials share the GPU is started again (from its last checkpoint) once
-    memory has freed, up to ``OOM_RETRIES`` times, instead of ending as ERROR."""
-    import ray.tune
-
-    from embed_core.trainer import read_trainer_state
-
-    from .train import build_trainer, fit
-
-    started = time.time()
-    sweep = read_sweep(sweep_dir)
-    cell = cell_of(config)
-    tcfg = sweep.train_config(cell, config["lora_r"], config["lr"])
-    res = sweep.resources_for(cell)
-    run_dir = Path(sweep_dir) / TRAIN_DIR / f"{cell.key}-{ray.tune.get_context().get_trial_id()}"
-    worker_cfg = tcfg.replace(train_data=[str(data_file(Path(sweep_dir), tcfg))], builders=[],
-                              max_bad_fraction=0.0, log_dir=str(run_dir / "tensorboard"))
-    use_gpu = bool(config["use_gpu"])
-    gpus = float(config.get("gpus_per_worker") or res.gpus_per_worker)
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if use_gpu else {})}
-    for attempt in range(OOM_RETRIES + 1):
-        trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, sweep.failure.train_max_failures,
-                                num_to_keep=1, resources_per_worker=per_worker,
-                                fault_injection=test_hooks.train_fault(config.get("test_faults"), cell, run_dir),
-                                callbacks=[_report_callback_class()(sweep.scheduler.metric)],
-                                env=compile_cache_env(Path(sweep_dir)))
-        try:
-            result = fit(trainer, run_dir)
-            break
-        except Exception as err:  # noqa: BLE001 - only a shared GPU's OOM is retried
-            if not (use_gpu and gpus < 1 and attempt < OOM_RETRIES and is_cuda_oom(err)):
-                raise
-            _say(f"trial {cell.key}: CUDA out of memory beside other trials; retrying from its last checkpoint "
-                 f"once GPU memory frees (attempt {attempt + 2}/{OOM_RETRIES + 1})")
-            wait_for_gpu_memory(float(config.get("gpu_mem_need_gib") or 0.0))
-    state = read_trainer_state(result.checkpoint.path)
-    history = state.get("history") or [{}]
-    final = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
-    for h in reversed(history):  # the last held-out evaluation
-        if sweep.scheduler.metric in h:
-            final.setdefault(sweep.scheduler.metric, h[sweep.scheduler.metric])
-            break
-    mine = [h["wall_time"] for h in history if h.get("wall_time", 0) >= started]
-    final.update({CHECKPOINT_PATH_KEY: result.checkpoint.path, "step": state["step"], "final": True,
-                  "resumes": len(state.get("resumes", [])), "trial_started_at": started,
-                  "time_to_first_step_s": (mine[0] - started) if mine else float("nan")})
-    if sweep.scheduler.metric not in final:
-        final[sweep.scheduler.metric] = float("nan")
-    ray.tune.report(final)
-
-
-OOM_RETRIES = 3
-
-
-def is_cuda_oom(err: BaseException) -> bool:
-    """Whether a failed Train run's root cause is a CUDA out-of-memory error (Ray wraps the worker's error)."""
-    text = f"{err}\n" + "\n".join(str(e) for e in (getattr(err, "worker_failures", None) or {}).values())
-    return "OutOfMemoryError" in text or "CUDA out of memory" in text
-
-
-def wait_for_gpu_memory(need_gib: float, timeout_s: float = 600.0, poll_s: float = 5.0) -> None:
-    """Until every visible GPU has ``need_gib`` free (NVML), or `timeout_s`; without NVML, one pause."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no NVML here: a fixed pause, then the retry
-        time.sleep(min(60.0, timeout_s))
-        return
-    deadline = time.time() + timeout_s
-    need = max(need_gib, 1.0) * 2**30
-    while time.time() < deadline:
-        free = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free
-                for i in range(pynvml.nvmlDeviceGetCount())]
-        if free and max(free) >= need:
-            return
-        time.sleep(poll_s)
-
-
-def trial_dirname(trial) -> str:
-    return f"{trial.config.get('cell_key', 'trial')}-{trial.trial_id}"
+# ====================================================================================== the console
 
 
 def _status_printer_class():
@@ -346,7 +220,7 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
     exp_dir = sweep_dir / TUNE_DIR
     use_gpu = _resolve_use_gpu(sweep)
     plan = gpu_plan(sweep, use_gpu)
-    trainable = tune.with_parameters(_trainable_with_gpu(use_gpu, plan, test_hooks.faults("train")),
+    trainable = tune.with_parameters(trainable_with_gpu(use_gpu, plan, test_hooks.faults("train")),
                                      sweep_dir=str(sweep_dir))
     # The trial driver only starts the TorchTrainer, whose workers hold the CPUs / GPUs in their own placement
     # group. Tune needs a non-empty bundle per trial: a token amount of memory (1 MiB), no CPU.
@@ -386,347 +260,6 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
     if missing:
         _say(f"WARNING: no completed trial in cell(s) {missing}: they are missing from the evaluation")
     return trials, specs
-
-
-def _trainable_with_gpu(use_gpu: bool, plan: dict[str, dict[str, float]], test_faults: list | None = None):
-    """Tune trainables take (config, **with_parameters): the resolved use_gpu, GPU plan and the tests' injected
-    faults (ray_jobs/test_hooks.py) travel in the config."""
-    import functools
-
-    return functools.partial(_trial_entry, use_gpu=use_gpu, plan=plan, test_faults=test_faults or [])
-
-
-def _trial_entry(config: dict, sweep_dir: str, use_gpu: bool, plan: dict | None = None,
-                 test_faults: list | None = None) -> None:
-    mine = (plan or {}).get(config["base_model"], {})
-    trial_driver(dict(config, use_gpu=use_gpu, gpus_per_worker=mine.get("gpus_per_worker"),
-                      gpu_mem_need_gib=mine.get("need_gib"), test_faults=test_faults or []), sweep_dir)
-
-
-#: Tune states of a trial that had not finished when the driver stopped (Ctrl-C, a killed driver)
-UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
-
-
-def collect_trials(sweep: SweepConfig, grid, use_gpu: bool) -> list[layout.TrialRecord]:
-    """One TrialRecord per trial of the experiment: TERMINATED (trained to the end), STOPPED (ASHA), ERROR,
-    INTERRUPTED (the driver stopped before the trial finished: ``--resume`` continues it). Trials the
-    ResultGrid leaves out (no result reported yet) come from the experiment state."""
-    exp_dir = sweep.sweep_dir / TUNE_DIR
-    states = {tid: meta.get("status", "?") for tid, meta in _tune_trials(exp_dir).items()}
-    out = {}
-    for result in grid:
-        cfg = result.config or _params(Path(result.path))
-        if "cell_key" not in cfg:
-            continue
-        m = result.metrics or {}
-        tid = str(m.get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1])
-        if result.error is not None:
-            status = "ERROR"
-        elif m.get("final"):
-            status = "TERMINATED"
-        elif states.get(tid) in UNFINISHED or not m:
-            status = "INTERRUPTED"
-        else:
-            status = "STOPPED"
-        out[tid] = _trial_record(sweep, cfg, tid, status, m, Path(result.path), use_gpu,
-                                 "" if result.error is None else error_summary(result.error))
-    for tid, meta in _tune_trials(exp_dir).items():
-        cfg = meta.get("config") or {}
-        if tid not in out and "cell_key" in cfg:
-            status = "ERROR" if meta.get("status") == "ERROR" else "INTERRUPTED"
-            out[tid] = _trial_record(sweep, cfg, tid, status, {}, exp_dir / f"{cfg['cell_key']}-{tid}", use_gpu, "")
-    return sorted(out.values(), key=lambda t: (t.cell, t.trial_id))
-
-
-def _trial_record(sweep: SweepConfig, cfg: dict, tid: str, status: str, m: dict, trial_dir: Path, use_gpu: bool,
-                  error: str) -> layout.TrialRecord:
-    cell = cell_of(cfg)
-    res = sweep.resources_for(cell)
-    wall = _wall_s(trial_dir, float(m.get("time_total_s") or 0.0))
-    metric = m.get(sweep.scheduler.metric)
-    return layout.TrialRecord(
-        trial_id=tid, cell=cell.key, config=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]),
-        lr=float(cfg["lr"]), seed=cell.seed, status=status,
-        val_metric=None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else float(metric),
-        steps=max(int(m.get("step") or 0), _checkpoint_step(sweep.sweep_dir, cell, tid)), wall_s=wall,
-        gpu_hours=wall / 3600 * res.num_workers * res.gpus_per_worker if use_gpu else 0.0,
-        cpu_hours=wall / 3600 * res.num_workers * res.cpus_per_worker,
-        checkpoint=str(m.get(CHECKPOINT_PATH_KEY) or ""), error=error)
-
-
-def _params(trial_dir: Path) -> dict:
-    try:
-        return json.loads((trial_dir / "params.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _results(trial_dir: Path) -> list[dict]:
-    """The trial's reported results (``result.json``, one per line; a line being written is skipped)."""
-    out = []
-    try:
-        lines = (trial_dir / "result.json").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
-def _wall_s(trial_dir: Path, fallback: float) -> float:
-    """Wall time over every run of the trial: Tune restarts ``time_total_s`` from 0 when a resumed driver
-    restarts the trial, so each run's last value is summed (the costs add up across resumes)."""
-    total, prev = 0.0, 0.0
-    for r in _results(trial_dir):
-        t = float(r.get("time_total_s") or 0.0)
-        if t < prev:
-            total += prev
-        prev = t
-    return total + prev if prev or total else fallback
-
-
-def _checkpoint_step(sweep_dir: Path, cell: Cell, trial_id: str) -> int:
-    """The step of the trial's newest Train checkpoint (after a SIGKILL it is ahead of the last Tune result)."""
-    steps = [0]
-    for f in (Path(sweep_dir) / TRAIN_DIR / f"{cell.key}-{trial_id}").glob("checkpoint_*/trainer_state.json"):
-        try:
-            steps.append(int(json.loads(f.read_text()).get("step") or 0))
-        except (OSError, ValueError, TypeError):
-            continue
-    return max(steps)
-
-
-def error_summary(err: BaseException) -> str:
-    """The root cause of a trial's error in one line (Ray wraps it in tracebacks of its actors)."""
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    causes = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception|Interrupt): ", ln)]
-    line = causes[-1] if causes else next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
-    return f"{type(err).__name__}: {line}"[:500]
-
-
-def select_checkpoints(sweep: SweepConfig, trials: list[layout.TrialRecord]) -> list[layout.CheckpointSpec]:
-    """The ``evaluation.top_k`` best TERMINATED trials of each cell by the scheduler metric."""
-    from embed_core.trainer import MODEL_DIR
-
-    sign = 1.0 if sweep.scheduler.mode == "max" else -1.0
-    specs = []
-    for cell in sweep.cells():
-        done = [t for t in trials if t.cell == cell.key and t.status == "TERMINATED" and t.checkpoint]
-        done.sort(key=lambda t: -sign * (t.val_metric if t.val_metric is not None else -sign * math.inf))
-        for t in done[: sweep.evaluation.top_k]:
-            labels = layout.RunLabels(config=cell.design, base_model=cell.base_model, pooling=cell.pooling,
-                                      attention=cell.attention, lora_r=t.lora_r, lr=t.lr, seed=cell.seed,
-                                      trial_id=t.trial_id, cell=cell.key, steps=t.steps, gpu_hours=t.gpu_hours,
-                                      cpu_hours=t.cpu_hours, checkpoint=str(Path(t.checkpoint) / MODEL_DIR),
-                                      extra={"sweep": sweep.name, sweep.scheduler.metric: t.val_metric})
-            specs.append(layout.CheckpointSpec(name=f"{sweep.name}/{cell.key}", path=labels.checkpoint,
-                                               labels=labels))
-    return specs
-
-
-# ====================================================================================== status
-@dataclass
-class TrialStatus:
-    trial_id: str
-    cell: str
-    lora_r: Any
-    lr: Any
-    status: str
-    step: int
-    max_steps: int
-    metric: float | None
-
-
-def trial_statuses(sweep_dir: str | os.PathLike) -> list[TrialStatus]:
-    """Per-trial progress read from the Tune experiment's files alone (works while the sweep runs, without Ray).
-    A trial Tune last saw running while no driver is alive is INTERRUPTED (``--resume`` continues it)."""
-    sweep = read_sweep(sweep_dir)
-    metric = sweep.scheduler.metric
-    exp_dir = Path(sweep_dir) / TUNE_DIR
-    tune_trials = _tune_trials(exp_dir)
-    states = {tid: meta["status"] for tid, meta in tune_trials.items()}
-    driver_alive = driver_state(sweep_dir)[0]
-    trial_dirs = {p.name.rsplit("-", 1)[-1]: p for p in exp_dir.glob("*-*") if (p / "params.json").is_file()}
-    for tid, meta in tune_trials.items():  # created, not started: no params.json yet
-        if tid not in trial_dirs and "cell_key" in meta["config"]:
-            trial_dirs[tid] = exp_dir / f"{meta['config']['cell_key']}-{tid}"
-    out = []
-    for tid, trial_dir in sorted(trial_dirs.items(), key=lambda kv: kv[1].name):
-        params = _params(trial_dir) or tune_trials[tid]["config"]
-        results = _results(trial_dir)
-        last = results[-1] if results else {}
-        cell = cell_of(params)
-        status = states.get(tid, "PENDING")
-        if (trial_dir / "error.txt").is_file():
-            status = "ERROR"
-        elif status == "TERMINATED" and not last.get("final"):
-            status = "STOPPED"
-        elif status in UNFINISHED and not driver_alive:
-            status = "INTERRUPTED"
-        step = max(int(last.get("step") or 0), _checkpoint_step(Path(sweep_dir), cell, tid))
-        out.append(TrialStatus(tid, cell.key, params.get("lora_r"), params.get("lr"), status, step,
-                               sweep.train_config(cell, *sweep.probe_values()).max_steps, last.get(metric)))
-    return out
-
-
-# ====================================================================================== the driver's liveness
-HEARTBEAT_S = 30.0
-
-
-def driver_state(sweep_dir: str | os.PathLike) -> tuple[bool, str]:
-    """(alive, description) of the sweep driver from ``driver.json``: alive when its process exists on this
-    host (or, seen from another host, when its heartbeat is fresh)."""
-    import socket
-
-    f = Path(sweep_dir) / layout.DRIVER_FILE
-    try:
-        d = json.loads(f.read_text())
-        age = time.time() - f.stat().st_mtime
-    except (OSError, json.JSONDecodeError):
-        return False, "no driver running"
-    where = f"pid {d.get('pid')} on {d.get('host')}"
-    if d.get("host") == socket.gethostname():
-        alive = _pid_alive(int(d.get("pid") or 0))
-    else:
-        alive = age < 3 * HEARTBEAT_S
-    return alive, (f"driver running ({where})" if alive else
-                   f"driver DEAD ({where}, last heartbeat {age:.0f} s ago): resume with --resume")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class DriverHeartbeat:
-    """While the pipeline runs: ``driver.json`` names this process and is touched every HEARTBEAT_S; removed
-    when the driver ends in any way but a kill (then `status` tells the dead pid / stale heartbeat)."""
-
-    def __init__(self, sweep_dir: Path) -> None:
-        import threading
-
-        self.file = Path(sweep_dir) / layout.DRIVER_FILE
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="sweep-heartbeat")
-
-    def __enter__(self) -> "DriverHeartbeat":
-        import socket
-
-        layout.atomic_write_json(self.file, {"pid": os.getpid(), "host": socket.gethostname(),
-                                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-        self._thread.start()
-        return self
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.file)
-            except OSError:
-                pass
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.file.unlink(missing_ok=True)
-
-
-def _tune_trials(exp_dir: Path) -> dict[str, dict]:
-    """trial_id -> Tune's metadata of the trial (status, config) from the newest experiment_state-*.json
-    (best effort: {} while none is readable)."""
-    files = sorted(exp_dir.glob("experiment_state-*.json"))
-    if not files:
-        return {}
-    try:
-        state = json.loads(files[-1].read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    out = {}
-    for entry in state.get("trial_data", []):
-        try:
-            meta = json.loads(entry[0])
-            out[meta["trial_id"]] = {"status": meta.get("status", "?"), "config": meta.get("config") or {}}
-        except (TypeError, ValueError, KeyError, IndexError):
-            continue
-    return out
-
-
-def _tune_trial_states(exp_dir: Path) -> dict[str, str]:
-    """trial_id -> Tune status (see `_tune_trials`)."""
-    return {tid: meta["status"] for tid, meta in _tune_trials(exp_dir).items()}
-
-
-def status_text(sweep_dir: str | os.PathLike) -> str:
-    sweep_dir = Path(sweep_dir)
-    sweep = read_sweep(sweep_dir)
-    rows = trial_statuses(sweep_dir)
-    lines = [f"sweep {sweep.name} at {sweep_dir}: {len(sweep.cells())} cells, {sweep.num_trials()} trials planned, "
-             f"{len(rows)} started; {driver_state(sweep_dir)[1]}"]
-    lines.append(f"{'trial':10s} {'cell':52s} {'lora_r':>6s} {'lr':>9s} {'status':10s} {'step':>9s} "
-                 f"{sweep.scheduler.metric:>10s}")
-    for r in rows:
-        lr = f"{r.lr:.2e}" if isinstance(r.lr, (int, float)) else str(r.lr)
-        m = f"{r.metric:.4f}" if isinstance(r.metric, (int, float)) else "-"
-        lines.append(f"{r.trial_id:10s} {r.cell:52s} {r.lora_r!s:>6s} {lr:>9s} {r.status:10s} "
-                     f"{f'{r.step}/{r.max_steps}':>9s} {m:>10s}")
-    ck = sweep_dir / layout.CHECKPOINTS_FILE
-    if ck.is_file():
-        specs = layout.read_checkpoints(ck)
-        results = sweep_dir / layout.RESULTS_DIR
-        done = sum(p.name not in layout.RESULT_META_FILES for p in results.glob("*/*/*.json")) \
-            if results.is_dir() else 0
-        lines.append(f"evaluation: {len(specs)} checkpoints chosen; {done} result files under {results}")
-    rep = sweep_dir / layout.REPORT_DIR / "report.html"
-    lines.append(f"report: {rep if rep.is_file() else 'not written yet'}")
-    return "\n".join(lines)
-
-
-# ====================================================================================== parts
-def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) -> Path:
-    """Merge sweep folders that each ran a part of the same sweep (``run --part``) into `out_dir`: one
-    ``sweep.json`` (the fingerprints must agree), the union of ``trials.json`` and ``checkpoints.json``, and every
-    result file (a checkpoint evaluated in two parts, the reference say, is kept once). ``sweeps report OUT``
-    then builds the report of the whole. Training folders (tune/, train/) are not copied."""
-    import shutil
-
-    out = Path(out_dir)
-    parts = [Path(p) for p in part_dirs]
-    sweeps = [read_sweep(p) for p in parts]
-    prints = {s.fingerprint() for s in sweeps}
-    if len(prints) != 1:
-        raise ConfigError(f"cannot merge {[str(p) for p in parts]}: they ran different sweep configs "
-                          "(sweep.json fingerprints differ)")
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / layout.SWEEP_FILE).is_file():
-        shutil.copy2(parts[0] / layout.SWEEP_FILE, out / layout.SWEEP_FILE)
-    elif read_sweep(out).fingerprint() not in prints:
-        raise ConfigError(f"{out} holds another sweep (its sweep.json fingerprint differs from the parts')")
-    trials, specs = {}, {}
-    for src in [out, *parts]:
-        if (src / layout.TRIALS_FILE).is_file():
-            trials.update({(t.cell, t.trial_id): t for t in layout.read_trials(src)})
-        if (src / layout.CHECKPOINTS_FILE).is_file():
-            specs.update({(s.name, s.labels.trial_id): s for s in layout.read_checkpoints(src)})
-        results = src / layout.RESULTS_DIR
-        for f in sorted(results.rglob("*")) if src != out and results.is_dir() else []:
-            dest = out / layout.RESULTS_DIR / f.relative_to(results)
-            if f.is_file() and not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, dest)
-    layout.write_trials(out, sorted(trials.values(), key=lambda t: (t.cell, t.trial_id)))
-    layout.write_checkpoints(out, sorted(specs.values(), key=lambda s: (s.name, s.labels.trial_id)))
-    _say(f"merged {len(parts)} part(s) into {out}: {len(trials)} trials, {len(specs)} checkpoints")
-    return out
 
 
 # ====================================================================================== evaluate / report stages
@@ -894,7 +427,5 @@ def _record_from_files(sweep: SweepConfig, err: BaseException) -> None:
         _say(f"training driver failed ({type(err).__name__}: {err}); could not write trials.json: {e2}")
 
 
-__all__ = ["CHECKPOINT_PATH_KEY", "SweepInterrupted", "collect_trials", "driver_state", "evaluate_stage",
-           "init_ray", "max_concurrent", "resume_hint",
-           "prepare", "report_stage", "run_pipeline", "select_checkpoints", "status_text",
-           "train_stage", "trial_driver", "trial_statuses"]
+__all__ = ["SweepInterrupted", "evaluate_stage", "init_ray", "max_concurrent", "prepare", "report_stage",
+           "resume_hint", "run_pipeline", "train_stage"]

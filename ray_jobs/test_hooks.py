@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from embed_core.errors import ConfigError
+from sweeps.layout import model_dir_name
 
 FAULTS_ENV = "EMBED_TEST_FAULTS"
 EVAL_RAY_CPUS_ENV = "EMBED_EVAL_RAY_CPUS"
@@ -65,3 +66,13 @@ def eval_ray_cpus() -> int | None:
     """$EMBED_EVAL_RAY_CPUS as an int, or None (Ray's default: every core)."""
     v = os.environ.get(EVAL_RAY_CPUS_ENV)
     return int(v) if v else None
+
+
+def inject_eval_fault(run_tmp: Path, checkpoint: str, task: str, times: int) -> None:
+    """Raise for the first `times` attempts of (checkpoint, task) in this evaluation run (counted in run_tmp)."""
+    counter = run_tmp / "faults" / f"{model_dir_name(checkpoint)}__{task}.count"
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    n = int(counter.read_text()) + 1 if counter.is_file() else 1
+    counter.write_text(str(n))
+    if n <= times:
+        raise RuntimeError(f"injected fault {n}/{times} for {checkpoint} / {task}")

@@ -157,7 +157,30 @@ def analyse_group(base: str, runs: list[Run], categories: dict[str, str], *, bas
     tasks = sorted({t for r in runs for t in r.scores}, key=lambda t: (categories[t], t))
     g = GroupReport(base, baseline, present, configs, tasks, {t: categories[t] for t in tasks},
                     {c: by_config[c] for c in configs}, {}, {}, {})
-    skipped = g.skipped
+    _replicate_means(g, base)
+    if not present:
+        g.skipped.append(f"[{base}] baseline {baseline!r} is not among this base model's configs "
+                         f"({', '.join(configs)}): every comparison against the baseline (Wilcoxon, per-dataset "
+                         f"tests, seed tests, deltas) is skipped; scores are shown as absolute values")
+    else:
+        _wilcoxon(g, base, correction=correction, alpha=alpha, min_datasets=min_datasets)
+        _per_dataset(g, base, correction=correction, alpha=alpha, n_resamples=n_resamples, seed=seed,
+                     ci_method=ci_method, progress=progress)
+        _seeds(g, base, correction=correction, alpha=alpha)
+    # ---- Friedman + Nemenyi over all configs
+    g.friedman = stats.friedman_nemenyi({c: g.mean[c] for c in configs}, alpha=alpha)
+    if g.friedman.skipped:
+        g.skipped.append(f"[{base}] Friedman / Nemenyi: skipped, {g.friedman.skipped}")
+    if g.friedman.left_out and not g.friedman.skipped:
+        g.skipped.append(f"[{base}] Friedman / Nemenyi: dataset(s) left out because some config has no score: "
+                         f"{', '.join(g.friedman.left_out)}")
+    return g
+
+
+def _replicate_means(g: GroupReport, base: str) -> None:
+    """Mean / sd / count over each config's replicates per task; replicates sharing a seed or missing a task."""
+    skipped, tasks, configs = g.skipped, g.tasks, g.configs
+    by_config = g.runs
     for c in configs:
         seeds = [r.labels.seed for r in by_config[c]]
         dup = sorted({s for s in seeds if seeds.count(s) > 1})
@@ -176,61 +199,62 @@ def analyse_group(base: str, runs: list[Run], categories: dict[str, str], *, bas
                 skipped.append(f"[{base}] {c}: no result for {t} in {', '.join(missing)}"
                                + (f"; mean over the other {len(vals)} replicate(s)" if vals else
                                   "; every comparison of this config on this task is skipped"))
-    if not present:
-        skipped.append(f"[{base}] baseline {baseline!r} is not among this base model's configs "
-                       f"({', '.join(configs)}): every comparison against the baseline (Wilcoxon, per-dataset "
-                       f"tests, seed tests, deltas) is skipped; scores are shown as absolute values")
-    else:
-        # ---- the paper's Wilcoxon test per category
-        g.wilcoxon = stats.wilcoxon_by_category(
-            {c: g.mean[c] for c in configs}, g.categories, baseline, base_model=base, min_datasets=min_datasets)
-        for cat in g.category_names:
-            rs = [r for r in g.wilcoxon if r.scope == cat]
-            n_cat = len(g.tasks_of(cat))
-            if rs and n_cat < min_datasets:  # too few datasets in the category itself
-                skipped.append(f"[{base}] Wilcoxon, {cat}: not tested for any config: {n_cat} dataset(s) "
-                               f"(the paper's test needs at least {min_datasets})")
-            else:
-                skipped.extend(f"[{base}] Wilcoxon {r.config} vs {baseline}, {cat}: skipped, {r.skipped}"
-                               for r in rs if r.skipped)
-        stats.correct_family(g.wilcoxon, correction, alpha)
-        # ---- per-dataset tests over instances
-        jobs = [(c, t) for c in configs if c != baseline for t in tasks]
-        for c, t in progress(jobs, desc=f"per-dataset tests [{base}]"):
-            g.instance.extend(_instance_tests(g, c, t, n_resamples=n_resamples, seed=seed, ci_method=ci_method))
-        for r in g.instance:
-            if r.skipped:
-                skipped.append(f"[{base}] per-dataset test {r.config} vs {baseline} on {r.scope}: skipped, {r.skipped}")
-        stats.correct_family(g.instance, correction, alpha)
-        m = sum(r.tested for r in g.instance)
-        floor = 2.0 / (n_resamples + 1) * m  # smallest Holm/BH-adjusted p a permutation test can reach
-        if m and floor > alpha:
-            skipped.append(f"[{base}] per-dataset tests: with {n_resamples} permutations the smallest p-value is "
-                           f"{2.0 / (n_resamples + 1):.1e}, which the correction over {m} tests lifts to "
-                           f"{min(floor, 1):.3f} > alpha = {alpha}: nothing can be significant; use "
-                           f"--resamples {int(math.ceil(20 * m / alpha / 1000) * 1000)} or more")
-        # ---- seeds
-        g.seeds = _seed_tests(g)
-        for r in g.seeds:
-            if r.skipped:
-                skipped.append(f"[{base}] seed test {r.config} vs {baseline} ({r.scope}): skipped, {r.skipped}")
-        single = [c for c in configs if len(g.runs[c]) < 2]
-        if len(g.runs[baseline]) < 2:
-            several = [c for c in configs if c not in single]
-            if several:
-                skipped.append(f"[{base}] seed tests: skipped, the baseline has a single seed (configs with "
-                               f"several: {', '.join(several)})")
-        elif single:
-            skipped.append(f"[{base}] seed tests: not possible for config(s) with a single seed: {', '.join(single)}")
-        stats.correct_family(g.seeds, correction, alpha)
-    # ---- Friedman + Nemenyi over all configs
-    g.friedman = stats.friedman_nemenyi({c: g.mean[c] for c in configs}, alpha=alpha)
-    if g.friedman.skipped:
-        skipped.append(f"[{base}] Friedman / Nemenyi: skipped, {g.friedman.skipped}")
-    if g.friedman.left_out and not g.friedman.skipped:
-        skipped.append(f"[{base}] Friedman / Nemenyi: dataset(s) left out because some config has no score: "
-                       f"{', '.join(g.friedman.left_out)}")
-    return g
+
+
+def _wilcoxon(g: GroupReport, base: str, *, correction: str, alpha: float, min_datasets: int) -> None:
+    """The paper's Wilcoxon signed-rank test per category, corrected as one family."""
+    skipped, configs, baseline = g.skipped, g.configs, g.baseline
+    g.wilcoxon = stats.wilcoxon_by_category(
+        {c: g.mean[c] for c in configs}, g.categories, baseline, base_model=base, min_datasets=min_datasets)
+    for cat in g.category_names:
+        rs = [r for r in g.wilcoxon if r.scope == cat]
+        n_cat = len(g.tasks_of(cat))
+        if rs and n_cat < min_datasets:  # too few datasets in the category itself
+            skipped.append(f"[{base}] Wilcoxon, {cat}: not tested for any config: {n_cat} dataset(s) "
+                           f"(the paper's test needs at least {min_datasets})")
+        else:
+            skipped.extend(f"[{base}] Wilcoxon {r.config} vs {baseline}, {cat}: skipped, {r.skipped}"
+                           for r in rs if r.skipped)
+    stats.correct_family(g.wilcoxon, correction, alpha)
+
+
+def _per_dataset(g: GroupReport, base: str, *, correction: str, alpha: float, n_resamples: int, seed: int,
+                 ci_method: str, progress) -> None:
+    """Paired tests over the instances of each dataset, corrected as one family; warns when the permutations are
+    too few for anything to be significant after the correction."""
+    skipped, configs, tasks, baseline = g.skipped, g.configs, g.tasks, g.baseline
+    jobs = [(c, t) for c in configs if c != baseline for t in tasks]
+    for c, t in progress(jobs, desc=f"per-dataset tests [{base}]"):
+        g.instance.extend(_instance_tests(g, c, t, n_resamples=n_resamples, seed=seed, ci_method=ci_method))
+    for r in g.instance:
+        if r.skipped:
+            skipped.append(f"[{base}] per-dataset test {r.config} vs {baseline} on {r.scope}: skipped, {r.skipped}")
+    stats.correct_family(g.instance, correction, alpha)
+    m = sum(r.tested for r in g.instance)
+    floor = 2.0 / (n_resamples + 1) * m  # smallest Holm/BH-adjusted p a permutation test can reach
+    if m and floor > alpha:
+        skipped.append(f"[{base}] per-dataset tests: with {n_resamples} permutations the smallest p-value is "
+                       f"{2.0 / (n_resamples + 1):.1e}, which the correction over {m} tests lifts to "
+                       f"{min(floor, 1):.3f} > alpha = {alpha}: nothing can be significant; use "
+                       f"--resamples {int(math.ceil(20 * m / alpha / 1000) * 1000)} or more")
+
+
+def _seeds(g: GroupReport, base: str, *, correction: str, alpha: float) -> None:
+    """Welch's t-test of each config's per-seed scores against the baseline's, corrected as one family."""
+    skipped, configs, baseline = g.skipped, g.configs, g.baseline
+    g.seeds = _seed_tests(g)
+    for r in g.seeds:
+        if r.skipped:
+            skipped.append(f"[{base}] seed test {r.config} vs {baseline} ({r.scope}): skipped, {r.skipped}")
+    single = [c for c in configs if len(g.runs[c]) < 2]
+    if len(g.runs[baseline]) < 2:
+        several = [c for c in configs if c not in single]
+        if several:
+            skipped.append(f"[{base}] seed tests: skipped, the baseline has a single seed (configs with "
+                           f"several: {', '.join(several)})")
+    elif single:
+        skipped.append(f"[{base}] seed tests: not possible for config(s) with a single seed: {', '.join(single)}")
+    stats.correct_family(g.seeds, correction, alpha)
 
 
 def _instance_tests(g: GroupReport, config: str, task: str, *, n_resamples: int, seed: int,

@@ -87,7 +87,7 @@ def _export(args) -> int:
 def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
     """A sweep folder given directly, or the one a config names."""
     from sweeps.layout import SWEEP_FILE
-    from sweeps.config import load_sweep_config
+    from sweeps.config_parse import load_sweep_config
 
     p = Path(os.path.expanduser(target))
     if p.is_dir() and (p / SWEEP_FILE).is_file():
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.command == "presets":
-            from sweeps.config import PRESET_DIR, presets
+            from sweeps.config_parse import PRESET_DIR, presets
             for name in presets():
                 first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
                 print(f"{name:24s} {first}")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         if args.command in ("run", "check"):
-            from sweeps.config import load_sweep_config
+            from sweeps.config_parse import load_sweep_config
 
             sweep = load_sweep_config(args.target, args.sets, args.storage)
             if getattr(args, "part", None):

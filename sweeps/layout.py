@@ -55,7 +55,8 @@ import numpy as np
 from embed_core import files
 from embed_core.config import dataclass_from_dict, read_versioned_json
 from embed_core.errors import ConfigError, DataError
-from sweeps.config import SweepConfig, parse_sweep_config
+from sweeps.config import SweepConfig
+from sweeps.config_parse import parse_sweep_config
 
 __all__ = [
     "AGGREGATES",

@@ -69,14 +69,7 @@ def build_report(
     per base model within each family (Wilcoxon tests, per-dataset tests, seed tests) at level `alpha`.
     n_resamples: bootstrap resamples and permutations per dataset. min_datasets: the paper's rule (> 4).
     """
-    if correction not in stats.CORRECTIONS:
-        raise ConfigError(f"unknown correction {correction!r}: choose one of {', '.join(stats.CORRECTIONS)}")
-    if not 0 < alpha < 1:
-        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
-    if n_resamples < 1:
-        raise ConfigError(f"n_resamples must be >= 1, got {n_resamples}")
-    if ci_method not in ("percentile", "BCa", "basic"):
-        raise ConfigError(f"unknown ci_method {ci_method!r}: percentile, BCa or basic")
+    _check_options(correction, alpha, n_resamples, ci_method)
     trials_path: Path | None = None
     trials_note = ""
     trial_records: list[layout.TrialRecord] = []
@@ -113,6 +106,17 @@ def build_report(
     layout.atomic_write_json(out / "summary.json", _finite_json(summary.to_dict()))
     summary.files["summary"] = out / "summary.json"
     return summary
+
+
+def _check_options(correction: str, alpha: float, n_resamples: int, ci_method: str) -> None:
+    if correction not in stats.CORRECTIONS:
+        raise ConfigError(f"unknown correction {correction!r}: choose one of {', '.join(stats.CORRECTIONS)}")
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
+    if n_resamples < 1:
+        raise ConfigError(f"n_resamples must be >= 1, got {n_resamples}")
+    if ci_method not in ("percentile", "BCa", "basic"):
+        raise ConfigError(f"unknown ci_method {ci_method!r}: percentile, BCa or basic")
 
 
 def _finite_json(x: Any) -> Any:

@@ -81,69 +81,84 @@ def load_results(results_root: str | Path, *, split: str = "test") -> Results:
     problems: list[str] = []
     runs: list[Run] = []
     chosen = _chosen_checkpoints(sweep_dir)
-    skip_names = set(layout.RESULT_META_FILES)
     for model_dir in sorted(x for x in root.iterdir() if x.is_dir()):
         for rev_dir in sorted(x for x in model_dir.iterdir() if x.is_dir()):
-            task_files = sorted(p for p in rev_dir.glob("*.json")
-                                if p.name not in skip_names and not p.name.startswith("."))
-            has_labels = (rev_dir / layout.LABELS_FILE).is_file()
-            if not task_files and not has_labels:
-                continue
-            rel = rev_dir.relative_to(root)
-            labelled = True
-            try:
-                labels = layout.RunLabels.read(rev_dir)
-            except (DataError, ConfigError, TypeError) as err:
-                labelled = False
-                labels = layout.RunLabels(config=model_dir.name)
-                why = "missing" if not has_labels else f"unreadable ({err})"
-                problems.append(f"{rel}: run_labels.json {why}: treated as config {model_dir.name!r} "
-                                f"with no base model, seed 0")
-            if chosen is not None and labels.checkpoint not in chosen \
-                    and not labels.config.startswith(REFERENCE_PREFIX):
-                problems.append(f"{rel}: checkpoint {labels.checkpoint or '?'} is not one {layout.CHECKPOINTS_FILE} "
-                                "chose (a result of an earlier choice?): left out")
-                continue
-            run = Run(rev_dir, model_dir.name, rev_dir.name, labels, labelled=labelled)
-            for f in task_files:
-                try:
-                    task, score, what = layout.read_task_result(f, split)
-                except DataError as err:
-                    problems.append(f"{rel}/{f.name}: skipped, {str(err).removeprefix(f'{f}: ')}")
-                    continue
-                if not math.isfinite(score):
-                    problems.append(f"{rel}/{f.name}: skipped, main score is {score}")
-                    continue
-                run.scores[task] = score
-            inst_dir = rev_dir / layout.INSTANCES_DIR
-            inst_files = sorted(p for p in inst_dir.glob("*.json") if not p.name.startswith(".")) \
-                if inst_dir.is_dir() else []
-            for f in inst_files:
-                try:
-                    inst = layout.InstanceScores.read(f)
-                except (DataError, ConfigError, TypeError, KeyError) as err:
-                    problems.append(f"{rel}/instances/{f.name}: skipped, {err}")
-                    continue
-                run.instances.setdefault(inst.task, []).append(inst)
-                try:
-                    recomputed, why = inst.score(), ""
-                except Exception as err:  # noqa: BLE001 - a degenerate file is reported, not fatal
-                    recomputed, why = math.nan, f" ({err})"
-                if not (math.isfinite(recomputed) and abs(recomputed - inst.value) <= 1e-4):
-                    problems.append(f"{rel}/instances/{f.name}: the instances give {recomputed:.6f}{why} but the "
-                                    f"file's value is {inst.value:.6f} (kept; check the evaluation job)")
-            for task, insts in list(run.instances.items()):
-                if any(i.split == split for i in insts):  # the split the task score uses
-                    run.instances[task] = [i for i in insts if i.split == split]
-            if not run.scores and has_labels:
-                problems.append(f"{rel}: no readable task results (run_labels.json only)")
-            if run.scores:
+            run = _read_run(root, model_dir, rev_dir, chosen, split, problems)
+            if run is not None and run.scores:
                 runs.append(run)
     if not runs:
         raise DataError(f"no checkpoint results under {str(root)!r}: expected <model>/<revision>/<Task>.json "
                         f"(mteb's result layout) with run_labels.json and instances/ (sweeps.layout)")
     categories, source = _categories(runs)
     return Results(root, sweep_dir, runs, categories, source, problems)
+
+
+def _read_run(root: Path, model_dir: Path, rev_dir: Path, chosen: set[str] | None, split: str,
+              problems: list[str]) -> Run | None:
+    """One checkpoint's results folder: labels, task scores (`split`), instances; what cannot be used goes to
+    `problems`. None: nothing there, or a result of a checkpoint the sweep did not choose."""
+    skip_names = set(layout.RESULT_META_FILES)
+    task_files = sorted(p for p in rev_dir.glob("*.json")
+                        if p.name not in skip_names and not p.name.startswith("."))
+    has_labels = (rev_dir / layout.LABELS_FILE).is_file()
+    if not task_files and not has_labels:
+        return None
+    rel = rev_dir.relative_to(root)
+    labelled = True
+    try:
+        labels = layout.RunLabels.read(rev_dir)
+    except (DataError, ConfigError, TypeError) as err:
+        labelled = False
+        labels = layout.RunLabels(config=model_dir.name)
+        why = "missing" if not has_labels else f"unreadable ({err})"
+        problems.append(f"{rel}: run_labels.json {why}: treated as config {model_dir.name!r} "
+                        f"with no base model, seed 0")
+    if chosen is not None and labels.checkpoint not in chosen \
+            and not labels.config.startswith(REFERENCE_PREFIX):
+        problems.append(f"{rel}: checkpoint {labels.checkpoint or '?'} is not one {layout.CHECKPOINTS_FILE} "
+                        "chose (a result of an earlier choice?): left out")
+        return None
+    run = Run(rev_dir, model_dir.name, rev_dir.name, labels, labelled=labelled)
+    for f in task_files:
+        try:
+            task, score, what = layout.read_task_result(f, split)
+        except DataError as err:
+            problems.append(f"{rel}/{f.name}: skipped, {str(err).removeprefix(f'{f}: ')}")
+            continue
+        if not math.isfinite(score):
+            problems.append(f"{rel}/{f.name}: skipped, main score is {score}")
+            continue
+        run.scores[task] = score
+    _read_instances(run, rel, split, problems)
+    if not run.scores and has_labels:
+        problems.append(f"{rel}: no readable task results (run_labels.json only)")
+    return run
+
+
+def _read_instances(run: Run, rel: Path, split: str, problems: list[str]) -> None:
+    """The run's per-instance scores (those of `split` where a task has them), each checked to reproduce the
+    value it was written with."""
+    rev_dir = run.dir
+    inst_dir = rev_dir / layout.INSTANCES_DIR
+    inst_files = sorted(p for p in inst_dir.glob("*.json") if not p.name.startswith(".")) \
+        if inst_dir.is_dir() else []
+    for f in inst_files:
+        try:
+            inst = layout.InstanceScores.read(f)
+        except (DataError, ConfigError, TypeError, KeyError) as err:
+            problems.append(f"{rel}/instances/{f.name}: skipped, {err}")
+            continue
+        run.instances.setdefault(inst.task, []).append(inst)
+        try:
+            recomputed, why = inst.score(), ""
+        except Exception as err:  # noqa: BLE001 - a degenerate file is reported, not fatal
+            recomputed, why = math.nan, f" ({err})"
+        if not (math.isfinite(recomputed) and abs(recomputed - inst.value) <= 1e-4):
+            problems.append(f"{rel}/instances/{f.name}: the instances give {recomputed:.6f}{why} but the "
+                            f"file's value is {inst.value:.6f} (kept; check the evaluation job)")
+    for task, insts in list(run.instances.items()):
+        if any(i.split == split for i in insts):  # the split the task score uses
+            run.instances[task] = [i for i in insts if i.split == split]
 
 
 def _categories(runs: list[Run]) -> tuple[dict[str, str], dict[str, str]]:

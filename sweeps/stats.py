@@ -1,3 +1,4 @@
+# Over 500 lines: each test sits beside its statistics note (ties, exactness, multiplicity), as the report cites them.
 """Significance tests for the sweep report: pure numpy / scipy / statsmodels / scikit-posthocs, no Ray.
 
 What is tested, and against what (``sweeps.report`` assembles the inputs from a results folder):

@@ -129,7 +129,7 @@ def test_sweep_evaluate_stage_uses_the_callers_ray(tiny_ckpts, tiny_dirs, tmp_pa
 
     from sweeps.results import load_results
     from ray_jobs.sweep import check_evaluation_tasks, evaluate_stage, prepare
-    from sweeps.config import load_sweep_config
+    from sweeps.config_parse import load_sweep_config
 
     raw = {"name": "ev", "storage_path": str(tmp_path / "runs"), "seeds": [0],
            "grid": {"base_models": [str(tiny_dirs["llama"])], "designs": ["eos_last+causal"]},

@@ -177,7 +177,7 @@ def test_stats_fault(fix, probe, tmp_path) -> None:
 def _fake_sweep(tmp: Path, tiny_dir: Path, trial_state: str = "RUNNING", driver_pid: int | None = None):
     """A sweep folder as a killed driver leaves it: sweep.json, one Tune trial (state `trial_state`), its
     results, a Train checkpoint ahead of them, and driver.json naming `driver_pid`."""
-    from sweeps.config import load_sweep_config
+    from sweeps.config_parse import load_sweep_config
 
     cfg = load_sweep_config(write_config(tmp / "s.yaml", tiny_dir, tmp / "runs", "rec", ["eos_last+causal"]))
     d = cfg.sweep_dir
@@ -211,28 +211,28 @@ def _dead_pid() -> int:
 
 
 def _probe_dead_driver(tmp, tiny_dir):
-    from ray_jobs.sweep import status_text
+    from ray_jobs.records import status_text
 
     text = status_text(_fake_sweep(tmp, tiny_dir, driver_pid=_dead_pid()))
     assert "driver DEAD" in text and "INTERRUPTED" in text and "RUNNING" not in text, text
 
 
 def _probe_live_driver(tmp, tiny_dir):
-    from ray_jobs.sweep import status_text
+    from ray_jobs.records import status_text
 
     text = status_text(_fake_sweep(tmp, tiny_dir, driver_pid=os.getpid()))
     assert "driver running" in text and "RUNNING" in text, text
 
 
 def _probe_step_from_checkpoint(tmp, tiny_dir):
-    from ray_jobs.sweep import trial_statuses
+    from ray_jobs.records import trial_statuses
 
     (row,) = trial_statuses(_fake_sweep(tmp, tiny_dir))
     assert row.step == 2  # the results say 0; the checkpoint after a SIGKILL says 2
 
 
 def _probe_wall_adds_up(tmp, tiny_dir):
-    from ray_jobs.sweep import _wall_s
+    from ray_jobs.records import _wall_s
     from sweeps.layout import TUNE_DIR
 
     d = _fake_sweep(tmp, tiny_dir)
@@ -240,7 +240,7 @@ def _probe_wall_adds_up(tmp, tiny_dir):
 
 
 def _probe_status_counts_results_only(tmp, tiny_dir):
-    from ray_jobs.sweep import status_text
+    from ray_jobs.records import status_text
 
     assert "1 result files" in status_text(_fake_sweep(tmp, tiny_dir))
 

@@ -22,8 +22,8 @@ RANK = {"embed_core": 0, "sweeps": 1, "ray_jobs": 2}
 #: (importing module, imported module) pairs allowed to point upwards, and why
 UPWARD_ALLOWED = {("sweeps.cli", "ray_jobs.commands"): "the CLI's one lazy dispatch to the commands that need Ray"}
 #: modules that must load without torch / DeepSpeed / Ray (a sweep YAML is parsed, a report built, without them)
-LIGHT = ("sweeps.config", "sweeps.layout", "sweeps.search", "sweeps.stats", "sweeps.results", "sweeps.analysis",
-         "sweeps.report", "sweeps.report_render", "sweeps.synthetic_results", "embed_core.train_config",
+LIGHT = ("sweeps.config", "sweeps.config_parse", "sweeps.merge", "sweeps.layout", "sweeps.search", "sweeps.stats", "sweeps.results", "sweeps.analysis",
+         "sweeps.report", "sweeps.report_render", "sweeps.report_blocks", "sweeps.report_plots", "sweeps.synthetic_results", "embed_core.train_config",
          "embed_core.config", "embed_core.errors", "embed_core.files")
 HEAVY = ("torch", "deepspeed", "ray")
 

@@ -363,7 +363,7 @@ def test_new_task_types_give_instances_that_reproduce_mteb_and_report_categories
     similarity, AP) instances from mteb's saved predictions reproduce mteb's main score; the report files them
     under their mteb task type."""
     from sweeps import layout
-    from ray_jobs.evaluate import instance_scores
+    from sweeps.instances import instance_scores
     from sweeps.results import load_results
 
     tasks = [mt.local_task("SummEval", subsample=8), mt.local_task("TwitterURLCorpus", subsample=40),

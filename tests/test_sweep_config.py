@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from embed_core.errors import ConfigError
-from sweeps.config import load_sweep_config, parse_sweep_config, presets
+from sweeps.config_parse import load_sweep_config, parse_sweep_config, presets
 from ray_jobs.search import CellSearcher, PerCellASHA, make_scheduler
 
 BASE = {

@@ -63,7 +63,7 @@ def test_every_task_type_runs_through_mteb_and_instances_match(spec_dir, tiny_di
     from embed_core.config import EmbedConfig
     from embed_core.model import EmbeddingModel
     from embed_core.mteb_encoder import cached, make_encoder
-    from ray_jobs.evaluate import instance_scores
+    from sweeps.instances import instance_scores
 
     refs = resolve_tasks([str(spec_dir / f"{t}.yaml") for t in TASK_TYPES] + ["STSBenchmark", "SprintDuplicateQuestions"])
     assert [r.type for r in refs[:6]] == list(TASK_TYPES)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from embed_core.errors import ConfigError
-from sweeps.config import parse_sweep_config
+from sweeps.config_parse import parse_sweep_config
 
 from .test_sweep_job import run_cli, write_config
 
