@@ -88,7 +88,7 @@ class EvalSummary:
 def reference_spec() -> layout.CheckpointSpec:
     """The all-MiniLM-L6-v2 encoder reference as a checkpoint of the evaluation job."""
     return layout.CheckpointSpec(name=REFERENCE_NAME, path=REFERENCE_PATH,
-                                 labels=layout.RunLabels(config=REFERENCE_PATH))
+                                 labels=layout.RunLabels(design=REFERENCE_PATH))
 
 
 # ====================================================================================== driver side
@@ -454,7 +454,7 @@ def specs_from_args(paths: Sequence[str], reference: bool = False) -> list[layou
                 name = f"{name}-{str(meta.get('fingerprint', ''))[:8]}"
             specs.append(layout.CheckpointSpec(
                 name=name, path=str(path.resolve()),
-                labels=layout.RunLabels(config=layout.config_id(cfg.get("pooling", "?"), cfg.get("attention", "?")),
+                labels=layout.RunLabels(design=layout.design_id(cfg.get("pooling", "?"), cfg.get("attention", "?")),
                                         base_model=str(cfg.get("base_model", "")), pooling=cfg.get("pooling", ""),
                                         attention=cfg.get("attention", ""), lora_r=cfg.get("lora_r"),
                                         checkpoint=str(path.resolve()))))

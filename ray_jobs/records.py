@@ -62,7 +62,7 @@ def _trial_record(sweep: SweepConfig, cfg: dict, tid: str, status: str, m: dict,
     wall = _wall_s(trial_dir, float(m.get("time_total_s") or 0.0))
     metric = m.get(sweep.scheduler.metric)
     return layout.TrialRecord(
-        trial_id=tid, cell=cell.key, config=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]),
+        trial_id=tid, cell=cell.key, design=cell.design, base_model=cell.base_model, lora_r=int(cfg["lora_r"]),
         lr=float(cfg["lr"]), seed=cell.seed, status=status,
         val_metric=None if metric is None or (isinstance(metric, float) and math.isnan(metric)) else float(metric),
         steps=max(int(m.get("step") or 0), _checkpoint_step(sweep.sweep_dir, cell, tid)), wall_s=wall,
@@ -136,7 +136,7 @@ def select_checkpoints(sweep: SweepConfig, trials: list[layout.TrialRecord]) -> 
         done = [t for t in trials if t.cell == cell.key and t.status == "TERMINATED" and t.checkpoint]
         done.sort(key=lambda t: -sign * (t.val_metric if t.val_metric is not None else -sign * math.inf))
         for t in done[: sweep.evaluation.top_k]:
-            labels = layout.RunLabels(config=cell.design, base_model=cell.base_model, pooling=cell.pooling,
+            labels = layout.RunLabels(design=cell.design, base_model=cell.base_model, pooling=cell.pooling,
                                       attention=cell.attention, lora_r=t.lora_r, lr=t.lr, seed=cell.seed,
                                       trial_id=t.trial_id, cell=cell.key, steps=t.steps, gpu_hours=t.gpu_hours,
                                       cpu_hours=t.cpu_hours, checkpoint=str(Path(t.checkpoint) / MODEL_DIR),

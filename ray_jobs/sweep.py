@@ -416,7 +416,7 @@ def _record_from_files(sweep: SweepConfig, err: BaseException) -> None:
         pass
     try:
         rows = trial_statuses(sweep.sweep_dir)
-        recs = [layout.TrialRecord(trial_id=r.trial_id, cell=r.cell, config="", base_model="", lora_r=int(r.lora_r),
+        recs = [layout.TrialRecord(trial_id=r.trial_id, cell=r.cell, design="", base_model="", lora_r=int(r.lora_r),
                                    lr=float(r.lr), seed=0, status="INTERRUPTED" if r.status in UNFINISHED + ("?",)
                                    else r.status, val_metric=r.metric, steps=r.step,
                                    error=f"driver failed: {type(err).__name__}: {err}"[:500]) for r in rows]

@@ -149,7 +149,7 @@ def analyse_group(base: str, runs: list[Run], categories: dict[str, str], *, bas
                    progress) -> GroupReport:
     by_config: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        by_config[r.config].append(r)
+        by_config[r.design].append(r)
     for c in by_config:
         by_config[c].sort(key=lambda r: (r.labels.seed, r.name))
     present = baseline in by_config
@@ -350,7 +350,7 @@ def best_per_cell(trials: list[layout.TrialRecord]) -> list[dict[str, Any]]:
     after fewer steps. Failed trials (ERROR) are never chosen."""
     cells: dict[str, list[layout.TrialRecord]] = defaultdict(list)
     for t in trials:
-        cells[t.cell or f"{t.base_model}/{t.config}"].append(t)
+        cells[t.cell or f"{t.base_model}/{t.design}"].append(t)
     rows = []
     for cell in sorted(cells):
         ts = cells[cell]
@@ -362,7 +362,7 @@ def best_per_cell(trials: list[layout.TrialRecord]) -> list[dict[str, Any]]:
         for t in ts:
             counts[t.status] += 1
         rows.append({
-            "cell": cell, "base_model": ts[0].base_model, "config": ts[0].config,
+            "cell": cell, "base_model": ts[0].base_model, "config": ts[0].design,
             "best_trial": best.trial_id if best else None,
             "lora_r": best.lora_r if best else None, "lr": best.lr if best else None,
             "val_metric": best.val_metric if best else None, "steps": best.steps if best else None,

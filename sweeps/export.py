@@ -47,7 +47,7 @@ def sweep_card_facts(ckpt: Path, meta: dict, sweep_dir: Path | None = None) -> d
     group = next((g for g in summary["groups"] if key in sum(g["runs"].values(), [])), None)
     if spec is None or group is None:
         return None
-    c, base = spec.labels.config, summary["baseline"]
+    c, base = spec.labels.design, summary["baseline"]
     sweep_file = sweep_dir / layout.SWEEP_FILE  # {"config": the sweep config as written, ...}
     raw = json.loads(sweep_file.read_text()).get("config") or {} if sweep_file.is_file() else {}
     recipe = raw.get("training") or {}

@@ -60,14 +60,14 @@ from sweeps.config_parse import parse_sweep_config
 
 __all__ = [
     "AGGREGATES",
-    "BASELINE_CONFIG",
+    "BASELINE_DESIGN",
     "CheckpointSpec",
     "InstanceScores",
     "RunLabels",
     "TrialRecord",
     "aggregate",
     "atomic_write_json",
-    "config_id",
+    "design_id",
     "DRIVER_FILE",
     "RESULT_META_FILES",
     "model_dir_name",
@@ -99,10 +99,10 @@ RESULT_META_FILES = ("model_meta.json", LABELS_FILE)
 AGGREGATES = ("mean", "spearman", "pearson", "average_precision")
 
 #: The paper's baseline design, the reference of every significance test unless configured otherwise.
-BASELINE_CONFIG = "eos_last+causal"
+BASELINE_DESIGN = "eos_last+causal"
 
 
-def config_id(pooling: str, attention: str) -> str:
+def design_id(pooling: str, attention: str) -> str:
     """The design's name in tables and tests: ``<pooling>+<attention>`` (e.g. ``eos_last+causal``)."""
     return f"{pooling}+{attention}"
 
@@ -142,16 +142,25 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 # ====================================================================================== records
+def _renamed_design(d: dict[str, Any]) -> dict[str, Any]:
+    """A record as read: run_labels.json / trials.json written before the design id was renamed call it
+    ``config`` (one name for it, beside SweepConfig / TrainConfig / EmbedConfig, is now ``design``)."""
+    if "config" in d and "design" not in d:
+        d = {("design" if k == "config" else k): v for k, v in d.items()}
+    return d
+
+
 @dataclass
 class RunLabels:
     """What a checkpoint is, for the report: its design, base model, hyper-parameters and cost.
 
-    config: the design id (:func:`config_id`), or e.g. ``reference:all-MiniLM-L6-v2`` for a reference model.
-    seed: replicate seed; checkpoints with the same (base_model, config) and different seeds are replicates.
+    design: the design id (:func:`design_id`), or e.g. ``reference:all-MiniLM-L6-v2`` for a reference model
+        (files written before the rename call it ``config``: read as design).
+    seed: replicate seed; checkpoints with the same (base_model, design) and different seeds are replicates.
     gpu_hours / cpu_hours: resources the trial held x wall time (the report plots score vs cost).
     """
 
-    config: str
+    design: str
     base_model: str = ""
     pooling: str = ""
     attention: str = ""
@@ -171,7 +180,7 @@ class RunLabels:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunLabels":
-        return dataclass_from_dict(cls, d)
+        return dataclass_from_dict(cls, _renamed_design(d))
 
     def write(self, directory: str | os.PathLike) -> Path:
         return atomic_write_json(Path(directory) / LABELS_FILE, self.to_dict())
@@ -209,7 +218,7 @@ class TrialRecord:
 
     trial_id: str
     cell: str
-    config: str
+    design: str
     base_model: str
     lora_r: int
     lr: float
@@ -228,7 +237,7 @@ class TrialRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialRecord":
-        return dataclass_from_dict(cls, d)
+        return dataclass_from_dict(cls, _renamed_design(d))
 
 
 def write_trials(sweep_dir: str | os.PathLike, trials: Sequence[TrialRecord]) -> Path:

@@ -49,7 +49,7 @@ def build_report(
     out_dir: str | Path | None = None,
     *,
     trials: str | Path | bool | None = None,
-    baseline: str = layout.BASELINE_CONFIG,
+    baseline: str = layout.BASELINE_DESIGN,
     correction: str = "holm",
     alpha: float = 0.05,
     n_resamples: int = 10_000,
@@ -91,7 +91,7 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
 
     progress = _tqdm_progress if show_progress else _no_progress
-    refs = [r for r in res.runs if r.config.startswith(REFERENCE_PREFIX)]
+    refs = [r for r in res.runs if r.design.startswith(REFERENCE_PREFIX)]
     by_base: dict[str, list[Run]] = defaultdict(list)
     for r in res.runs:
         if r not in refs:
@@ -214,7 +214,7 @@ def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
         lines.append("")
     if summary.references:
         lines.append("reference models: " + "; ".join(
-            f"{r.config[len(REFERENCE_PREFIX):]} mean {np.mean(list(r.scores.values())):.4f}" for r in summary.references))
+            f"{r.design[len(REFERENCE_PREFIX):]} mean {np.mean(list(r.scores.values())):.4f}" for r in summary.references))
     lines.append(f"report: {summary.files.get('html', summary.out_dir)}")
     return "\n".join(lines)
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", default=None, help="trials.json for score-vs-cost and best LoRA rank / LR per cell "
                                                    "(default: the sweep folder's, if any)")
     ap.add_argument("--no-trials", action="store_true", help="do not look for trials.json")
-    ap.add_argument("--baseline", default=layout.BASELINE_CONFIG, help="config every test compares against")
+    ap.add_argument("--baseline", default=layout.BASELINE_DESIGN, help="design every test compares against")
     ap.add_argument("--out", default=None, help="output folder (default: the sweep's report/)")
     ap.add_argument("--correction", choices=sorted(stats.CORRECTIONS), default="holm")
     ap.add_argument("--alpha", type=float, default=0.05)

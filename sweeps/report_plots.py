@@ -136,7 +136,7 @@ def plot_cost(summary: "ReportSummary", path: Path) -> tuple[Path | None, str]:
     panels = 2 if trials else 1
     fig = _figure(6.0 * panels + 1.0, 5.2)
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    configs = sorted({t.config for t in trials} | {r.config for r in runs})
+    configs = sorted({t.design for t in trials} | {r.design for r in runs})
     colors = {c: f"C{i % 10}" for i, c in enumerate(configs)}
     bases = sorted({t.base_model for t in trials} | {r.base_model for r in runs})
     markers = {b: m for b, m in zip(bases, "os^Dvp*hX" * 3)}
@@ -146,7 +146,7 @@ def plot_cost(summary: "ReportSummary", path: Path) -> tuple[Path | None, str]:
         for t in trials:
             if t.val_metric is None or t.status == "ERROR":
                 continue
-            ax.scatter(cost(t), t.val_metric, color=colors[t.config], marker=markers.get(t.base_model, "o"),
+            ax.scatter(cost(t), t.val_metric, color=colors[t.design], marker=markers.get(t.base_model, "o"),
                        s=30, alpha=0.9 if t.status == "TERMINATED" else 0.45,
                        edgecolors="black" if t.status == "TERMINATED" else "none")
         ax.set_xlabel(unit)

@@ -292,7 +292,7 @@ def build_blocks(s: "ReportSummary", images: dict[str, Any], cost_note: str) -> 
     if s.references:
         blocks.append(H(2, "Reference models"))
         tasks = sorted({t for r in s.references for t in r.scores})
-        rows = [[r.config[len("reference:"):] or r.config, r.name] + [num(r.scores.get(t)) for t in tasks]
+        rows = [[r.design[len("reference:"):] or r.design, r.name] + [num(r.scores.get(t)) for t in tasks]
                 for r in s.references]
         blocks.append(Table(["model", "result folder"] + tasks, rows,
                             "Reference encoders (config `reference:*`): absolute scores, not tested."))

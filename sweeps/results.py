@@ -35,8 +35,8 @@ class Run:
         return f"{self.model}/{self.revision}"
 
     @property
-    def config(self) -> str:
-        return self.labels.config
+    def design(self) -> str:
+        return self.labels.design
 
     @property
     def base_model(self) -> str:
@@ -109,12 +109,12 @@ def _read_run(root: Path, model_dir: Path, rev_dir: Path, chosen: set[str] | Non
         labels = layout.RunLabels.read(rev_dir)
     except (DataError, ConfigError, TypeError) as err:
         labelled = False
-        labels = layout.RunLabels(config=model_dir.name)
+        labels = layout.RunLabels(design=model_dir.name)
         why = "missing" if not has_labels else f"unreadable ({err})"
         problems.append(f"{rel}: run_labels.json {why}: treated as config {model_dir.name!r} "
                         f"with no base model, seed 0")
     if chosen is not None and labels.checkpoint not in chosen \
-            and not labels.config.startswith(REFERENCE_PREFIX):
+            and not labels.design.startswith(REFERENCE_PREFIX):
         problems.append(f"{rel}: checkpoint {labels.checkpoint or '?'} is not one {layout.CHECKPOINTS_FILE} "
                         "chose (a result of an earlier choice?): left out")
         return None

@@ -125,7 +125,7 @@ def write_synthetic_sweep(
     effects = dict(DEFAULT_EFFECTS if effects is None else effects)
     tasks = dict(DEFAULT_TASKS if tasks is None else tasks)
     if seeds is None:
-        seeds = {c: ([0, 1, 2] if c in (layout.BASELINE_CONFIG, "multi_layer_trainable+bidirectional") else [0])
+        seeds = {c: ([0, 1, 2] if c in (layout.BASELINE_DESIGN, "multi_layer_trainable+bidirectional") else [0])
                  for c in effects}
     results = sweep_dir / layout.RESULTS_DIR
     out = SyntheticSweep(sweep_dir, results, None, effects, tasks)
@@ -150,7 +150,7 @@ def write_synthetic_sweep(
                 gpu_h = float(np.round((0.5 if status == "STOPPED" else 1.5 + 0.3 * (r / 16)) * (1 + bi), 3))
                 val = None if status == "ERROR" else float(np.round(0.6 + 0.05 * effect + 0.02 * trng.normal(), 4))
                 cell_trials.append(layout.TrialRecord(
-                    trial_id=f"t{bi}{ci}{k}", cell=cell, config=config, base_model=base, lora_r=r, lr=lr, seed=0,
+                    trial_id=f"t{bi}{ci}{k}", cell=cell, design=config, base_model=base, lora_r=r, lr=lr, seed=0,
                     status=status, val_metric=val, steps=100 if status == "STOPPED" else 1000,
                     wall_s=gpu_h * 3600, gpu_hours=gpu_h if status != "ERROR" else 0.1,
                     error="CUDA out of memory" if status == "ERROR" else ""))
@@ -165,11 +165,11 @@ def write_synthetic_sweep(
                 d.mkdir(parents=True, exist_ok=True)
                 if s:
                     records.append(layout.TrialRecord(
-                        trial_id=f"{best.trial_id}-s{s}", cell=cell, config=config, base_model=base,
+                        trial_id=f"{best.trial_id}-s{s}", cell=cell, design=config, base_model=base,
                         lora_r=best.lora_r, lr=best.lr, seed=s, status="TERMINATED",
                         val_metric=float(np.round((best.val_metric or 0) + 0.01 * rng.normal(), 4)),
                         steps=best.steps, wall_s=best.wall_s, gpu_hours=best.gpu_hours))
-                layout.RunLabels(config=config, base_model=base, pooling=pooling, attention=attention,
+                layout.RunLabels(design=config, base_model=base, pooling=pooling, attention=attention,
                                  lora_r=best.lora_r, lr=best.lr, seed=s, trial_id=best.trial_id + (f"-s{s}" if s else ""),
                                  cell=cell, steps=best.steps, gpu_hours=best.gpu_hours,
                                  checkpoint=f"tune/{cell}/{best.trial_id}/checkpoint_000009").write(d)

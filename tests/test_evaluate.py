@@ -73,7 +73,7 @@ def test_fan_out_retries_failures_and_reruns(tiny_ckpts, tmp_path, monkeypatch) 
         assert labels.extra["comparable_to_mteb"] is False and labels.checkpoint
         assert (rev_dir / "model_meta.json").is_file()
         assert d["texts_encoded"] > 0
-        assert labels.config == {names[0]: "eos_last+causal", names[1]: "mean+bidirectional"}[d["checkpoint"]]
+        assert labels.design == {names[0]: "eos_last+causal", names[1]: "mean+bidirectional"}[d["checkpoint"]]
     failed_dir = layout.result_dir(results, names[1], next(d["revision"] for d in s.done if d["checkpoint"] == names[1]))
     assert not (failed_dir / "SciFact.json").exists()
     before = _files(results)
@@ -153,7 +153,7 @@ def test_sweep_evaluate_stage_uses_the_callers_ray(tiny_ckpts, tiny_dirs, tmp_pa
     assert len(s.done) == 2 and not s.failed
     res = load_results(sweep_dir)
     assert not res.problems, res.problems
-    assert sorted(r.labels.config for r in res.runs) == ["eos_last+causal", "mean+bidirectional"]
+    assert sorted(r.labels.design for r in res.runs) == ["eos_last+causal", "mean+bidirectional"]
     assert all(len(r.instances["STSBenchmark"][0].ids) == 64 for r in res.runs)
 
 

@@ -161,7 +161,7 @@ def test_best_per_base_model_from_a_sweep_report(tmp_path, tiny_base) -> None:
         "builders": ["snli", "stsb"], "max_per_source": 400, "batch_size": 16}}}))
     build_report(sweep, n_resamples=99, plots=False, show_progress=False)
 
-    winners = [s for s in specs if s.labels.config == "mean+causal"]
+    winners = [s for s in specs if s.labels.design == "mean+causal"]
     own = {s.path: np.mean(list(run_scores(sweep, s.name, read_meta(Path(s.path))["fingerprint"]).values()))
            for s in winners}
     assert own[winners[0].path] != own[winners[1].path]

@@ -150,7 +150,7 @@ def _probe_stale_result(tmp: Path):
     runs = {r.labels.checkpoint: r for r in load_results(tmp).runs}
     specs = [layout.CheckpointSpec(name=r.model, path=ck, labels=r.labels) for ck, r in runs.items()]
     layout.write_checkpoints(tmp, specs)
-    chosen = next(r for r in runs.values() if r.config == "mean+causal")
+    chosen = next(r for r in runs.values() if r.design == "mean+causal")
     stale = chosen.dir.with_name(chosen.revision + "-stale")  # an earlier choice of the same cell
     shutil.copytree(chosen.dir, stale)
     lab = layout.RunLabels.read(stale)

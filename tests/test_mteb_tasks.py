@@ -382,9 +382,9 @@ def test_new_task_types_give_instances_that_reproduce_mteb_and_report_categories
             assert inst.aggregate == "mean" and set(inst.ids) <= set(task.dataset["test"]["id"])
         if task.metadata.name == "STS17":
             assert inst.subset == "en-en"
-    layout.RunLabels(config="eos_last+causal", base_model="b").write(rev_dir)
+    layout.RunLabels(design="eos_last+causal", base_model="b").write(rev_dir)
     shutil.copytree(rev_dir, layout.result_dir(tmp_path / "results", "m/other", "r1"))
-    layout.RunLabels(config="mean+bidirectional", base_model="b").write(
+    layout.RunLabels(design="mean+bidirectional", base_model="b").write(
         layout.result_dir(tmp_path / "results", "m/other", "r1"))
     loaded = load_results(tmp_path / "results")
     assert loaded.categories == {"STS17": "STS", "SummEval": "Summarization", "TwitterURLCorpus": "PairClassification"}

@@ -50,7 +50,7 @@ def _json_scores(results: Path, config: str) -> dict[str, list[float]]:
     """Main scores per task of every checkpoint of `config`, read straight from the mteb JSON files."""
     out: dict[str, list[float]] = {}
     for labels_file in results.glob(f"*/*/{layout.LABELS_FILE}"):
-        if json.loads(labels_file.read_text())["config"] != config:
+        if json.loads(labels_file.read_text())["design"] != config:
             continue
         for f in labels_file.parent.glob("Syn*.json"):
             obj = json.loads(f.read_text())
@@ -153,7 +153,7 @@ def test_bad_input_still_renders_and_says_what_was_skipped(tmp_path: Path) -> No
              "SynClassification-1": TASKS["SynClassification-1"], "SynPairClassification-1": TASKS["SynPairClassification-1"]}
     sweep = write_synthetic_sweep(tmp_path / "sw", effects={BASE: 0.0, STRONG: 0.8, WORSE: -0.5, NULL: 0.0},
                                   tasks=tasks, n_instances=50, seeds={BASE: [0, 1], STRONG: [0], WORSE: [0], NULL: [0]})
-    runs = {json.loads(p.read_text())["config"] + f"/{json.loads(p.read_text())['seed']}": p.parent
+    runs = {json.loads(p.read_text())["design"] + f"/{json.loads(p.read_text())['seed']}": p.parent
             for p in sweep.results_dir.glob(f"*/*/{layout.LABELS_FILE}")}
     # 1. a task missing for a config
     (runs[f"{WORSE}/0"] / "SynSTS-2.json").unlink()
@@ -227,8 +227,8 @@ def real_results(tmp_path_factory):
     pert_dir = layout.result_dir(sweep / "results", "real/multi_layer-bidirectional", "perturbed0001")
     shutil.copytree(src, base_dir)
     pert_dir.mkdir(parents=True)
-    layout.RunLabels(config=BASE, base_model="minilm-reference").write(base_dir)
-    layout.RunLabels(config=STRONG, base_model="minilm-reference").write(pert_dir)
+    layout.RunLabels(design=BASE, base_model="minilm-reference").write(base_dir)
+    layout.RunLabels(design=STRONG, base_model="minilm-reference").write(pert_dir)
     rng = np.random.default_rng(0)
     expected = {}
     for task in tasks:
@@ -280,3 +280,22 @@ def test_report_on_real_mteb_results(real_results) -> None:
     assert "Friedman / Nemenyi: skipped, 2 config(s)" in "\n".join(s.skipped)
     assert (s.out_dir / "report.html").is_file() and (s.out_dir / "heatmap_minilm-reference.png").is_file()
     assert f"{expected['STSBenchmark'][0]:.4f}" in console_table(s)
+
+
+def test_records_written_before_the_design_rename_are_read_the_same(tmp_path, known):
+    """run_labels.json and trials.json of earlier versions call the design id ``config``: a copy of the known sweep
+    rewritten that way gives the same records and the same report numbers."""
+    import shutil
+
+    sweep, summary = known
+    old = tmp_path / "old"
+    shutil.copytree(sweep.sweep_dir, old, ignore=shutil.ignore_patterns("report"))
+    for f in [*old.glob(f"results/*/*/{layout.LABELS_FILE}"), old / layout.TRIALS_FILE]:
+        f.write_text(f.read_text().replace('"design":', '"config":'))
+    assert '"config":' in (old / layout.TRIALS_FILE).read_text()
+    assert [t.to_dict() for t in layout.read_trials(old)] == [t.to_dict() for t in layout.read_trials(sweep.sweep_dir)]
+    again = build_report(old, n_resamples=3000, show_progress=False, plots=False)
+    assert [g.mean for g in again.groups] == [g.mean for g in summary.groups]
+    assert [(r.config, r.scope, r.p_value) for g in again.groups for r in g.wilcoxon] == \
+        [(r.config, r.scope, r.p_value) for g in summary.groups for r in g.wilcoxon]
+    assert again.best_per_cell == summary.best_per_cell

@@ -181,7 +181,7 @@ def test_job_arguments_are_checked_before_ray(tmp_path) -> None:
                       ({"subsample": 0}, "subsample")):
         with pytest.raises(ConfigError, match=match):
             evaluate_checkpoints([reference_spec()], ["STSBenchmark"], tmp_path, **kw)
-    bad = CheckpointSpec(name="x/ckpt", path=str(tmp_path / "nope"), labels=RunLabels(config="c"))
+    bad = CheckpointSpec(name="x/ckpt", path=str(tmp_path / "nope"), labels=RunLabels(design="c"))
     with pytest.raises(ConfigError, match="not a saved EmbeddingModel folder"):
         evaluate_checkpoints([bad], ["STSBenchmark"], tmp_path)
     assert not ray.is_initialized()
