@@ -386,6 +386,17 @@ def _drop_nonfinite(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray
     return cut(a), cut(b), dropped
 
 
+def _permutation_pairs(kind: str, A: list, B: list) -> list[tuple]:
+    """The (config, baseline) replicate pairs one swap pattern applies to (see `paired_instance_test`)."""
+    if kind == "mean":
+        # per-instance values averaged over replicates: the statistic is exactly delta, all replicates used
+        return [(_Prepared("mean", values=np.mean([p.values for p in A], axis=0)),
+                 _Prepared("mean", values=np.mean([p.values for p in B], axis=0)))]
+    if len(A) == len(B):
+        return list(zip(A, B))
+    return [(pa, pb) for pa in A for pb in B]  # the mean over all pairs is exactly delta
+
+
 def paired_instance_test(
     config_runs: Sequence[Any],
     baseline_runs: Sequence[Any],
@@ -446,14 +457,7 @@ def paired_instance_test(
         warnings.simplefilter("ignore", DegenerateDataWarning)  # an undefined CI is reported as nan
         boot = bootstrap((full,), boot_stat, vectorized=True, n_resamples=n_resamples, batch=batch,
                          confidence_level=confidence, method=ci_method, rng=rng)
-    if kind == "mean":
-        # per-instance values averaged over replicates: the statistic is exactly delta, all replicates used
-        pairs = [(_Prepared("mean", values=np.mean([p.values for p in A], axis=0)),
-                  _Prepared("mean", values=np.mean([p.values for p in B], axis=0)))]
-    elif len(A) == len(B):
-        pairs = list(zip(A, B))
-    else:
-        pairs = [(pa, pb) for pa in A for pb in B]  # the mean over all pairs is exactly delta
+    pairs = _permutation_pairs(kind, A, B)
 
     def perm_stat(swap: np.ndarray) -> np.ndarray:
         return np.mean([pa.score_mixed(pb, swap) - pb.score_mixed(pa, swap) for pa, pb in pairs], axis=0)

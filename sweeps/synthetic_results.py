@@ -131,29 +131,12 @@ def write_synthetic_sweep(
     out = SyntheticSweep(sweep_dir, results, None, effects, tasks)
     records: list[layout.TrialRecord] = []
     for bi, base in enumerate(base_models):
-        base_rng = np.random.default_rng([seed, bi])
-        shared = {}
-        for ti, task in enumerate(tasks):
-            n = 10 if tasks[task][0] == "Clustering" else n_instances
-            gold = np.round(base_rng.uniform(0, 5, n), 1)
-            shared[task] = {"easy": base_rng.normal(1.0, 1.5, n), "gold": gold, "noise": base_rng.normal(size=n),
-                            "label": (base_rng.random(n) < 0.4).astype(float)}
+        shared = _shared_data(np.random.default_rng([seed, bi]), tasks, n_instances)
         base_offset = 0.2 * bi
         for ci, (config, effect) in enumerate(effects.items()):
             pooling, _, attention = config.partition("+")
             cell = f"{base.split('/')[-1]}/{config}"
-            # the cell's Tune trials: a few LoRA ranks / LRs, one stopped early, one failed
-            cell_trials = []
-            for k, (r, lr, status) in enumerate([(8, 3e-5, "STOPPED"), (16, 1e-5, "TERMINATED"),
-                                                 (32, 2e-5, "TERMINATED"), (16, 5e-4, "ERROR")]):
-                trng = np.random.default_rng([seed, bi, ci, k])
-                gpu_h = float(np.round((0.5 if status == "STOPPED" else 1.5 + 0.3 * (r / 16)) * (1 + bi), 3))
-                val = None if status == "ERROR" else float(np.round(0.6 + 0.05 * effect + 0.02 * trng.normal(), 4))
-                cell_trials.append(layout.TrialRecord(
-                    trial_id=f"t{bi}{ci}{k}", cell=cell, design=config, base_model=base, lora_r=r, lr=lr, seed=0,
-                    status=status, val_metric=val, steps=100 if status == "STOPPED" else 1000,
-                    wall_s=gpu_h * 3600, gpu_hours=gpu_h if status != "ERROR" else 0.1,
-                    error="CUDA out of memory" if status == "ERROR" else ""))
+            cell_trials = _cell_trials(seed, bi, ci, base, cell, config, effect)
             records.extend(cell_trials)
             best = max((t for t in cell_trials if t.status == "TERMINATED"), key=lambda t: t.val_metric or 0.0)
             for s in seeds.get(config, [0]):
@@ -182,6 +165,34 @@ def write_synthetic_sweep(
     if trials:
         out.trials_path = layout.write_trials(sweep_dir, records)
     return out
+
+
+def _shared_data(base_rng, tasks: dict, n_instances: int) -> dict[str, dict]:
+    """Per task, what every design of one base model shares: gold scores / labels, difficulty, noise."""
+    shared = {}
+    for task in tasks:
+        n = 10 if tasks[task][0] == "Clustering" else n_instances
+        gold = np.round(base_rng.uniform(0, 5, n), 1)
+        shared[task] = {"easy": base_rng.normal(1.0, 1.5, n), "gold": gold, "noise": base_rng.normal(size=n),
+                        "label": (base_rng.random(n) < 0.4).astype(float)}
+    return shared
+
+
+def _cell_trials(seed: int, bi: int, ci: int, base: str, cell: str, config: str,
+                 effect: float) -> list[layout.TrialRecord]:
+    """The cell's Tune trials: a few LoRA ranks / LRs, one stopped early, one failed."""
+    cell_trials = []
+    for k, (r, lr, status) in enumerate([(8, 3e-5, "STOPPED"), (16, 1e-5, "TERMINATED"),
+                                         (32, 2e-5, "TERMINATED"), (16, 5e-4, "ERROR")]):
+        trng = np.random.default_rng([seed, bi, ci, k])
+        gpu_h = float(np.round((0.5 if status == "STOPPED" else 1.5 + 0.3 * (r / 16)) * (1 + bi), 3))
+        val = None if status == "ERROR" else float(np.round(0.6 + 0.05 * effect + 0.02 * trng.normal(), 4))
+        cell_trials.append(layout.TrialRecord(
+            trial_id=f"t{bi}{ci}{k}", cell=cell, design=config, base_model=base, lora_r=r, lr=lr, seed=0,
+            status=status, val_metric=val, steps=100 if status == "STOPPED" else 1000,
+            wall_s=gpu_h * 3600, gpu_hours=gpu_h if status != "ERROR" else 0.1,
+            error="CUDA out of memory" if status == "ERROR" else ""))
+    return cell_trials
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,3 +159,46 @@ def test_the_rules_can_fail():
 @pytest.mark.parametrize("pkg", PACKAGES)
 def test_every_module_parses(pkg):
     assert any(m.startswith(pkg) for m in project_modules())
+
+
+def test_readme_layout_table_names_every_module():
+    """The README's Layout table lists each package folder's modules, and no module that is not there."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Layout"):text.index("\n## ", text.index("## Layout") + 1)]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w/]+)/` \| (.*) \|$", table, re.M)}
+    for folder in ("embed_core", "embed_core/data", "sweeps", "ray_jobs"):
+        have = {p.name for p in (ROOT / folder).glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+        named = set(re.findall(r"`(\w+\.py)`", rows[folder]))
+        assert named == have, f"{folder}: README names {sorted(named - have)} not there, misses {sorted(have - named)}"
+
+
+# ---------------------------------------------------------------------------------------- size
+MAX_FUNCTION_LINES = 60  # lines of a function from its def, its docstring not counted (the docstring is its spec)
+MAX_MODULE_LINES = 500   # more only with a first line "# Over 500 lines: <reason>"
+
+
+def oversized(files: dict[str, str]) -> list[str]:
+    bad = []
+    for name, src in files.items():
+        if src.count("\n") > MAX_MODULE_LINES and not src.startswith("# Over 500 lines: "):
+            bad.append(f"{name}: {src.count(chr(10))} lines and no reason at its top")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) \
+                    and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str) \
+                    else None
+                code = lines - (doc.end_lineno - doc.lineno + 1 if doc else 0)
+                if code > MAX_FUNCTION_LINES:
+                    bad.append(f"{name}:{node.lineno} {node.name}: {code} code lines")
+    return bad
+
+
+def test_no_long_function_and_no_long_module_without_a_reason():
+    assert oversized({m: p.read_text() for m, p in project_modules().items()}) == []
+    long_fn = "def f():\n    '''doc'''\n" + "    x = 1\n" * (MAX_FUNCTION_LINES + 1)
+    assert oversized({"m": long_fn}) == ["m:1 f: 62 code lines"]  # the def line counts
+    assert oversized({"m": "x = 1\n" * (MAX_MODULE_LINES + 1)}) == ["m: 501 lines and no reason at its top"]
+    assert oversized({"m": "# Over 500 lines: a reason\n" + "x = 1\n" * MAX_MODULE_LINES}) == []
