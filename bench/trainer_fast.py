@@ -59,7 +59,7 @@ VARIANTS = {  # name: (engine, attn_implementation, fast, batch, chunk)
 VARIANT_DS = {"fast-512-nocontig": {"zero_optimization": {"contiguous_gradients": False}},
               "fast-512-dscheck": {"bf16": {"check_grad_overflow": True}}}
 # extra environment of a variant's process: the Trainer turns on expandable segments in the CUDA allocator unless
-# the environment configures the allocator (embed_core.trainer.configure_cuda_allocator); these variants measure
+# the environment configures the allocator (embed_core.distributed.configure_cuda_allocator); these variants measure
 # the Trainer without it and the plain loop with it
 VARIANT_ENV = {"fast-512-noexp": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"},
                "plain-512-exp": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}

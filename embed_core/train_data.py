@@ -102,10 +102,9 @@ class TrainData:
 
         batch = self.global_batch(step)
         k = self.tcfg.num_negatives
-        col = collate(batch, k, seed=derived_seed(self.tcfg.seed, "negatives", step))
-        queries = [format_query(ex.query, ex.instruction) for ex in batch]  # the model's own template
+        col = collate(batch, k, seed=derived_seed(self.tcfg.seed, "negatives", step), query_format=format_query)
         return {
-            "queries": shard_batch(queries, rank, world_size),
+            "queries": shard_batch(col["queries"], rank, world_size),  # in the model's own template
             "positives": shard_batch(col["positives"], rank, world_size),
             "negatives": shard_batch(col["negatives"], rank, world_size) if k else [],
             "fingerprint": batch_fingerprint(batch),
