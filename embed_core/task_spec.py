@@ -416,7 +416,9 @@ _ABS = {
 def _build_spec_task(ref: TaskRef, seed: int = 42):
     import importlib
 
-    from . import mteb_tasks  # noqa: F401  (datasets offline before mteb loads)
+    from .offline import prefer_datasets_offline
+
+    prefer_datasets_offline()  # before mteb loads
     from mteb.abstasks.task_metadata import TaskMetadata
 
     spec = ref.spec or {}

@@ -24,7 +24,7 @@ UPWARD_ALLOWED = {("sweeps.cli", "ray_jobs.commands"): "the CLI's one lazy dispa
 #: modules that must load without torch / DeepSpeed / Ray (a sweep YAML is parsed, a report built, without them)
 LIGHT = ("sweeps.config", "sweeps.config_parse", "sweeps.merge", "sweeps.layout", "sweeps.search", "sweeps.stats", "sweeps.results", "sweeps.analysis",
          "sweeps.report", "sweeps.report_render", "sweeps.report_blocks", "sweeps.report_plots", "sweeps.synthetic_results", "embed_core.train_config",
-         "embed_core.config", "embed_core.errors", "embed_core.files")
+         "embed_core.config", "embed_core.errors", "embed_core.files", "embed_core.offline")
 HEAVY = ("torch", "deepspeed", "ray")
 
 
