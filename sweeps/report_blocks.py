@@ -15,20 +15,20 @@ from typing import Any
 
 
 @dataclass
-class Cell:
+class TableCell:
     text: str
     cls: str = ""  # html class: pos / neg (significant), up / down (not significant), base, muted
 
 
 @dataclass
-class H:
+class Heading:
     level: int
     text: str
     anchor: str = ""
 
 
 @dataclass
-class P:
+class Paragraph:
     text: str
     cls: str = ""
 
@@ -42,18 +42,18 @@ class Table:
 
 
 @dataclass
-class Img:
+class Image:
     path: Path
     alt: str
     caption: str = ""
 
 
 @dataclass
-class UL:
+class BulletList:
     items: list[str] = field(default_factory=list)
 
 
-Block = H | P | Table | Img | UL
+Block = Heading | Paragraph | Table | Image | BulletList
 
 
 def slug(s: str) -> str:
@@ -72,36 +72,36 @@ def pval(x: float | None) -> str:
     return f"{x:.2e}" if x < 1e-3 else f"{x:.4f}"
 
 
-def delta_cell(v: float | None, r) -> Cell:
+def delta_cell(v: float | None, r) -> TableCell:
     """A difference to the baseline, '*' and coloured where significant after correction."""
     if v is None or not math.isfinite(v):
-        return Cell("-", "muted")
+        return TableCell("-", "muted")
     sig = r is not None and r.significant
     text = f"{v:+.4f}" + ("*" if sig else "")
     if r is not None and not r.tested:
         text += "°"
     cls = ("pos" if v > 0 else "neg") if sig else ("up" if v > 0 else "down" if v < 0 else "")
-    return Cell(text, cls)
+    return TableCell(text, cls)
 
 
 # ====================================================================================== markdown / html
 def _md_cell(x: Any) -> str:
-    t = x.text if isinstance(x, Cell) else str(x)
+    t = x.text if isinstance(x, TableCell) else str(x)
     return t.replace("|", "\\|").replace("\n", " ")
 
 
 def to_markdown(blocks: list[Block], out_dir: Path) -> str:
     out: list[str] = []
     for b in blocks:
-        if isinstance(b, H):
+        if isinstance(b, Heading):
             if b.anchor:
                 out.append(f'<a id="{b.anchor}"></a>\n')
             out.append("#" * b.level + " " + b.text + "\n")
-        elif isinstance(b, P):
+        elif isinstance(b, Paragraph):
             out.append(b.text + "\n")
-        elif isinstance(b, UL):
+        elif isinstance(b, BulletList):
             out.append("\n".join(f"- {i}" for i in b.items) + "\n")
-        elif isinstance(b, Img):
+        elif isinstance(b, Image):
             out.append(f"![{b.alt}]({b.path.relative_to(out_dir).as_posix()})\n" + (f"\n*{b.caption}*\n" if b.caption else ""))
         elif isinstance(b, Table):
             if b.caption:
@@ -150,15 +150,15 @@ def to_html(blocks: list[Block], title: str = "Sweep significance report") -> st
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{_CSS}</style></head><body>"]
     for b in blocks:
-        if isinstance(b, H):
+        if isinstance(b, Heading):
             aid = f' id="{b.anchor}"' if b.anchor else ""
             out.append(f"<h{b.level}{aid}>{_html_inline(b.text)}</h{b.level}>")
-        elif isinstance(b, P):
+        elif isinstance(b, Paragraph):
             cls = f' class="{b.cls}"' if b.cls else ""
             out.append(f"<p{cls}>{_html_inline(b.text)}</p>")
-        elif isinstance(b, UL):
+        elif isinstance(b, BulletList):
             out.append("<ul>" + "".join(f"<li>{_html_inline(i)}</li>" for i in b.items) + "</ul>")
-        elif isinstance(b, Img):
+        elif isinstance(b, Image):
             data = base64.b64encode(b.path.read_bytes()).decode()
             out.append(f"<figure><img alt='{html.escape(b.alt)}' src='data:image/png;base64,{data}'>"
                        + (f"<figcaption class='caption'>{_html_inline(b.caption)}</figcaption>" if b.caption else "")
@@ -172,8 +172,8 @@ def to_html(blocks: list[Block], title: str = "Sweep significance report") -> st
             for r in b.rows:
                 tds = []
                 for i, x in enumerate(r):
-                    text = x.text if isinstance(x, Cell) else str(x)
-                    cls = [x.cls] if isinstance(x, Cell) and x.cls else []
+                    text = x.text if isinstance(x, TableCell) else str(x)
+                    cls = [x.cls] if isinstance(x, TableCell) and x.cls else []
                     if i >= b.align_left and _is_num(text):
                         cls.append("num")
                     c = f' class="{" ".join(cls)}"' if cls else ""

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .report_blocks import UL, Block, Cell, H, Img, P, Table, delta_cell, num, pval, slug, to_html, to_markdown
+from .report_blocks import (Block, BulletList, Heading, Image, Paragraph, Table, TableCell, delta_cell, num, pval, slug,
+                            to_html, to_markdown)
 from .report_plots import plot_cd, plot_cost, plot_heatmap, plot_seeds
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def _meta_items(s: "ReportSummary") -> list[str]:
 
 def _group_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path]) -> list[Block]:
     """Everything the report says about one base model, section by section."""
-    b: list[Block] = [H(2, f"Base model: {g.base_model}", slug("base-" + g.base_model))]
+    b: list[Block] = [Heading(2, f"Base model: {g.base_model}", slug("base-" + g.base_model))]
     corr = "Holm" if s.correction == "holm" else "Benjamini-Hochberg"
     sections = [_configs_blocks, _category_blocks, _task_blocks]
     if g.baseline_present:
@@ -65,7 +66,7 @@ def _configs_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path
     b.append(Table(["config", "checkpoints", "seed(s)", "LoRA r", "LR", "GPU-h", "CPU-h", "tasks"], rows,
                    "Checkpoints compared (replicates = same base model and config, different seeds)."))
     if not g.baseline_present:
-        b.append(P(f"The baseline `{g.baseline}` is not among this base model's configs: scores are absolute "
+        b.append(Paragraph(f"The baseline `{g.baseline}` is not among this base model's configs: scores are absolute "
                    f"and no comparison against a baseline was made (see Skipped).", "warn"))
     return b
 
@@ -74,7 +75,7 @@ def _category_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
     """The paper's table: mean score (difference to the baseline) per category."""
     b: list[Block] = []
     cats = g.category_names
-    b.append(H(3, "Per category (the paper's table)"))
+    b.append(Heading(3, "Per category (the paper's table)"))
     rows = []
     for c in g.configs:
         is_base = c == g.baseline or not g.baseline_present
@@ -82,7 +83,7 @@ def _category_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
         for cat in cats + ["__all__"]:
             v, used, total = (g.overall_value(c) if cat == "__all__" else g.category_value(c, cat))
             if is_base:
-                cell = Cell(num(v), "base")
+                cell = TableCell(num(v), "base")
             else:
                 cell = delta_cell(v, None if cat == "__all__" else g.test("wilcoxon", c, cat))
             if used < total and v is not None:
@@ -109,7 +110,7 @@ def _category_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
 def _task_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], corr: str) -> list[Block]:
     """Main score (difference to the baseline) per task, and the heatmap."""
     b: list[Block] = []
-    b.append(H(3, "Per task"))
+    b.append(Heading(3, "Per task"))
     rows = []
     for t in g.tasks:
         row: list[Any] = [g.categories[t], t]
@@ -117,7 +118,7 @@ def _task_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], 
             if c == g.baseline or not g.baseline_present:
                 v = g.mean[c].get(t)
                 sd = g.sd[c].get(t, math.nan)
-                row.append(Cell(num(v) + (f" ± {sd:.4f}" if sd is not None and math.isfinite(sd) else ""), "base"))
+                row.append(TableCell(num(v) + (f" ± {sd:.4f}" if sd is not None and math.isfinite(sd) else ""), "base"))
             else:
                 v = (g.mean[c][t] - g.mean[g.baseline][t]) if t in g.mean[c] and t in g.mean[g.baseline] else None
                 row.append(delta_cell(v, g.test("instance", c, t)))
@@ -129,7 +130,7 @@ def _task_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], 
                        f"over instances is significant after {corr} correction; ° = not tested (see Skipped)."
                        if g.baseline_present else "")), align_left=2))
     if "heatmap" in images:
-        b.append(Img(images["heatmap"], f"heatmap {g.base_model}",
+        b.append(Image(images["heatmap"], f"heatmap {g.base_model}",
                      "Heatmap of the scores (top) and of the differences to the baseline (bottom)."
                      if g.baseline_present and len(g.configs) > 1 else "Heatmap of the scores."))
     return b
@@ -139,7 +140,7 @@ def _wilcoxon_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
     """The paper's test: Wilcoxon signed-rank per category (with a baseline only)."""
     b: list[Block] = []
     cats = g.category_names
-    b.append(H(3, "The paper's test: Wilcoxon signed-rank per category"))
+    b.append(Heading(3, "The paper's test: Wilcoxon signed-rank per category"))
     untestable = [cat for cat in cats
                   if all(r.skipped and r.n == len(g.tasks_of(cat)) for r in g.wilcoxon if r.scope == cat)]
     rows = []
@@ -156,7 +157,7 @@ def _wilcoxon_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
                        "paper; with exactly 5 datasets the smallest possible two-sided p is 0.0625, so 6 or "
                        "more are needed to reach 0.05."))
     if untestable:
-        b.append(P("Not tested, too few datasets for the paper's test: "
+        b.append(Paragraph("Not tested, too few datasets for the paper's test: "
                    + ", ".join(f"{cat} ({len(g.tasks_of(cat))})" for cat in untestable)
                    + ". See the per-dataset tests below for these categories.", "warn"))
     return b
@@ -165,7 +166,7 @@ def _wilcoxon_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
 def _instance_test_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], corr: str) -> list[Block]:
     """Per-dataset paired tests over instances (with a baseline only)."""
     b: list[Block] = []
-    b.append(H(3, "Per-dataset tests over instances"))
+    b.append(Heading(3, "Per-dataset tests over instances"))
     rows = []
     for r in g.instance:
         ci = f"[{num(r.ci_low)}, {num(r.ci_high)}]" if r.tested else "-"
@@ -185,11 +186,11 @@ def _friedman_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
     """All configs: Friedman test, Nemenyi post-hoc, critical difference."""
     b: list[Block] = []
     f = g.friedman
-    b.append(H(3, "All configs: Friedman test, Nemenyi post-hoc, critical difference"))
+    b.append(Heading(3, "All configs: Friedman test, Nemenyi post-hoc, critical difference"))
     if f is None or f.skipped:
-        b.append(P(f"Not computed: {f.skipped if f else 'no data'}.", "warn"))
+        b.append(Paragraph(f"Not computed: {f.skipped if f else 'no data'}.", "warn"))
     else:
-        b.append(P(f"Friedman chi² = {f.statistic:.3f}, p = {pval(f.p_value)} over {len(f.datasets)} datasets and "
+        b.append(Paragraph(f"Friedman chi² = {f.statistic:.3f}, p = {pval(f.p_value)} over {len(f.datasets)} datasets and "
                    f"{len(f.configs)} configs"
                    + (f" ({', '.join(f.left_out)} left out: not scored by every config)" if f.left_out else "")
                    + f". Nemenyi critical difference at alpha = {f.alpha}: CD = {f.cd:.3f} (average ranks further "
@@ -200,7 +201,7 @@ def _friedman_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
         b.append(Table(["config", "average rank"] + [f"p vs {d}" for d in order], rows,
                        "Average rank (1 = best) and Nemenyi post-hoc p-values (already adjusted for all pairs)."))
         if "cd" in images:
-            b.append(Img(images["cd"], f"critical difference diagram {g.base_model}",
+            b.append(Image(images["cd"], f"critical difference diagram {g.base_model}",
                          "Critical-difference diagram: configs joined by a bar are not significantly different "
                          "(Nemenyi)."))
     return b
@@ -210,9 +211,9 @@ def _seed_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], 
     """Spread across seeds and the seed tests."""
     b: list[Block] = []
     multi = [c for c in g.configs if len(g.runs[c]) > 1]
-    b.append(H(3, "Seeds"))
+    b.append(Heading(3, "Seeds"))
     if not multi:
-        b.append(P("Every config ran with a single seed: no spread across seeds to report or test."))
+        b.append(Paragraph("Every config ran with a single seed: no spread across seeds to report or test."))
     else:
         rows = []
         runs = [r for rs in g.runs.values() for r in rs]
@@ -236,20 +237,20 @@ def _seed_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], 
                            "variances). With 2-3 seeds per side it only detects differences that are large "
                            "compared with the seed spread."))
         if "seeds" in images:
-            b.append(Img(images["seeds"], f"seeds {g.base_model}", "Per-seed mean score of each config."))
+            b.append(Image(images["seeds"], f"seeds {g.base_model}", "Per-seed mean score of each config."))
     return b
 
 
-def _sig(r) -> Cell:
+def _sig(r) -> TableCell:
     if not r.tested:
-        return Cell("not tested", "muted")
-    return Cell("yes", "pos" if (r.delta or 0) > 0 else "neg") if r.significant else Cell("no")
+        return TableCell("not tested", "muted")
+    return TableCell("yes", "pos" if (r.delta or 0) > 0 else "neg") if r.significant else TableCell("no")
 
 
 def _methods() -> list[Block]:
     return [
-        H(2, "Methods and caveats", "methods"),
-        UL([
+        Heading(2, "Methods and caveats", "methods"),
+        BulletList([
             "Scores: mteb's main score per task (mean over subsets of the test split), averaged over the "
             "replicates (seeds) of each (base model, config). Configs are compared within a base model only.",
             "Wilcoxon (the paper): two-sided signed-rank test of config vs baseline over a category's datasets "
@@ -282,28 +283,28 @@ def _methods() -> list[Block]:
 
 
 def build_blocks(s: "ReportSummary", images: dict[str, Any], cost_note: str) -> list[Block]:
-    blocks: list[Block] = [H(1, "Sweep significance report"), UL(_meta_items(s))]
+    blocks: list[Block] = [Heading(1, "Sweep significance report"), BulletList(_meta_items(s))]
     n_skip = len(s.skipped)
     if n_skip or s.problems:
-        blocks.append(P(f"{n_skip} comparison(s) skipped or caveated and {len(s.problems)} file problem(s): "
+        blocks.append(Paragraph(f"{n_skip} comparison(s) skipped or caveated and {len(s.problems)} file problem(s): "
                         f"see [Skipped comparisons and data problems](#skipped).", "warn"))
     for g in s.groups:
         blocks.extend(_group_blocks(s, g, images.get(g.base_model, {})))
     if s.references:
-        blocks.append(H(2, "Reference models"))
+        blocks.append(Heading(2, "Reference models"))
         tasks = sorted({t for r in s.references for t in r.scores})
         rows = [[r.design[len("reference:"):] or r.design, r.name] + [num(r.scores.get(t)) for t in tasks]
                 for r in s.references]
         blocks.append(Table(["model", "result folder"] + tasks, rows,
                             "Reference encoders (config `reference:*`): absolute scores, not tested."))
-    blocks.append(H(2, "Sweep: score vs cost, best LoRA rank / LR per cell", "sweep"))
+    blocks.append(Heading(2, "Sweep: score vs cost, best LoRA rank / LR per cell", "sweep"))
     if "__cost__" in images:
-        blocks.append(Img(images["__cost__"], "score vs cost",
+        blocks.append(Image(images["__cost__"], "score vs cost",
                           f"Left: every trial's validation metric vs {cost_note}; right: mean MTEB score of each "
                           f"evaluated checkpoint vs {cost_note}." if s.trials else
                           f"Mean MTEB score of each evaluated checkpoint vs {cost_note} (no trials.json)."))
     elif cost_note:
-        blocks.append(P(f"No score-vs-cost plot: {cost_note}."))
+        blocks.append(Paragraph(f"No score-vs-cost plot: {cost_note}."))
     if s.best_per_cell:
         rows = []
         for c in s.best_per_cell:
@@ -316,17 +317,17 @@ def build_blocks(s: "ReportSummary", images: dict[str, Any], cost_note: str) -> 
                             "Best trial per grid cell = highest validation metric among the trials that ran to the end (among "
                             "early-stopped ones only when none did; failed trials never)."))
     else:
-        blocks.append(P("No trials.json: pass `--trials PATH` (or run on the sweep folder) for the sweep's "
+        blocks.append(Paragraph("No trials.json: pass `--trials PATH` (or run on the sweep folder) for the sweep's "
                         "best LoRA rank / LR per cell and the per-trial cost plot."))
-    blocks.append(H(2, "Skipped comparisons and data problems", "skipped"))
+    blocks.append(Heading(2, "Skipped comparisons and data problems", "skipped"))
     if s.skipped:
-        blocks.append(P("Comparisons not made (or made on less data), and why:"))
-        blocks.append(UL(list(s.skipped)))
+        blocks.append(Paragraph("Comparisons not made (or made on less data), and why:"))
+        blocks.append(BulletList(list(s.skipped)))
     else:
-        blocks.append(P("None: every comparison was made."))
+        blocks.append(Paragraph("None: every comparison was made."))
     if s.problems:
-        blocks.append(P("Files that could not be used as they are:"))
-        blocks.append(UL(list(s.problems)))
+        blocks.append(Paragraph("Files that could not be used as they are:"))
+        blocks.append(BulletList(list(s.problems)))
     blocks.extend(_methods())
     return blocks
 
