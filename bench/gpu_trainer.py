@@ -31,7 +31,9 @@ def variant_main(args: argparse.Namespace) -> dict:
     from embed_core.config import EmbedConfig
     from embed_core.gradcache import full_batch_step, grad_cache_step
     from embed_core.loss import info_nce
-    from embed_core.trainer import TrainConfig, TrainData, Trainer, load_examples
+    from embed_core.train_config import TrainConfig
+    from embed_core.train_data import TrainData, load_examples
+    from embed_core.trainer import Trainer
 
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -37,7 +37,7 @@ def main() -> int:
     from embed_core.model import EmbeddingModel
     from embed_core.mteb_encoder import load_encoder, make_encoder
     from embed_core.mteb_tasks import local_task
-    from embed_core.trainer import TrainConfig
+    from embed_core.train_config import TrainConfig
     from ray_jobs.train import run_training
 
     report: dict = {"bench": "gpu_validate", "gpu": torch.cuda.get_device_name(0), "runs": {}}

@@ -74,8 +74,10 @@ def isolated(config: str, part: str | None, sets: list[str], steps: int, warmup:
     """Run in a subprocess: the first cell's TrainConfig, a plain Trainer, `steps` timed steps after `warmup`."""
     import torch
 
-    from embed_core.trainer import Trainer, init_single_process_group, load_examples
-    from sweeps.config import load_sweep_config
+    from embed_core.distributed import init_single_process_group
+    from embed_core.train_data import load_examples
+    from embed_core.trainer import Trainer
+    from sweeps.config_parse import load_sweep_config
 
     sweep = load_sweep_config(config, sets)
     sweep = sweep.with_part(part) if part else sweep
@@ -170,7 +172,7 @@ def memory_estimates(sweep) -> dict:
     """embed_core.memory's estimate per base model, to hold against the measured peaks."""
     try:
         from embed_core.data import read_jsonl
-        from ray_jobs.sweep import data_file
+        from sweeps.layout import data_file
         from sweeps.resources import memory_plan
 
         first = sweep.cells()[0]
@@ -243,8 +245,8 @@ def main() -> int:
         return 0
     start = time.time()
     deadline = start + args.time_limit
-    from ray_jobs.sweep import compile_cache_env
-    from sweeps.config import load_sweep_config
+    from ray_jobs.trial import compile_cache_env
+    from sweeps.config_parse import load_sweep_config
 
     sweep = load_sweep_config(args.config, args.sets, args.storage)
     sweep = sweep.with_part(args.part) if args.part else sweep

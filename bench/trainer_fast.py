@@ -59,7 +59,7 @@ VARIANTS = {  # name: (engine, attn_implementation, fast, batch, chunk)
 VARIANT_DS = {"fast-512-nocontig": {"zero_optimization": {"contiguous_gradients": False}},
               "fast-512-dscheck": {"bf16": {"check_grad_overflow": True}}}
 # extra environment of a variant's process: the Trainer turns on expandable segments in the CUDA allocator unless
-# the environment configures the allocator (embed_core.trainer.configure_cuda_allocator); these variants measure
+# the environment configures the allocator (embed_core.distributed.configure_cuda_allocator); these variants measure
 # the Trainer without it and the plain loop with it
 VARIANT_ENV = {"fast-512-noexp": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"},
                "plain-512-exp": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
@@ -120,7 +120,8 @@ def check_save(args, trainer, model, on_gpu: bool) -> dict:
 
     from bench.perf import load_lengths
     from embed_core.model import EmbeddingModel
-    from embed_core.trainer import MODEL_DIR, gathered_trainable_state
+    from embed_core.engine import gathered_trainable_state
+    from embed_core.trainer import MODEL_DIR
 
     rng = random.Random(1)
     lengths = load_lengths()["train"]["positive"]
@@ -170,7 +171,9 @@ def variant_main(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from embed_core.trainer import TrainConfig, Trainer, init_single_process_group
+    from embed_core.distributed import init_single_process_group
+    from embed_core.train_config import TrainConfig
+    from embed_core.trainer import Trainer
 
     base, pooling, attention = split_variant(args.variant)
     engine, attn, fast, batch, chunk = VARIANTS[base]
@@ -193,10 +196,10 @@ def variant_main(args) -> dict:
                        packing=fast, eval_every=0)
     from embed_core.backbone import prepare_tokenizer
     from embed_core.model import EmbeddingModel
-    from embed_core.trainer import _model_config
+    from embed_core.train_config import model_config
     from transformers import PreTrainedTokenizerFast
 
-    mcfg = _model_config(tcfg, on_gpu)
+    mcfg = model_config(tcfg, on_gpu)
     m = EmbeddingModel.from_config(mcfg, device="cuda" if on_gpu else "cpu", seed=0)
     m.tokenizer = prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(str(Path(args.model_dir) / "wordtok")), mcfg)
     probe = m.token_ids(["w5 w77 w12"])[0]
@@ -206,7 +209,7 @@ def variant_main(args) -> dict:
     if engine == "plain":
         from embed_core.gradcache import merged_batch_step
         from embed_core.loss import info_nce
-        from embed_core.trainer import TrainData
+        from embed_core.train_data import TrainData
 
         m.train()
         data = TrainData(tcfg)

@@ -61,10 +61,6 @@ def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, dtype: torch.d
     return mask.masked_fill(~keep, torch.finfo(dtype).min)
 
 
-def bidirectional_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return attention_mask_4d(attention_mask, causal=False, dtype=dtype)
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only: identical for left and right padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

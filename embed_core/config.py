@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,16 @@ def format_query(text: str, instruction: str | None, template: str = DEFAULT_QUE
     if not instruction:
         return text
     return template.format(instruction=instruction, text=text)
+
+
+def is_int(x: Any) -> bool:
+    """An int that is not a bool (YAML's `true` is not a count)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 def dataclass_from_dict(cls, d: dict[str, Any]):

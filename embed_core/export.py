@@ -187,8 +187,8 @@ def write_st_files(out: Path, cfg: EmbedConfig) -> None:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge_lora: bool = False, dtype: str = "fp32",
                       card: dict[str, Any] | None = None) -> Path:
     """Write the sentence-transformers folder for `checkpoint` (a saved EmbeddingModel directory) into `out`.
-    `card`: sweep facts for the model card (see `sweep_card_facts`); found automatically when the checkpoint
-    is listed in a sweep's checkpoints.json above it."""
+    `card`: sweep facts for the model card's evaluation section (`sweeps.export.sweep_card_facts`, which also
+    finds them for a checkpoint of a sweep); None: the card has no such section."""
     ckpt = Path(checkpoint)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -201,7 +201,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge_lora: bo
     module.save(str(tmp))
     _tidy_adapter(tmp / st_module.ADAPTER_DIR, _hub_base(cfg.base_model))
     write_st_files(tmp, cfg)
-    card = card if card is not None else sweep_card_facts(ckpt, meta)
     facts = checkpoint_facts(ckpt, meta, merge_lora=merge_lora, dtype=dtype)
     (tmp / "README.md").write_text(card_text(facts, card), encoding="utf-8")
     if out.exists():
@@ -357,133 +356,3 @@ def card_text(facts: dict, sweep: dict | None) -> str:
     if sweep:
         body += _sweep_lines(sweep)
     return "\n".join(body)
-
-
-# ---------------------------------------------------------------------------------------- sweeps
-def _find_sweep(ckpt: Path) -> Path | None:
-    from ray_jobs.layout import SWEEP_FILE
-
-    for parent in ckpt.resolve().parents:
-        if (parent / SWEEP_FILE).is_file():
-            return parent
-    return None
-
-
-def sweep_card_facts(ckpt: Path, meta: dict, sweep_dir: Path | None = None) -> dict[str, Any] | None:
-    """The sweep's view of `ckpt` (its checkpoints.json entry, its own mteb scores, its design's means and
-    tests from report/summary.json), or None when the checkpoint is not part of a sweep with a report."""
-    from ray_jobs import layout
-
-    sweep_dir = sweep_dir or _find_sweep(ckpt)
-    summary_file = sweep_dir / layout.REPORT_DIR / "summary.json" if sweep_dir else None
-    if summary_file is None or not summary_file.is_file() or not (sweep_dir / layout.CHECKPOINTS_FILE).is_file():
-        return None
-    spec = next((s for s in layout.read_checkpoints(sweep_dir)
-                 if Path(s.path).resolve() == ckpt.resolve()), None)
-    summary = json.loads(summary_file.read_text())
-    key = _run_name(spec.name, meta) if spec else None
-    group = next((g for g in summary["groups"] if key in sum(g["runs"].values(), [])), None)
-    if spec is None or group is None:
-        return None
-    c, base = spec.labels.config, summary["baseline"]
-    sweep_file = sweep_dir / layout.SWEEP_FILE  # {"config": the sweep config as written, ...}
-    raw = json.loads(sweep_file.read_text()).get("config") or {} if sweep_file.is_file() else {}
-    recipe = raw.get("training") or {}
-    training = {"lr": spec.labels.lr, "steps": spec.labels.steps, "builders": recipe.get("builders"),
-                "max_per_source": recipe.get("max_per_source"), "train_files": recipe.get("train_data"),
-                "batch_size": recipe.get("batch_size"), "num_negatives": recipe.get("num_negatives")}
-    return {"sweep": raw.get("name") or sweep_dir.name, "name": spec.name, "config": c, "seed": spec.labels.seed, "baseline": base,
-            "training": training,
-            "correction": summary["correction"], "alpha": summary["alpha"], "tasks": group["tasks"],
-            "task_types": group.get("categories", {}), "mean": group["mean"].get(c, {}),
-            "baseline_mean": group["mean"].get(base, {}) if c != base else {},
-            "scores": run_scores(sweep_dir, spec.name, meta.get("fingerprint", "")),
-            "instance": {r["scope"]: r for r in group["instance"] if r["config"] == c},
-            "wilcoxon": [r for r in group["wilcoxon"] if r["config"] == c]}
-
-
-def _run_name(name: str, meta: dict) -> str:
-    """The report's name of a checkpoint's results (``ray_jobs.report.Run.name``: <model folder>/<revision>)."""
-    from ray_jobs.layout import model_dir_name
-
-    return f"{model_dir_name(name)}/{meta.get('fingerprint', '')}"
-
-
-def _sweep_checkpoints(sweep_dir: Path) -> dict[str, Any]:
-    """Report run name -> CheckpointSpec, for the checkpoints of checkpoints.json that are saved models."""
-    from ray_jobs import layout
-
-    from .model import CONFIG_FILE, read_meta
-
-    return {_run_name(s.name, read_meta(Path(s.path))): s for s in layout.read_checkpoints(sweep_dir)
-            if (Path(s.path) / CONFIG_FILE).is_file()}
-
-
-def run_scores(sweep_dir: Path, name: str, revision: str) -> dict[str, float]:
-    """One checkpoint's mteb main scores, read from results/<model>/<revision>/<Task>.json."""
-    from ray_jobs import layout
-    from ray_jobs.report import read_task_result
-
-    folder = layout.result_dir(sweep_dir / layout.RESULTS_DIR, name, revision)
-    scores = {}
-    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if f.name in ("model_meta.json", layout.LABELS_FILE):
-            continue
-        task, score, _ = read_task_result(f)
-        scores[task] = score
-    return scores
-
-
-def best_checkpoints(sweep_dir: str | Path) -> list[tuple[str, Path]]:
-    """Per base model: the design with the best report mean (over its tasks and seeds), then, of its seeds,
-    the checkpoint with the best own mean. Returns (base model, checkpoint path) pairs."""
-    from ray_jobs import layout
-
-    sweep_dir = Path(sweep_dir)
-    summary_file = sweep_dir / layout.REPORT_DIR / "summary.json"
-    if not summary_file.is_file():
-        raise ConfigError(f"{summary_file} is missing: run `python -m sweeps report {sweep_dir}` first")
-    summary = json.loads(summary_file.read_text())
-    specs = _sweep_checkpoints(sweep_dir)
-    chosen = []
-    for g in summary["groups"]:
-        ranked = sorted(g["configs"], key=lambda c: _design_rank(g, c), reverse=True)
-        if not ranked:
-            continue
-        runs = [specs[n] for n in g["runs"][ranked[0]] if n in specs]
-        if not runs:
-            raise ConfigError(f"{sweep_dir}: the runs of {ranked[0]} ({g['base_model']}) are not in checkpoints.json")
-        best = max(runs, key=lambda s: _own_mean(sweep_dir, s))
-        chosen.append((g["base_model"], Path(best.path)))
-    return chosen
-
-
-def _design_rank(group: dict, config: str) -> tuple[int, float]:
-    """(tasks covered, mean over them): a design scored on fewer tasks never wins on an easier subset."""
-    vals = [group["mean"].get(config, {}).get(t) for t in group["tasks"]]
-    vals = [v for v in vals if v is not None]
-    return len(vals), (sum(vals) / len(vals) if vals else float("-inf"))
-
-
-def _own_mean(sweep_dir: Path, spec) -> float:
-    from .model import read_meta
-
-    scores = run_scores(sweep_dir, spec.name, read_meta(Path(spec.path)).get("fingerprint", ""))
-    return sum(scores.values()) / len(scores) if scores else float("-inf")
-
-
-def export_best(sweep_dir: str | Path, out_dir: str | Path, *, merge_lora: bool = False,
-                dtype: str = "fp32") -> list[Path]:
-    """`export_checkpoint` for each base model's winner, into out_dir/<base model>__<design>."""
-    from ray_jobs.layout import model_dir_name
-
-    from .model import read_meta
-
-    sweep_dir = Path(sweep_dir)
-    written = []
-    for base, ckpt in best_checkpoints(sweep_dir):
-        meta = read_meta(ckpt)
-        card = sweep_card_facts(ckpt, meta, sweep_dir)
-        name = model_dir_name(f"{Path(base).name}__{card['config'] if card else ckpt.name}").replace("+", "_")
-        written.append(export_checkpoint(ckpt, Path(out_dir) / name, merge_lora=merge_lora, dtype=dtype, card=card))
-    return written

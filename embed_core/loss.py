@@ -96,6 +96,28 @@ def _check_equal_local_sizes(b: int, m: int, device: torch.device, group=None) -
         )
 
 
+def _checked_inputs(q: torch.Tensor, p: torch.Tensor, negs: torch.Tensor | None,
+                   temperature: float) -> torch.Tensor | None:
+    """`info_nce`'s arguments checked; the hard negatives flattened to [M, d]."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if q.dim() != 2 or p.dim() != 2 or q.shape != p.shape:
+        raise ValueError(
+            f"q and p must both be [B, d] with the same shape, got {tuple(q.shape)} and {tuple(p.shape)}"
+        )
+    b, d = q.shape
+    if b == 0:
+        raise ValueError("info_nce got an empty batch (B = 0)")
+    if negs is not None:
+        if negs.dim() == 3:
+            if negs.shape[0] != b:
+                raise ValueError(f"negs [B, K, d] must have B = {b} rows, got {tuple(negs.shape)}")
+            negs = negs.reshape(-1, negs.shape[-1])
+        if negs.dim() != 2 or negs.shape[-1] != d:
+            raise ValueError(f"negs must be [B, K, {d}] or [M, {d}], got {tuple(negs.shape)}")
+    return negs
+
+
 def info_nce(
     q: torch.Tensor,
     p: torch.Tensor,
@@ -132,23 +154,8 @@ def info_nce(
         With ``sync=False`` the metrics stay 0-dim device tensors (no host sync between the forward
         and the backward: the caller converts them after launching the backward, as the Trainer does).
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if q.dim() != 2 or p.dim() != 2 or q.shape != p.shape:
-        raise ValueError(
-            f"q and p must both be [B, d] with the same shape, got {tuple(q.shape)} and {tuple(p.shape)}"
-        )
-    b, d = q.shape
-    if b == 0:
-        raise ValueError("info_nce got an empty batch (B = 0)")
-    if negs is not None:
-        if negs.dim() == 3:
-            if negs.shape[0] != b:
-                raise ValueError(f"negs [B, K, d] must have B = {b} rows, got {tuple(negs.shape)}")
-            negs = negs.reshape(-1, negs.shape[-1])
-        if negs.dim() != 2 or negs.shape[-1] != d:
-            raise ValueError(f"negs must be [B, K, {d}] or [M, {d}], got {tuple(negs.shape)}")
-
+    negs = _checked_inputs(q, p, negs, temperature)
+    b = q.shape[0]
     dtype = torch.promote_types(q.dtype, torch.float32)
     qn = F.normalize(q.to(dtype), dim=-1)
     pn = F.normalize(p.to(dtype), dim=-1)

@@ -261,7 +261,7 @@ class EmbeddingModel(nn.Module):
             empty = [k for k, v in adapter_state.items() if v.numel() == 0]
             if not adapter_state or empty:
                 raise RuntimeError(f"refusing to save an empty LoRA adapter ({len(empty)} empty tensors): under ZeRO-3 "
-                                   "gather the parameters first (embed_core.trainer.gathered_trainable_state)")
+                                   "gather the parameters first (embed_core.engine.gathered_trainable_state)")
             self.backbone.save_pretrained(str(path / ADAPTER_DIR), state_dict=adapter_state)
         if head_state:
             save_file({k: v.detach().contiguous().cpu() for k, v in head_state.items()}, str(path / HEAD_FILE))

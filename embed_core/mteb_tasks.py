@@ -1,3 +1,4 @@
+# Over 500 lines: one small mteb task class per local dataset, over the shared readers and size checks.
 """MTEB tasks whose data is read from local files instead of the Hugging Face hub.
 
 The hub is unreachable on the machines this project runs on, so the evaluation data lives in
@@ -5,7 +6,8 @@ The hub is unreachable on the machines this project runs on, so the evaluation d
 mteb task object: an instance of a subclass of the official task class (``isinstance`` of it), with
 the official metadata (name, eval splits, main score, dataset revision), whose ``load_data`` parses
 the local files into the exact structure mteb's own loader would produce. Nothing in this module
-ever touches the network; on import it also puts `datasets` in offline mode (HF_DATASETS_OFFLINE=1 unless set)
+ever touches the network; before loading mteb it calls `offline.prefer_datasets_offline` (HF_DATASETS_OFFLINE=1
+unless set).
 
 The local data reproduces MTEB's evaluation splits row for row (checked against the descriptive
 statistics mteb ships with each task: sizes, character counts, unique texts):
@@ -57,28 +59,13 @@ import logging
 import os
 import random
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .offline import prefer_datasets_offline
 
-def _prefer_hf_offline() -> None:
-    """Keep `datasets` off the network (the task data is local) unless the environment already decides.
-
-    Only the *datasets* switch is set: the hub itself stays reachable for users who load backbones by
-    hub id in the same process (HF_HUB_OFFLINE is the user's choice; the test suite sets it). Sets the
-    variable before `datasets` is imported (it reads it at import time), and its module-level switch
-    if it was imported earlier. An explicit ``HF_DATASETS_OFFLINE=0`` is respected.
-    """
-    explicit = "HF_DATASETS_OFFLINE" in os.environ
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    datasets_config = sys.modules.get("datasets.config")
-    if datasets_config is not None and not explicit:
-        datasets_config.HF_DATASETS_OFFLINE = True
-
-
-_prefer_hf_offline()
+prefer_datasets_offline()  # before mteb (and datasets) load: the task data is local
 
 import mteb  # noqa: E402  (imported after the offline switch on purpose)
 from datasets import Dataset, DatasetDict  # noqa: E402
@@ -98,7 +85,6 @@ __all__ = [
     "LOCAL_TASKS",
     "PUBLISHED_MINILM_L6_V2_SCORES",
     "local_task",
-    "local_tasks",
     "scifact_abstract_sentences",
     "task_category",
 ]
@@ -119,8 +105,7 @@ LOCAL_TASKS: tuple[str, ...] = (
     "TwitterURLCorpus",
 )
 
-#: The six tasks evaluated when none are named (``python -m ray_jobs.evaluate`` without ``--tasks``,
-#: :func:`local_tasks` without names): the project's original set, kept so default runs and their timings do
+#: The six tasks evaluated when none are named (``python -m ray_jobs.evaluate`` without ``--tasks``): the project's original set, kept so default runs and their timings do
 #: not change; the other local tasks are evaluated when named.
 DEFAULT_TASKS: tuple[str, ...] = LOCAL_TASKS[:6]
 
@@ -244,19 +229,6 @@ def local_task(
             )
         task.filter_eval_splits(list(eval_splits))
     return task
-
-
-def local_tasks(
-    names: Sequence[str] | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    subsample: int | None = None,
-    seed: int = 42,
-) -> list[AbsTask]:
-    """:func:`local_task` for each of `names` (default: :data:`DEFAULT_TASKS`)."""
-    return [
-        local_task(n, data_dir, subsample=subsample, seed=seed) for n in (names or DEFAULT_TASKS)
-    ]
 
 
 def task_category(name: str | AbsTask) -> str:

@@ -91,12 +91,6 @@ def pack_ids(ids: Sequence[Sequence[int]], pad_id: int, pad_to: int = 1) -> Pack
     return PackedBatch(flat[None], pos[None], doc_ids, lengths, starts, gather, pad_mask, real)
 
 
-def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, pad_to: int = 1) -> PackedBatch:
-    """Pack a padded batch (left or right padding) -- the same documents, no padding."""
-    rows = [r[m.bool()].tolist() for r, m in zip(input_ids.cpu(), attention_mask.cpu())]
-    return pack_ids(rows, pad_id, pad_to)
-
-
 def unpack(states: torch.Tensor, pack: PackedBatch) -> torch.Tensor:
     """[1 or -, T, H] packed states -> [n, Lmax, H] right-padded (pads repeat the last real state)."""
     return states.reshape(-1, states.shape[-1])[pack.gather_index]

@@ -31,12 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import mteb_tasks as _mteb_tasks  # noqa: F401,I001  (datasets offline before mteb loads)
-from mteb.models import ModelMeta
-from mteb.models.abs_encoder import AbsEncoder
-from mteb.models.model_meta import ScoringFunction
+from .offline import prefer_datasets_offline
 
-from .errors import ConfigError
+prefer_datasets_offline()  # before mteb loads: the task data is local
+
+from mteb.models import ModelMeta  # noqa: E402
+from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
+from mteb.models.model_meta import ScoringFunction  # noqa: E402
+
+from .errors import ConfigError  # noqa: E402
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata

@@ -166,9 +166,32 @@ def resolve_task(ref: str | Mapping | os.PathLike | TaskRef, data_dir: str | os.
 
 # ====================================================================================== spec files
 def load_spec(spec: str | os.PathLike | Mapping) -> TaskRef:
-    """Read and validate a bring-your-own task spec (file or inline mapping)."""
+    """Read and validate a bring-your-own task spec (file or inline mapping): its fields, then its files (they
+    exist, hold the columns, are not empty, the values have the right types). ConfigError / DataError name the
+    spec and the field."""
+    where, base, raw = _spec_mapping(spec)
+
+    def err(fld: str, msg: str, cls=ConfigError):
+        return cls(f"{where}: {fld}: {msg}")
+
+    name, ttype, split, main, files, columns, langs, need_files = _check_spec_fields(raw, err)
+    roles = _COLUMNS[ttype]
+    col = {role: columns.get(role, default) for role, (default, _f, _r) in roles.items()}
+    abs_files, data, h = _read_spec_files(where, base, files, need_files, split, col)
+    _check_spec_columns(where, ttype, split, roles, col, need_files, data, abs_files)
+    sizes = {k: len(v) for k, v in data.items()}
+    valid = {"name": name, "type": ttype, "split": split, "main_score": main, "files": abs_files, "columns": col,
+             "description": str(raw.get("description") or f"Local {ttype} task {name} (bring-your-own spec)"),
+             "languages": langs, **{k: raw[k] for k in ("min_score", "max_score", "samples_per_label", "n_experiments")
+                                    if k in raw}}
+    return TaskRef(name=name, kind="spec", type=ttype, main_score=main, source=where, spec=valid,
+                   revision="local-" + h.hexdigest()[:16], sizes=sizes)
+
+
+def _spec_mapping(spec: str | os.PathLike | Mapping) -> tuple[str, Path, dict]:
+    """(where, folder its relative paths start from, the raw mapping) of a spec file or an inline mapping."""
     if isinstance(spec, Mapping):
-        where, base, raw = "inline task spec", Path.cwd(), dict(spec)
+        return "inline task spec", Path.cwd(), dict(spec)
     else:
         path = Path(os.path.expanduser(str(spec)))
         where, base = str(path), path.parent
@@ -186,9 +209,11 @@ def load_spec(spec: str | os.PathLike | Mapping) -> TaskRef:
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: a task spec must be a mapping with name, type, files, got {type(raw).__name__}")
 
-    def err(fld: str, msg: str, cls=ConfigError):
-        return cls(f"{where}: {fld}: {msg}")
+    return where, base, raw
 
+
+def _check_spec_fields(raw: dict, err) -> tuple:
+    """The spec's fields: name, type, split, main score, files (the ones its type needs), columns, languages."""
     unknown = set(raw) - _SPEC_KEYS
     if unknown:
         raise err(sorted(unknown)[0], f"unknown field; allowed: {', '.join(sorted(_SPEC_KEYS))}")
@@ -219,7 +244,7 @@ def load_spec(spec: str | os.PathLike | Mapping) -> TaskRef:
     columns = raw.get("columns") or {}
     if not isinstance(columns, dict):
         raise err("columns", "must be a mapping of column role -> the file's column name")
-    roles = _COLUMNS[ttype]
+    roles = _COLUMNS[ttype]  # the column roles of this task type
     for k in columns:
         if k not in roles:
             raise err(f"columns.{k}", f"unknown column role for {ttype}: one of {', '.join(roles)}")
@@ -235,12 +260,15 @@ def load_spec(spec: str | os.PathLike | Mapping) -> TaskRef:
     langs = raw.get("languages", ["eng-Latn"])
     if not isinstance(langs, list) or not all(isinstance(x, str) for x in langs):
         raise err("languages", f"must be a list of ISO 639-3 + script codes like eng-Latn, got {langs!r}")
+    return name, ttype, split, main, files, columns, langs, need_files
 
-    # files exist, are readable, hold the columns, are not empty, and the values have the right types
+
+def _read_spec_files(where: str, base: Path, files: dict, need_files: list[str], split: str,
+                     col: dict[str, str]) -> tuple[dict[str, str], dict[str, list[dict]], Any]:
+    """Each needed file read (absolute path, rows) and the content hash of them all (the task's revision)."""
     abs_files: dict[str, str] = {}
     data: dict[str, list[dict]] = {}
     h = hashlib.sha256()
-    col = {role: columns.get(role, default) for role, (default, _f, _r) in roles.items()}
     for k in need_files:
         p = Path(os.path.expanduser(str(files[k])))
         p = p if p.is_absolute() else (base / p)
@@ -252,6 +280,12 @@ def load_spec(spec: str | os.PathLike | Mapping) -> TaskRef:
         abs_files[k] = str(p.resolve())
         data[k] = rows
         h.update(k.encode() + b"\0" + p.read_bytes())
+    return abs_files, data, h
+
+
+def _check_spec_columns(where: str, ttype: str, split: str, roles: dict, col: dict[str, str], need_files: list[str],
+                        data: dict[str, list[dict]], abs_files: dict[str, str]) -> None:
+    """Every row holds the columns its role needs, with values of the right type."""
     for role, (default, fkey, required) in roles.items():
         keys = need_files if fkey == "*" else [split if fkey == _SPLIT else fkey]
         for k in keys:
@@ -271,13 +305,6 @@ def load_spec(spec: str | os.PathLike | Mapping) -> TaskRef:
                             f"{[abs_files[k] for k in need_files]}: use all int or all str")
     if ttype in ("Retrieval", "Reranking"):
         _check_retrieval(where, data, col, abs_files)
-    sizes = {k: len(v) for k, v in data.items()}
-    valid = {"name": name, "type": ttype, "split": split, "main_score": main, "files": abs_files, "columns": col,
-             "description": str(raw.get("description") or f"Local {ttype} task {name} (bring-your-own spec)"),
-             "languages": langs, **{k: raw[k] for k in ("min_score", "max_score", "samples_per_label", "n_experiments")
-                                    if k in raw}}
-    return TaskRef(name=name, kind="spec", type=ttype, main_score=main, source=where, spec=valid,
-                   revision="local-" + h.hexdigest()[:16], sizes=sizes)
 
 
 def _read_rows(p: Path, where: str) -> list[dict]:
@@ -389,7 +416,9 @@ _ABS = {
 def _build_spec_task(ref: TaskRef, seed: int = 42):
     import importlib
 
-    from . import mteb_tasks  # noqa: F401  (datasets offline before mteb loads)
+    from .offline import prefer_datasets_offline
+
+    prefer_datasets_offline()  # before mteb loads
     from mteb.abstasks.task_metadata import TaskMetadata
 
     spec = ref.spec or {}

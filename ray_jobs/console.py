@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+
+def say(msg: str) -> None:
+    """One line of the sweep driver's own console output (``[sweep HH:MM:SS] ...``)."""
+    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
 
 #: the driver's own loggers that speak at INFO during a sweep besides Ray's (MLflow's database set-up, ...):
 #: WARNING and above still show
@@ -37,9 +43,9 @@ def setup_driver(verbose: bool) -> None:
 def worker_logs_dir() -> str | None:
     """Where this Ray session's worker logs are (on the node that ran the worker, for a cluster)."""
     try:
-        import ray
+        from .compat import session_logs_dir
 
-        return f"{ray._private.worker._global_node.get_session_dir_path()}/logs"  # noqa: SLF001 - no public API
+        return session_logs_dir()
     except Exception:  # noqa: BLE001 - best effort: only used in a hint
         return None
 

@@ -1,3 +1,4 @@
+# Over 500 lines: one Ray job (driver side, worker side, CLI) whose parts share the plan, the revision rule and the summary.
 """MTEB evaluation fanned out on Ray: M checkpoints x T tasks, one Ray task per (checkpoint, task).
 
     python -m ray_jobs.evaluate --checkpoints SWEEP_DIR|checkpoints.json|CKPT_DIR... [--reference] \
@@ -9,7 +10,7 @@ succeeds or fails; loading a checkpoint (a LoRA adapter + pooling head over a ca
 against minutes of encoding, and the embedding cache only pays off within a task (texts rarely repeat across
 tasks, and the instruction differs per task anyway).
 
-Every result goes to ``results/<model>/<revision>/`` (ray_jobs.layout): mteb's TaskResult JSON, written last and
+Every result goes to ``results/<model>/<revision>/`` (sweeps.layout): mteb's TaskResult JSON, written last and
 atomically (it is the "done" marker), ``model_meta.json``, ``run_labels.json`` and ``instances/<Task>.json``
 with per-instance scores whose aggregate is checked against mteb's main score. A rerun skips (checkpoint, task)
 pairs whose files are there and valid; a failed task never loses the others' results: everything that finished
@@ -39,10 +40,12 @@ from typing import Any, Sequence
 from embed_core.errors import ConfigError, DataError, EmbedCoreError
 from embed_core.task_spec import TaskRef, resolve_tasks
 
-from . import layout
+from sweeps import layout
+from sweeps.instances import instance_kind, instance_scores
 
-__all__ = ["EvalSummary", "EvaluationFailed", "QUICK_SUBSAMPLE", "REFERENCE_PATH", "evaluate_checkpoints",
-           "instance_scores", "main", "reference_spec", "resolve_tasks", "specs_from_args"]
+from . import test_hooks
+
+__all__ = ["EvalSummary", "EvaluationFailed", "QUICK_SUBSAMPLE", "REFERENCE_PATH", "evaluate_checkpoints", "main", "reference_spec", "resolve_tasks", "specs_from_args"]
 
 REFERENCE_PATH = "reference:all-MiniLM-L6-v2"
 REFERENCE_NAME = "reference/all-MiniLM-L6-v2"
@@ -52,8 +55,6 @@ QUICK_SUBSAMPLE = {"STS": 64, "Classification": 64, "Retrieval": 30, "PairClassi
                    "Reranking": 30, "Summarization": 20}
 TMP_DIR = ".eval_tmp"
 SUMMARY_FILE = ".evaluation_summary.json"
-#: mteb rounds retrieval scores to 5 decimals; other main scores are stored unrounded.
-_TOL = {"Retrieval": 1e-5, "Reranking": 1e-5}
 
 
 class EvaluationFailed(RuntimeError):
@@ -87,7 +88,7 @@ class EvalSummary:
 def reference_spec() -> layout.CheckpointSpec:
     """The all-MiniLM-L6-v2 encoder reference as a checkpoint of the evaluation job."""
     return layout.CheckpointSpec(name=REFERENCE_NAME, path=REFERENCE_PATH,
-                                 labels=layout.RunLabels(config=REFERENCE_PATH))
+                                 labels=layout.RunLabels(design=REFERENCE_PATH))
 
 
 # ====================================================================================== driver side
@@ -126,7 +127,7 @@ def _task_subsample(ref: TaskRef, quick: bool, subsample: int | None) -> int | N
 
 
 def _needs_instances(ref: TaskRef) -> bool:
-    return _instance_kind(ref.type, ref.main_score) is not None
+    return instance_kind(ref.type, ref.main_score) is not None
 
 
 def _is_done(rev_dir: Path, ref: TaskRef) -> bool:
@@ -166,16 +167,6 @@ def _check_specs(specs: Sequence[layout.CheckpointSpec]) -> None:
             raise ConfigError(f"checkpoint name {s.name!r} must look like 'org/name' (mteb's model name rule)")
 
 
-def _fault(options: Any) -> list[dict]:
-    if not options:
-        return []
-    items = [options] if isinstance(options, dict) else list(options)
-    for it in items:
-        if not isinstance(it, dict) or "task" not in it:
-            raise ConfigError(f"fault_injection: each entry needs 'task' (and 'times', 'checkpoint'), got {it!r}")
-    return items
-
-
 def evaluate_checkpoints(
     specs: Sequence[layout.CheckpointSpec],
     tasks: Sequence[str | dict | os.PathLike],
@@ -193,29 +184,19 @@ def evaluate_checkpoints(
     data_dir: str | os.PathLike | None = None,
     ray_address: str | None = None,
     raise_on_failure: bool = True,
-    fault_injection: dict | list | None = None,
 ) -> EvalSummary:
     """Evaluate every checkpoint on every task, one Ray task per pair (see the module docstring).
 
     Tasks and checkpoints are validated here, before Ray starts. Uses the running Ray if the caller initialised
     one (the sweep driver), else connects to `ray_address` / $RAY_ADDRESS, else starts a local Ray (and shuts it
-    down at the end). fault_injection (tests): ``{"task": T, "times": N[, "checkpoint": name]}`` or a list of
-    them: the first N attempts of that pair raise.
+    down at the end). The tests inject failures through $EMBED_TEST_FAULTS (ray_jobs/test_hooks.py).
     """
     t0 = time.time()
     refs = resolve_tasks(list(tasks), data_dir)
     specs = [s if isinstance(s, layout.CheckpointSpec) else layout.CheckpointSpec.from_dict(s) for s in specs]
     _check_specs(specs)
-    faults = _fault(fault_injection)
-    for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
-            raise ConfigError(f"{k} must be a number >= 0, got {v!r}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
-        raise ConfigError(f"subsample must be a positive int or None, got {subsample!r}")
+    faults = test_hooks.faults("evaluate")  # the tests' injected failures ($EMBED_TEST_FAULTS)
+    _check_run_options(num_cpus, num_gpus, max_retries, batch_size, subsample)
     if any(r.kind == "local" for r in refs):
         from embed_core.paths import data_dir as resolve_data_dir
         data_dir = str(resolve_data_dir(data_dir))
@@ -224,19 +205,7 @@ def evaluate_checkpoints(
     summary = EvalSummary(results_root=str(root), quick=bool(quick or subsample))
     run_tmp = root / TMP_DIR / f"run-{uuid.uuid4().hex[:12]}"  # this run's scratch (concurrent runs keep theirs)
 
-    plan = []
-    for spec in specs:
-        rev = _run_revision(_base_revision(spec), quick, subsample)
-        rev_dir = layout.result_dir(root, spec.name, rev)
-        for ref in refs:
-            item = {"checkpoint": spec.name, "task": ref.name, "revision": rev}
-            if not overwrite and _is_done(rev_dir, ref):
-                summary.skipped.append(item)
-                summary.scores.setdefault(spec.name, {})[ref.name] = _main_score(rev_dir / f"{ref.name}.json")
-                continue
-            fault = next((f for f in faults if f["task"] == ref.name and f.get("checkpoint", spec.name) == spec.name),
-                         None)
-            plan.append((spec, ref, rev, item, fault))
+    plan = _plan(specs, refs, root, summary, quick=quick, subsample=subsample, overwrite=overwrite, faults=faults)
     _say(f"{len(specs)} checkpoints x {len(refs)} tasks: {len(plan)} to run, {len(summary.skipped)} already done"
          + (" (quick subsamples: NOT comparable to MTEB)" if summary.quick else ""), show_progress)
     if plan:
@@ -255,15 +224,48 @@ def evaluate_checkpoints(
     return summary
 
 
+def _check_run_options(num_cpus, num_gpus, max_retries, batch_size, subsample) -> None:
+    for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+            raise ConfigError(f"{k} must be a number >= 0, got {v!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
+        raise ConfigError(f"subsample must be a positive int or None, got {subsample!r}")
+
+
+def _plan(specs, refs, root: Path, summary: EvalSummary, *, quick: bool, subsample: int | None, overwrite: bool,
+          faults: list[dict]) -> list[tuple]:
+    """The (checkpoint, task) pairs to run, each with its revision, summary item and injected fault; the pairs
+    already done (unless `overwrite`) go to the summary as skipped, with their scores."""
+    plan = []
+    for spec in specs:
+        rev = _run_revision(_base_revision(spec), quick, subsample)
+        rev_dir = layout.result_dir(root, spec.name, rev)
+        for ref in refs:
+            item = {"checkpoint": spec.name, "task": ref.name, "revision": rev}
+            if not overwrite and _is_done(rev_dir, ref):
+                summary.skipped.append(item)
+                summary.scores.setdefault(spec.name, {})[ref.name] = _main_score(rev_dir / f"{ref.name}.json")
+                continue
+            fault = next((f for f in faults if f["task"] == ref.name and f.get("checkpoint", spec.name) == spec.name),
+                         None)
+            plan.append((spec, ref, rev, item, fault))
+    return plan
+
+
 def _say(msg: str, show: bool = True) -> None:
     if show:
         print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
 
 def _main_score(path: Path) -> float:
-    obj = json.loads(path.read_text())
-    vals = [float(e["main_score"]) for split in obj["scores"].values() for e in split]
-    return float(sum(vals) / len(vals))
+    """The task's main score as the report reads it (layout.read_task_result: the mean over the test split's
+    subsets, over every split only when there is no test split). One reader, so the evaluation summary and the
+    report agree; the local tasks evaluate the test split alone, where both averages are the same."""
+    return layout.read_task_result(path)[1]
 
 
 def _run_plan(plan, root: Path, run_tmp: Path, summary: EvalSummary, *, num_cpus, num_gpus, max_retries, quick, subsample, seed,
@@ -271,7 +273,7 @@ def _run_plan(plan, root: Path, run_tmp: Path, summary: EvalSummary, *, num_cpus
     import ray
 
     started = False
-    num_cpus_local = int(os.environ["EMBED_EVAL_RAY_CPUS"]) if os.environ.get("EMBED_EVAL_RAY_CPUS") else None
+    num_cpus_local = test_hooks.eval_ray_cpus()
     if not ray.is_initialized():
         from .ray_cluster import given_address, start_or_connect
 
@@ -341,7 +343,7 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, run_tmp: str, revision:
     spec = layout.CheckpointSpec.from_dict(spec_d)
     root_p = Path(root)
     if fault:
-        _inject_fault(Path(run_tmp), spec.name, ref.name, int(fault.get("times", 1)))
+        test_hooks.inject_eval_fault(Path(run_tmp), spec.name, ref.name, int(fault.get("times", 1)))
     import warnings
 
     import mteb
@@ -377,20 +379,8 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, run_tmp: str, revision:
         preds = json.loads((tmp / "pred" / f"{ref.name}_predictions.json").read_text())
         task.load_data()  # mteb unloads the data after evaluating; the gold labels are needed
         insts = instance_scores(task, tr, preds)
-        dest = layout.result_dir(root_p, spec.name, revision)
-        dest.mkdir(parents=True, exist_ok=True)
-        for inst in insts:
-            inst.write(dest)
-        labels = spec.labels
-        if quick:
-            labels = dataclasses.replace(labels, extra={**labels.extra, "subsample": subsample,
-                                                        "comparable_to_mteb": False})
-        if spec.path != REFERENCE_PATH and not labels.checkpoint:
-            labels = dataclasses.replace(labels, checkpoint=spec.path)
-        labels.write(dest)
-        if (src / "model_meta.json").is_file():
-            layout.atomic_write_json(dest / "model_meta.json", json.loads((src / "model_meta.json").read_text()))
-        layout.atomic_write_json(dest / f"{ref.name}.json", json.loads(task_json.read_text()))  # last: "done"
+        dest = _file_results(spec, ref, layout.result_dir(root_p, spec.name, revision), src, insts,
+                             quick=quick, subsample=subsample)
         score = _main_score(dest / f"{ref.name}.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -399,13 +389,25 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, run_tmp: str, revision:
             "subsample": subsample, "node": os.uname().nodename, "device": device}
 
 
-def _inject_fault(run_tmp: Path, checkpoint: str, task: str, times: int) -> None:
-    counter = run_tmp / "faults" / f"{layout.model_dir_name(checkpoint)}__{task}.count"
-    counter.parent.mkdir(parents=True, exist_ok=True)
-    n = int(counter.read_text()) + 1 if counter.is_file() else 1
-    counter.write_text(str(n))
-    if n <= times:
-        raise RuntimeError(f"injected fault {n}/{times} for {checkpoint} / {task}")
+def _file_results(spec: layout.CheckpointSpec, ref: TaskRef, dest: Path, src: Path, insts: list,
+                  *, quick: bool, subsample: int | None) -> Path:
+    """Move one evaluation's files from mteb's temp cache `src` into the layout at `dest`: instances, run labels,
+    model meta, and the task JSON last (its presence means "done")."""
+    task_json = src / f"{ref.name}.json"
+    dest.mkdir(parents=True, exist_ok=True)
+    for inst in insts:
+        inst.write(dest)
+    labels = spec.labels
+    if quick:
+        labels = dataclasses.replace(labels, extra={**labels.extra, "subsample": subsample,
+                                                    "comparable_to_mteb": False})
+    if spec.path != REFERENCE_PATH and not labels.checkpoint:
+        labels = dataclasses.replace(labels, checkpoint=spec.path)
+    labels.write(dest)
+    if (src / "model_meta.json").is_file():
+        layout.atomic_write_json(dest / "model_meta.json", json.loads((src / "model_meta.json").read_text()))
+    layout.atomic_write_json(dest / f"{ref.name}.json", json.loads(task_json.read_text()))  # last: "done"
+    return dest
 
 
 def _load_encoder(spec: layout.CheckpointSpec, revision: str, batch_size: int, device: str):
@@ -432,135 +434,6 @@ def eval_runtime(checkpoint: str, device: str) -> dict:
     return {"compile": False, **({"attn_implementation": "flash_varlen"} if packed_flex and device == "cuda" else {})}
 
 
-# ====================================================================================== per-instance scores
-def _instance_kind(task_type: str, main_score: str) -> str | None:
-    """How instances make the main score (layout.AGGREGATES), or None when it is not decomposable."""
-    if task_type == "STS":
-        return "pearson" if main_score.endswith("pearson") else "spearman"
-    if task_type == "Classification":
-        return "mean" if main_score == "accuracy" else None
-    if task_type == "PairClassification":
-        return "average_precision" if main_score.endswith("ap") else None
-    if task_type in ("Retrieval", "Reranking"):
-        return "mean" if _trec_measure(main_score) else None
-    if task_type == "Summarization":
-        return "mean" if main_score.endswith(("spearman", "pearson")) else None
-    return None  # Clustering: v-measure of a clustering, not a mean over documents
-
-
-def _trec_measure(main_score: str) -> str | None:
-    name, _, k = main_score.rpartition("_at_")
-    return {"ndcg": f"ndcg_cut.{k}", "map": f"map_cut.{k}", "recall": f"recall.{k}", "precision": f"P.{k}"}.get(name)
-
-
-def instance_scores(task, task_result, predictions: dict) -> list[layout.InstanceScores]:
-    """Per-instance scores of one evaluated task from mteb's saved predictions and the task's gold data.
-
-    STS: per-pair similarity (the main score's similarity) + gold score; classification (accuracy): per-example
-    correctness averaged over mteb's experiments; pair classification: per-pair similarity + 0/1 label (AP of the
-    similarity function that gives mteb's max_ap); summarization: per-text correlation (see _summarization_instances);
-    retrieval / reranking: per-query nDCG@k / MAP@k / recall@k from pytrec_eval on mteb's ranking. Each set's
-    aggregate must equal mteb's main score (DataError otherwise). Clustering gives none (v-measure is not a
-    per-document quantity)."""
-    import numpy as np
-
-    md = task.metadata
-    ttype, main = str(md.type), str(md.main_score)
-    kind = _instance_kind(ttype, main)
-    if kind is None:
-        return []
-    out = []
-    for split, entries in task_result.scores.items():
-        for entry in entries:
-            subset = entry.get("hf_subset", "default")
-            value = float(entry["main_score"])
-            pred_split = predictions[subset][split]
-            data = task.dataset[subset][split] if subset in task.dataset else task.dataset[split]
-            common = dict(task=md.name, task_type=ttype, split=split, subset=subset, main_score=main, value=value,
-                          aggregate=kind)
-            if ttype == "STS":
-                key = {"cosine": "cosine_scores", "manhattan": "manhattan_distances",
-                       "euclidean": "euclidean_distances"}.get(main.split("_")[0], "similarity_scores")
-                pred = [float(x) for x in pred_split[key]]
-                gold = [float(x) for x in data["score"]]
-                inst = layout.InstanceScores(**common, ids=[str(i) for i in range(len(gold))], pred=pred, gold=gold)
-            elif ttype == "Classification":
-                gold = np.asarray(task.dataset[subset][split][task.label_column_name]
-                                  if subset in task.dataset else data[task.label_column_name])
-                runs = np.asarray(pred_split)
-                correct = (runs == gold[None, :]).mean(axis=0)
-                inst = layout.InstanceScores(**common, ids=[str(i) for i in range(len(gold))],
-                                             values=[float(x) for x in correct])
-            elif ttype == "PairClassification":
-                gold = [float(x) for x in data[task.label_column_name]]
-                inst = None
-                for key in ("cosine_scores", "similarity_scores", "dot_scores", "euclidean_distances",
-                            "manhattan_distances"):
-                    for sign in (1.0, -1.0):
-                        if key not in pred_split:
-                            continue
-                        cand = layout.InstanceScores(**common, ids=[str(i) for i in range(len(gold))],
-                                                     pred=[sign * float(x) for x in pred_split[key]], gold=gold)
-                        if abs(cand.score() - value) <= 1e-6:
-                            inst = cand
-                            break
-                    if inst is not None:
-                        break
-                if inst is None:
-                    raise DataError(f"{md.name}/{split}: no similarity in mteb's predictions reproduces {main} = {value}")
-            elif ttype == "Summarization":
-                ids, values = _summarization_instances(task, data, pred_split, main)
-                inst = layout.InstanceScores(**common, ids=ids, values=values)
-            else:
-                import pytrec_eval
-                qrels = {str(q): {str(d): int(s) for d, s in docs.items()}
-                         for q, docs in data["relevant_docs"].items()}
-                measure = _trec_measure(main)
-                run = {str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in pred_split.items()}
-                ev = pytrec_eval.RelevanceEvaluator(qrels, {measure.split(".")[0]})
-                per_q = ev.evaluate(run)
-                field_name = measure.replace(".", "_")
-                qids = sorted(per_q)
-                inst = layout.InstanceScores(**common, ids=qids, values=[float(per_q[q][field_name]) for q in qids])
-            tol = _TOL.get(ttype, 1e-6)
-            got = inst.score()
-            if not (abs(got - value) <= tol):
-                raise DataError(f"{md.name}/{subset}/{split}: the per-instance scores give {main} = {got:.8f} but mteb's "
-                                f"main score is {value:.8f} (tolerance {tol}): the instances do not reproduce it")
-            out.append(inst)
-    return out
-
-
-def _summarization_instances(task, data, pred_split: dict, main: str) -> tuple[list[str], list[float]]:
-    """Per-text correlation between the machine summaries' predicted scores (max similarity to a human summary)
-    and their relevance, as mteb computes it; the main score is the mean over texts.
-
-    mteb skips texts whose gold (or predicted) scores are all equal, so its saved lists cover the kept texts in
-    order: each is matched to the next dataset row with the same (normalised) gold scores, whose ``id`` names it.
-    SummEval's evaluator (DeprecatedSummarizationEvaluator, kept for comparability with published scores) averages
-    the whole scipy result, statistic and p-value alike (mteb issue 1156): the per-text value is then that mean,
-    so the mean over texts still equals mteb's main score."""
-    import numpy as np
-    from mteb._evaluators.text.summarization_evaluator import DeprecatedSummarizationEvaluator
-    from scipy.stats import pearsonr, spearmanr
-
-    key = {"cosine": "cosine_scores", "dot": "dot_scores"}.get(main.split("_")[0], "similarity_scores")
-    corr = spearmanr if main.endswith("spearman") else pearsonr
-    buggy = issubclass(task.evaluator, DeprecatedSummarizationEvaluator)
-    span = task.max_score - task.min_score
-    golds = [(np.asarray(r, dtype=float) - task.min_score) / span for r in data[task.relevancy_column_name]]
-    row_ids = [str(x) for x in data["id"]] if "id" in data.column_names else [str(i) for i in range(len(golds))]
-    ids, values, j = [], [], 0
-    for human, pred in zip(pred_split["human_scores"], pred_split[key], strict=True):
-        while j < len(golds) and not (len(golds[j]) == len(human) and np.allclose(golds[j], human)):
-            j += 1
-        if j == len(golds):
-            raise DataError(f"{task.metadata.name}: mteb's saved summarization scores do not follow the dataset rows")
-        r = corr(human, pred)
-        ids.append(row_ids[j])
-        values.append(float(np.mean(r)) if buggy else float(r.statistic))
-        j += 1
-    return ids, values
 
 
 # ====================================================================================== CLI
@@ -581,7 +454,7 @@ def specs_from_args(paths: Sequence[str], reference: bool = False) -> list[layou
                 name = f"{name}-{str(meta.get('fingerprint', ''))[:8]}"
             specs.append(layout.CheckpointSpec(
                 name=name, path=str(path.resolve()),
-                labels=layout.RunLabels(config=layout.config_id(cfg.get("pooling", "?"), cfg.get("attention", "?")),
+                labels=layout.RunLabels(design=layout.design_id(cfg.get("pooling", "?"), cfg.get("attention", "?")),
                                         base_model=str(cfg.get("base_model", "")), pooling=cfg.get("pooling", ""),
                                         attention=cfg.get("attention", ""), lora_r=cfg.get("lora_r"),
                                         checkpoint=str(path.resolve()))))

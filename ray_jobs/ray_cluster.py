@@ -51,9 +51,9 @@ def _canonical(address: str) -> str | None:
     """host:port of a bootstrap address (what ray.init connects to), None for a Ray Client address."""
     if address.startswith("ray://"):
         return None
-    from ray._private.services import canonicalize_bootstrap_address_or_die
+    from .compat import canonical_bootstrap_address
 
-    return canonicalize_bootstrap_address_or_die(address)
+    return canonical_bootstrap_address(address)
 
 
 def start_or_connect(address: str | None = None, **kwargs):

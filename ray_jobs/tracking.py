@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import time
 from pathlib import Path
 
 from embed_core.errors import ConfigError
 from sweeps.config import SweepConfig
 
-from . import layout
+from sweeps import layout
+
+from .console import say as _say
 
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "artifacts"
@@ -30,8 +31,6 @@ MTEB_METRIC = "mteb/{task}"      # a trial's main score on one evaluation task
 _INSTALL = "pip install 'embed-sweeps[tracking]'"
 
 
-def _say(msg: str) -> None:
-    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ====================================================================================== resolved options
@@ -124,7 +123,7 @@ def log_report(sweep: SweepConfig, summary_file: Path) -> None:
 
 
 def _log_scores(sweep: SweepConfig) -> int:
-    from .report import load_results
+    from sweeps.results import load_results
 
     c, exp = client(sweep), ensure_experiment(sweep)
     logged = 0

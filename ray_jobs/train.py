@@ -1,6 +1,6 @@
 """Distributed contrastive training on Ray Train (V2) with DeepSpeed ZeRO: one `Trainer` per worker.
 
-    from embed_core.trainer import TrainConfig
+    from embed_core.train_config import TrainConfig
     from ray_jobs.train import run_training
     out = run_training(TrainConfig(model={"base_model": "smollm2-135m", "pooling": "mean"},
                                    builders=["stsb"], batch_size=64, chunk_size=16, max_steps=200),
@@ -53,7 +53,9 @@ from typing import Any
 
 from embed_core.config import EmbedConfig
 from embed_core.errors import ConfigError, EmbedCoreError
-from embed_core.trainer import MODEL_DIR, TrainConfig, TrainData, load_examples, read_trainer_state
+from embed_core.train_config import TrainConfig
+from embed_core.train_data import TrainData, load_examples
+from embed_core.trainer import MODEL_DIR, read_trainer_state
 
 log = logging.getLogger(__name__)
 

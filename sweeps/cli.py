@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args) -> int:
-    from embed_core import export
+    from sweeps import export
 
     if args.best is not None:
         if args.out is not None:
@@ -86,8 +86,8 @@ def _export(args) -> int:
 
 def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
     """A sweep folder given directly, or the one a config names."""
-    from ray_jobs.layout import SWEEP_FILE
-    from sweeps.config import load_sweep_config
+    from sweeps.layout import SWEEP_FILE
+    from sweeps.config_parse import load_sweep_config
 
     p = Path(os.path.expanduser(target))
     if p.is_dir() and (p / SWEEP_FILE).is_file():
@@ -98,7 +98,7 @@ def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
 def _memory_lines(sweep) -> str:
     """Each base model's GPU memory per trial worker (estimate) and how many share one GPU."""
     from embed_core.memory import gpu_total_gib
-    from embed_core.trainer import load_examples
+    from embed_core.train_data import load_examples
     from sweeps.resources import memory_plan
 
     examples = load_examples(sweep.train_config(sweep.cells()[0], *sweep.probe_values()))
@@ -111,12 +111,20 @@ def _memory_lines(sweep) -> str:
     return "\n".join(lines)
 
 
+def _ray_jobs():
+    """The commands that need Ray (ray_jobs/commands.py), imported here only: `presets`, `export` and the config
+    checks run without Ray, and the sweeps package imports nothing of ray_jobs at module level."""
+    from ray_jobs import commands
+
+    return commands
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.command == "presets":
-            from sweeps.config import PRESET_DIR, presets
+            from sweeps.config_parse import PRESET_DIR, presets
             for name in presets():
                 first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
                 print(f"{name:24s} {first}")
@@ -124,60 +132,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         if args.command in ("run", "check"):
-            from sweeps.config import load_sweep_config
+            from sweeps.config_parse import load_sweep_config
 
             sweep = load_sweep_config(args.target, args.sets, args.storage)
             if getattr(args, "part", None):
                 sweep = sweep.with_part(args.part)
             if args.command == "check":
-                from ray_jobs import tracking
-                from ray_jobs.sweep import check_evaluation_tasks
-
                 sizes = sweep.preflight(check_data=True)
-                check_evaluation_tasks(sweep)
-                tracking.check(sweep)
+                _ray_jobs().check(sweep)
                 print(f"ok: {sweep.name}: {len(sweep.cells())} cells, {sweep.num_trials()} trials; "
                       f"training examples per seed {sizes}; sweep folder {sweep.sweep_dir}")
                 if sweep.resources.use_gpu is not False:
                     print(_memory_lines(sweep))
                 return 0
-            from ray_jobs.sweep import run_pipeline
-
-            stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-            bad = [s for s in stages if s not in ("train", "evaluate", "report")]
-            if bad:
-                print(f"error: unknown stage(s) {bad}: choose from train, evaluate, report", file=sys.stderr)
-                return 2
-            from ray_jobs.sweep import SweepInterrupted, resume_hint
-
-            from ray_jobs import console
-
-            console.setup_driver(args.verbose)
-            try:
-                run_pipeline(sweep, resume=args.resume, stages=stages, ray_address=args.address,
-                             ray_init_kwargs=console.ray_init_kwargs(args.verbose))
-            except (SweepInterrupted, KeyboardInterrupt) as err:  # Ctrl-C: stop, say how to go on
-                print(f"interrupted: {err or 'Ctrl-C'}; {resume_hint(sweep)}", file=sys.stderr, flush=True)
-                return 130
-            return 0
+            return _ray_jobs().run(sweep, resume=args.resume, stages=args.stages, address=args.address,
+                                   verbose=args.verbose)
         if args.command == "merge":
-            from ray_jobs.sweep import merge_parts
-
-            merge_parts(args.out, args.parts)
-            return 0
+            return _ray_jobs().merge(args.out, args.parts)
         sweep_dir = _sweep_dir_of(args.target, args.storage, args.sets)
-        from ray_jobs import sweep as job
-
-        if args.command == "status":
-            print(job.status_text(sweep_dir))
-            return 0
-        sweep = job.read_sweep(sweep_dir)
-        if args.command == "evaluate":
-            job.init_ray(args.address)
-            job.evaluate_stage(sweep)
-        elif args.command == "report":
-            job.report_stage(sweep)
-        return 0
+        return _ray_jobs().on_folder(args.command, sweep_dir, getattr(args, "address", None))
     except EmbedCoreError as err:  # ConfigError / DataError: before any worker starts
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

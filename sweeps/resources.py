@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from embed_core.memory import MemoryEstimate, estimate, forward_tokens
-from embed_core.trainer import TrainConfig
+from embed_core.train_config import TrainConfig
 
 from .config import Cell, SweepConfig
 

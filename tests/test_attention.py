@@ -88,7 +88,7 @@ def test_smollm2_attention(smollm2_dir, impl):
 
 def test_bidirectional_mask_shape_and_values():
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
-    m = attn.bidirectional_mask(mask, torch.float32)
+    m = attn.attention_mask_4d(mask, causal=False, dtype=torch.float32)
     assert m.shape == (2, 1, 3, 3)
     assert (m[0, 0, 1:, 0] < -1e30).all() and (m[0, 0, :, 1:] == 0).all()
     assert (m[1, 0, :2, 2] < -1e30).all() and (m[1, 0, :, :2] == 0).all()

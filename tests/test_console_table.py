@@ -1,4 +1,4 @@
-"""ray_jobs.report.console_table tells tasks apart when their names are too long for a column."""
+"""sweeps.report.console_table tells tasks apart when their names are too long for a column."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ import tempfile
 
 os.environ.setdefault("MTEB_CACHE", tempfile.mkdtemp(prefix="embed-sweeps-test-mteb-cache-"))
 
-from ray_jobs.report import _abbrev, build_report, console_table  # noqa: E402
-from ray_jobs.synthetic_results import write_synthetic_sweep  # noqa: E402
+from sweeps.report import _abbrev, build_report, console_table  # noqa: E402
+from sweeps.synthetic_results import write_synthetic_sweep  # noqa: E402
 
 LONG = ("SynLongSharedPrefixTaskAlpha", "SynLongSharedPrefixTaskBeta")
 

@@ -14,7 +14,7 @@ import pytest
 
 from embed_core.config import EmbedConfig
 from embed_core.model import EmbeddingModel
-from ray_jobs import layout
+from sweeps import layout
 from tests.conftest import save_tiny_checkpoint
 from ray_jobs.evaluate import EvaluationFailed, evaluate_checkpoints, specs_from_args
 
@@ -51,9 +51,9 @@ def test_fan_out_retries_failures_and_reruns(tiny_ckpts, tmp_path, monkeypatch) 
     # ckpt0 / STSBenchmark fails once and is retried; ckpt1 / SciFact fails every attempt
     faults = [{"task": "STSBenchmark", "checkpoint": names[0], "times": 1},
               {"task": "SciFact", "checkpoint": names[1], "times": 99}]
+    monkeypatch.setenv("EMBED_TEST_FAULTS", json.dumps({"evaluate": faults}))
     with pytest.raises(EvaluationFailed) as ei:
-        evaluate_checkpoints(specs, TASKS, results, quick=True, max_retries=1, fault_injection=faults,
-                             show_progress=True)
+        evaluate_checkpoints(specs, TASKS, results, quick=True, max_retries=1, show_progress=True)
     assert not ray.is_initialized()  # the local Ray it started is shut down again
     s = ei.value.summary
     assert [(f["checkpoint"], f["task"]) for f in s.failed] == [(names[1], "SciFact")]
@@ -73,12 +73,13 @@ def test_fan_out_retries_failures_and_reruns(tiny_ckpts, tmp_path, monkeypatch) 
         assert labels.extra["comparable_to_mteb"] is False and labels.checkpoint
         assert (rev_dir / "model_meta.json").is_file()
         assert d["texts_encoded"] > 0
-        assert labels.config == {names[0]: "eos_last+causal", names[1]: "mean+bidirectional"}[d["checkpoint"]]
+        assert labels.design == {names[0]: "eos_last+causal", names[1]: "mean+bidirectional"}[d["checkpoint"]]
     failed_dir = layout.result_dir(results, names[1], next(d["revision"] for d in s.done if d["checkpoint"] == names[1]))
     assert not (failed_dir / "SciFact.json").exists()
     before = _files(results)
 
     # rerun through the CLI: the three done pairs are skipped (files untouched), the failed one runs now
+    monkeypatch.delenv("EMBED_TEST_FAULTS")
     env = dict(os.environ, EMBED_EVAL_RAY_CPUS="2")
     p = subprocess.run([sys.executable, "-m", "ray_jobs.evaluate", "--checkpoints", *map(str, tiny_ckpts), "--tasks",
                         *TASKS, "--results", str(results), "--quick", "--json", str(tmp_path / "s.json")],
@@ -126,9 +127,9 @@ def test_sweep_evaluate_stage_uses_the_callers_ray(tiny_ckpts, tiny_dirs, tmp_pa
     import ray
     import yaml
 
-    from ray_jobs.report import load_results
+    from sweeps.results import load_results
     from ray_jobs.sweep import check_evaluation_tasks, evaluate_stage, prepare
-    from sweeps.config import load_sweep_config
+    from sweeps.config_parse import load_sweep_config
 
     raw = {"name": "ev", "storage_path": str(tmp_path / "runs"), "seeds": [0],
            "grid": {"base_models": [str(tiny_dirs["llama"])], "designs": ["eos_last+causal"]},
@@ -152,7 +153,7 @@ def test_sweep_evaluate_stage_uses_the_callers_ray(tiny_ckpts, tiny_dirs, tmp_pa
     assert len(s.done) == 2 and not s.failed
     res = load_results(sweep_dir)
     assert not res.problems, res.problems
-    assert sorted(r.labels.config for r in res.runs) == ["eos_last+causal", "mean+bidirectional"]
+    assert sorted(r.labels.design for r in res.runs) == ["eos_last+causal", "mean+bidirectional"]
     assert all(len(r.instances["STSBenchmark"][0].ids) == 64 for r in res.runs)
 
 

@@ -133,11 +133,11 @@ def test_model_card_and_cli(tmp_path, tiny_base) -> None:
 def test_best_per_base_model_from_a_sweep_report(tmp_path, tiny_base) -> None:
     """`export SWEEP --best`: the design with the best report mean, of its seeds the best own mean; the card
     carries the checkpoint's scores and the tests against the baseline from report/summary.json."""
-    from embed_core.export import best_checkpoints, export_best, run_scores
+    from sweeps.export import best_checkpoints, export_checkpoint, run_scores
     from embed_core.model import read_meta
-    from ray_jobs import layout
-    from ray_jobs.report import build_report
-    from ray_jobs.synthetic_results import write_synthetic_sweep
+    from sweeps import layout
+    from sweeps.report import build_report
+    from sweeps.synthetic_results import write_synthetic_sweep
     from sweeps.cli import main
 
     sweep = tmp_path / "sweep"
@@ -161,7 +161,7 @@ def test_best_per_base_model_from_a_sweep_report(tmp_path, tiny_base) -> None:
         "builders": ["snli", "stsb"], "max_per_source": 400, "batch_size": 16}}}))
     build_report(sweep, n_resamples=99, plots=False, show_progress=False)
 
-    winners = [s for s in specs if s.labels.config == "mean+causal"]
+    winners = [s for s in specs if s.labels.design == "mean+causal"]
     own = {s.path: np.mean(list(run_scores(sweep, s.name, read_meta(Path(s.path))["fingerprint"]).values()))
            for s in winners}
     assert own[winners[0].path] != own[winners[1].path]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ray_jobs import layout
+from sweeps import layout
 from tests.test_sweep_job import REPO, _env, ray_head, run_cli, sweep_cmd, tiny, write_config  # noqa: F401
 
 
@@ -53,8 +53,11 @@ CONFIG_FAULTS = [
      "evaluation.options: unknown field(s) ['batch_sise']"),
     ("options-type", lambda r, t: r["evaluation"].update(options={"batch_size": "big"}),
      "evaluation.options.batch_size: must be an int >= 1"),
-    ("options-fault-shape", lambda r, t: r["evaluation"].update(options={"fault_injection": {"times": 1}}),
-     "evaluation.options.fault_injection"),
+    ("options-no-fault-field", lambda r, t: r["evaluation"].update(options={"fault_injection": {"times": 1}}),
+     "evaluation.options: unknown field(s) ['fault_injection']"),  # faults are a test hook: ray_jobs/test_hooks.py
+    ("override-no-fault-field", lambda r, t: r.update(overrides=[{"match": {"pooling": "mean"},
+                                                                  "fault_injection": {"step": 1}}]),
+     "fault_injection"),
     ("baseline-typo", lambda r, t: r.update(report={"baseline": "eos_lst+causal"}),
      "report.baseline: 'eos_lst+causal' is not one of the grid's designs"),
     ("baseline-not-trained", lambda r, t: r.update(report={"baseline": "mean+bidirectional"}), "report.baseline"),
@@ -128,7 +131,7 @@ def _nan_baseline():
 
 
 def _probe_nonfinite():
-    from ray_jobs.stats import paired_instance_test
+    from sweeps.stats import paired_instance_test
 
     (a, b), (ca, cb) = _nan_baseline()
     got = paired_instance_test(a, b, n_resamples=2000, rng=0)
@@ -139,15 +142,15 @@ def _probe_nonfinite():
 
 
 def _probe_stale_result(tmp: Path):
-    from ray_jobs.report import load_results
-    from ray_jobs.synthetic_results import write_synthetic_sweep
+    from sweeps.results import load_results
+    from sweeps.synthetic_results import write_synthetic_sweep
 
     write_synthetic_sweep(tmp, effects={"eos_last+causal": 0.0, "mean+causal": 0.0}, seeds={
         "eos_last+causal": [0], "mean+causal": [0]}, n_instances=40)
     runs = {r.labels.checkpoint: r for r in load_results(tmp).runs}
     specs = [layout.CheckpointSpec(name=r.model, path=ck, labels=r.labels) for ck, r in runs.items()]
     layout.write_checkpoints(tmp, specs)
-    chosen = next(r for r in runs.values() if r.config == "mean+causal")
+    chosen = next(r for r in runs.values() if r.design == "mean+causal")
     stale = chosen.dir.with_name(chosen.revision + "-stale")  # an earlier choice of the same cell
     shutil.copytree(chosen.dir, stale)
     lab = layout.RunLabels.read(stale)
@@ -174,22 +177,21 @@ def test_stats_fault(fix, probe, tmp_path) -> None:
 def _fake_sweep(tmp: Path, tiny_dir: Path, trial_state: str = "RUNNING", driver_pid: int | None = None):
     """A sweep folder as a killed driver leaves it: sweep.json, one Tune trial (state `trial_state`), its
     results, a Train checkpoint ahead of them, and driver.json naming `driver_pid`."""
-    from ray_jobs import sweep as job
-    from sweeps.config import load_sweep_config
+    from sweeps.config_parse import load_sweep_config
 
     cfg = load_sweep_config(write_config(tmp / "s.yaml", tiny_dir, tmp / "runs", "rec", ["eos_last+causal"]))
     d = cfg.sweep_dir
-    layout.atomic_write_json(d / layout.SWEEP_FILE, {"format": job.SWEEP_FORMAT, "config": cfg.to_dict()})
+    layout.atomic_write_json(d / layout.SWEEP_FILE, {"format": layout.SWEEP_FORMAT, "config": cfg.to_dict()})
     cell = cfg.cells()[0]
-    tdir = d / job.TUNE_DIR / f"{cell.key}-abc12"
+    tdir = d / layout.TUNE_DIR / f"{cell.key}-abc12"
     tdir.mkdir(parents=True)
     (tdir / "params.json").write_text(json.dumps({**cell.to_dict(), "lora_r": 4, "lr": 1e-3, "cell_key": cell.key}))
     # two runs of the trial: 0-10 s, then after a resume 0-6 s (Tune restarts time_total_s)
     (tdir / "result.json").write_text("".join(json.dumps({"step": s, "time_total_s": t}) + "\n"
                                               for s, t in ((0, 5.0), (0, 10.0), (0, 3.0), (0, 6.0))))
-    (d / job.TUNE_DIR / "experiment_state-2026.json").write_text(json.dumps(
+    (d / layout.TUNE_DIR / "experiment_state-2026.json").write_text(json.dumps(
         {"trial_data": [[json.dumps({"trial_id": "abc12", "status": trial_state}), "{}"]]}))
-    ck = d / job.TRAIN_DIR / f"{cell.key}-abc12" / "checkpoint_000001"
+    ck = d / layout.TRAIN_DIR / f"{cell.key}-abc12" / "checkpoint_000001"
     ck.mkdir(parents=True)
     (ck / "trainer_state.json").write_text(json.dumps({"step": 2}))
     res = d / layout.RESULTS_DIR / "m" / "rev"
@@ -209,35 +211,36 @@ def _dead_pid() -> int:
 
 
 def _probe_dead_driver(tmp, tiny_dir):
-    from ray_jobs.sweep import status_text
+    from ray_jobs.records import status_text
 
     text = status_text(_fake_sweep(tmp, tiny_dir, driver_pid=_dead_pid()))
     assert "driver DEAD" in text and "INTERRUPTED" in text and "RUNNING" not in text, text
 
 
 def _probe_live_driver(tmp, tiny_dir):
-    from ray_jobs.sweep import status_text
+    from ray_jobs.records import status_text
 
     text = status_text(_fake_sweep(tmp, tiny_dir, driver_pid=os.getpid()))
     assert "driver running" in text and "RUNNING" in text, text
 
 
 def _probe_step_from_checkpoint(tmp, tiny_dir):
-    from ray_jobs.sweep import trial_statuses
+    from ray_jobs.records import trial_statuses
 
     (row,) = trial_statuses(_fake_sweep(tmp, tiny_dir))
     assert row.step == 2  # the results say 0; the checkpoint after a SIGKILL says 2
 
 
 def _probe_wall_adds_up(tmp, tiny_dir):
-    from ray_jobs.sweep import TUNE_DIR, _wall_s
+    from ray_jobs.records import _wall_s
+    from sweeps.layout import TUNE_DIR
 
     d = _fake_sweep(tmp, tiny_dir)
     assert _wall_s(next((d / TUNE_DIR).glob("*-abc12")), 0.0) == pytest.approx(16.0)
 
 
 def _probe_status_counts_results_only(tmp, tiny_dir):
-    from ray_jobs.sweep import status_text
+    from ray_jobs.records import status_text
 
     assert "1 result files" in status_text(_fake_sweep(tmp, tiny_dir))
 
@@ -374,7 +377,7 @@ def test_full_disk_mid_training_ends_with_a_clear_record(tmp_path, tiny) -> None
 def test_wall_ledger_adds_up_the_runs_of_a_trial(tmp_path, monkeypatch) -> None:
     """Each run of a trial's driver keeps its own entry in wall.json, written while it runs and when it ends, so
     a resumed trial's cost is the sum of its runs (Tune's own clock restarts or restores on a resume)."""
-    import ray_jobs.sweep as sw
+    import ray_jobs.trial as sw
 
     monkeypatch.setattr(sw, "WALL_TICK_S", 0.05)
     with sw.WallLedger(tmp_path / "run"):

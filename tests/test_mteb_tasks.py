@@ -362,9 +362,9 @@ def test_new_task_types_give_instances_that_reproduce_mteb_and_report_categories
     """Summarization (per-text correlation, SummEval's deprecated evaluator) and pair classification (per-pair
     similarity, AP) instances from mteb's saved predictions reproduce mteb's main score; the report files them
     under their mteb task type."""
-    from ray_jobs import layout
-    from ray_jobs.evaluate import instance_scores
-    from ray_jobs.report import load_results
+    from sweeps import layout
+    from sweeps.instances import instance_scores
+    from sweeps.results import load_results
 
     tasks = [mt.local_task("SummEval", subsample=8), mt.local_task("TwitterURLCorpus", subsample=40),
              mt.local_task("STS17", subsample=30)]
@@ -382,9 +382,9 @@ def test_new_task_types_give_instances_that_reproduce_mteb_and_report_categories
             assert inst.aggregate == "mean" and set(inst.ids) <= set(task.dataset["test"]["id"])
         if task.metadata.name == "STS17":
             assert inst.subset == "en-en"
-    layout.RunLabels(config="eos_last+causal", base_model="b").write(rev_dir)
+    layout.RunLabels(design="eos_last+causal", base_model="b").write(rev_dir)
     shutil.copytree(rev_dir, layout.result_dir(tmp_path / "results", "m/other", "r1"))
-    layout.RunLabels(config="mean+bidirectional", base_model="b").write(
+    layout.RunLabels(design="mean+bidirectional", base_model="b").write(
         layout.result_dir(tmp_path / "results", "m/other", "r1"))
     loaded = load_results(tmp_path / "results")
     assert loaded.categories == {"STS17": "STS", "SummEval": "Summarization", "TwitterURLCorpus": "PairClassification"}

@@ -14,7 +14,8 @@ from embed_core.config import POOLINGS, EmbedConfig
 from embed_core.errors import ConfigError
 from embed_core.gradcache import full_batch_step, merged_batch_step
 from embed_core.model import EmbeddingModel, pad_ids
-from embed_core.trainer import Trainer, TrainConfig
+from embed_core.train_config import TrainConfig
+from embed_core.trainer import Trainer
 
 from .test_trainer import make_config, reference_step, single_process, train_file, trainable_grads  # noqa: F401
 
@@ -216,7 +217,7 @@ def test_packing_config_errors(changes, match):
 def test_packing_turns_off_length_grouping(tiny_dirs, train_file):  # noqa: F811
     """Packed batches are random mixes: grouping by length would make the longest batch's packed row (and its
     memory) several times the average one."""
-    from embed_core.trainer import TrainData
+    from embed_core.train_data import TrainData
 
     assert TrainData(make_config(tiny_dirs, train_file)).batcher.length_grouping
     assert not TrainData(make_config(tiny_dirs, train_file, packing=True)).batcher.length_grouping

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs import layout
+from sweeps import layout
 from ray_jobs.evaluate import evaluate_checkpoints, reference_spec
 
 PUBLISHED = {"STSBenchmark": 82.03, "SICK-R": 77.58}
@@ -38,7 +38,7 @@ def test_minilm_reproduces_published_sts_scores_through_the_job(tmp_path, monkey
     assert len(insts["STSBenchmark"].ids) == 1379 and len(insts["SICK-R"].ids) == 9927
     for task in PUBLISHED:
         assert insts[task].score() == pytest.approx(scores[task], abs=1e-6)
-    assert layout.RunLabels.read(rev_dir).config == "reference:all-MiniLM-L6-v2"
+    assert layout.RunLabels.read(rev_dir).design == "reference:all-MiniLM-L6-v2"
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""ray_jobs.report on synthetic sweeps with known effects, on bad input, and on real mteb.evaluate output.
+"""sweeps.report on synthetic sweeps with known effects, on bad input, and on real mteb.evaluate output.
 
-The synthetic sweeps are written by ray_jobs.synthetic_results in the exact layout of ray_jobs.layout; the
+The synthetic sweeps are written by sweeps.synthetic_results in the exact layout of sweeps.layout; the
 real fixture runs all-MiniLM-L6-v2 through mteb.evaluate on two subsampled local STS tasks (real mteb, real
 data) and adds a second config whose predictions are perturbed.
 """
@@ -22,9 +22,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from embed_core.errors import ConfigError, DataError  # noqa: E402
-from ray_jobs import layout  # noqa: E402
-from ray_jobs.report import build_report, console_table, load_results, main  # noqa: E402
-from ray_jobs.synthetic_results import mteb_task_result, write_synthetic_sweep  # noqa: E402
+from sweeps import layout  # noqa: E402
+from sweeps.report import build_report, console_table, main  # noqa: E402
+from sweeps.results import load_results  # noqa: E402
+from sweeps.synthetic_results import mteb_task_result, write_synthetic_sweep  # noqa: E402
 
 BASE = "eos_last+causal"
 STRONG, NULL, WORSE = "multi_layer_trainable+bidirectional", "mean+causal", "last_layer_trainable+causal"
@@ -49,7 +50,7 @@ def _json_scores(results: Path, config: str) -> dict[str, list[float]]:
     """Main scores per task of every checkpoint of `config`, read straight from the mteb JSON files."""
     out: dict[str, list[float]] = {}
     for labels_file in results.glob(f"*/*/{layout.LABELS_FILE}"):
-        if json.loads(labels_file.read_text())["config"] != config:
+        if json.loads(labels_file.read_text())["design"] != config:
             continue
         for f in labels_file.parent.glob("Syn*.json"):
             obj = json.loads(f.read_text())
@@ -152,7 +153,7 @@ def test_bad_input_still_renders_and_says_what_was_skipped(tmp_path: Path) -> No
              "SynClassification-1": TASKS["SynClassification-1"], "SynPairClassification-1": TASKS["SynPairClassification-1"]}
     sweep = write_synthetic_sweep(tmp_path / "sw", effects={BASE: 0.0, STRONG: 0.8, WORSE: -0.5, NULL: 0.0},
                                   tasks=tasks, n_instances=50, seeds={BASE: [0, 1], STRONG: [0], WORSE: [0], NULL: [0]})
-    runs = {json.loads(p.read_text())["config"] + f"/{json.loads(p.read_text())['seed']}": p.parent
+    runs = {json.loads(p.read_text())["design"] + f"/{json.loads(p.read_text())['seed']}": p.parent
             for p in sweep.results_dir.glob(f"*/*/{layout.LABELS_FILE}")}
     # 1. a task missing for a config
     (runs[f"{WORSE}/0"] / "SynSTS-2.json").unlink()
@@ -226,8 +227,8 @@ def real_results(tmp_path_factory):
     pert_dir = layout.result_dir(sweep / "results", "real/multi_layer-bidirectional", "perturbed0001")
     shutil.copytree(src, base_dir)
     pert_dir.mkdir(parents=True)
-    layout.RunLabels(config=BASE, base_model="minilm-reference").write(base_dir)
-    layout.RunLabels(config=STRONG, base_model="minilm-reference").write(pert_dir)
+    layout.RunLabels(design=BASE, base_model="minilm-reference").write(base_dir)
+    layout.RunLabels(design=STRONG, base_model="minilm-reference").write(pert_dir)
     rng = np.random.default_rng(0)
     expected = {}
     for task in tasks:
@@ -281,17 +282,36 @@ def test_report_on_real_mteb_results(real_results) -> None:
     assert f"{expected['STSBenchmark'][0]:.4f}" in console_table(s)
 
 
+def test_records_written_before_the_design_rename_are_read_the_same(tmp_path, known):
+    """run_labels.json and trials.json of earlier versions call the design id ``config``: a copy of the known sweep
+    rewritten that way gives the same records and the same report numbers."""
+    import shutil
+
+    sweep, summary = known
+    old = tmp_path / "old"
+    shutil.copytree(sweep.sweep_dir, old, ignore=shutil.ignore_patterns("report"))
+    for f in [*old.glob(f"results/*/*/{layout.LABELS_FILE}"), old / layout.TRIALS_FILE]:
+        f.write_text(f.read_text().replace('"design":', '"config":'))
+    assert '"config":' in (old / layout.TRIALS_FILE).read_text()
+    assert [t.to_dict() for t in layout.read_trials(old)] == [t.to_dict() for t in layout.read_trials(sweep.sweep_dir)]
+    again = build_report(old, n_resamples=3000, show_progress=False, plots=False)
+    assert [g.mean for g in again.groups] == [g.mean for g in summary.groups]
+    assert [(r.config, r.scope, r.p_value) for g in again.groups for r in g.wilcoxon] == \
+        [(r.config, r.scope, r.p_value) for g in summary.groups for r in g.wilcoxon]
+    assert again.best_per_cell == summary.best_per_cell
+
+
 def test_per_dataset_tests_in_a_process_pool_equal_the_serial_ones(tmp_path: Path, monkeypatch) -> None:
     """Large tasks' tests run in spawned processes; each test draws from its own generator, so the pool changes
     nothing but the time (the pool starts only above POOL_MIN_INSTANCES: lowered here)."""
-    import ray_jobs.report as report
+    import sweeps.analysis as analysis
 
     sweep = write_synthetic_sweep(tmp_path / "sw", effects={BASE: 0.0, STRONG: 0.3, NULL: 0.0}, n_instances=60,
                                   tasks=dict(list(TASKS.items())[:2]), seeds={BASE: [0, 1], STRONG: [0, 1], NULL: [0]})
     monkeypatch.setenv("EMBED_REPORT_WORKERS", "1")
     serial = build_report(sweep.sweep_dir, n_resamples=500, show_progress=False)
     monkeypatch.setenv("EMBED_REPORT_WORKERS", "2")
-    monkeypatch.setattr(report, "POOL_MIN_INSTANCES", 0)
+    monkeypatch.setattr(analysis, "POOL_MIN_INSTANCES", 0)
     pooled = build_report(sweep.sweep_dir, n_resamples=500, show_progress=False)
     (a,), (b,) = serial.groups, pooled.groups
     assert len(a.instance) == 4 and [r.to_dict() for r in a.instance] == [r.to_dict() for r in b.instance]

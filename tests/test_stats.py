@@ -1,4 +1,4 @@
-"""ray_jobs.stats against hand-computed examples and brute force (no Ray, no models; a few seconds)."""
+"""sweeps.stats against hand-computed examples and brute force (no Ray, no models; a few seconds)."""
 from __future__ import annotations
 
 import itertools
@@ -9,8 +9,8 @@ import pytest
 from scipy.stats import rankdata, studentized_range
 from scipy.stats import t as t_dist
 
-from ray_jobs import stats
-from ray_jobs.layout import InstanceScores, aggregate
+from sweeps import stats
+from sweeps.layout import InstanceScores, aggregate
 
 
 def _inst(kind: str, ids=None, task="T", **data) -> InstanceScores:

@@ -1,4 +1,4 @@
-"""sweeps.config / sweeps.search: config errors name the field, presets validate, the searcher covers every cell with
+"""sweeps.config / ray_jobs.search: config errors name the field, presets validate, the searcher covers every cell with
 its own Optuna study and survives save/restore, ASHA stops trials only against their own cell. No Ray cluster."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import copy
 import pytest
 
 from embed_core.errors import ConfigError
-from sweeps.config import load_sweep_config, parse_sweep_config, presets
-from sweeps.search import CellSearcher, PerCellASHA, make_scheduler
+from sweeps.config_parse import load_sweep_config, parse_sweep_config, presets
+from ray_jobs.search import CellSearcher, PerCellASHA, make_scheduler
 
 BASE = {
     "name": "t",

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs import layout
+from sweeps import layout
 
 pytestmark = pytest.mark.slow
 
@@ -173,12 +173,12 @@ def test_failed_trials_are_retried_then_marked_while_the_sweep_completes(tmp_pat
         tmp_path / "f.yaml", tiny, tmp_path / "runs", "faults", ["eos_last+causal", "mean+causal", "mean+bidirectional"],
         failure={"train_max_failures": 1, "trial_max_failures": 1},
         resources={"num_workers": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
-        overrides=[{"match": {"pooling": "mean", "attention": "causal"}, "fault_injection": {"step": 3}},
-                   {"match": {"pooling": "mean", "attention": "bidirectional"}, "training": {"temperature": 1e-40}}])
-    p = run_cli("run", str(cfg), "--stages", "train")
+        overrides=[{"match": {"pooling": "mean", "attention": "bidirectional"}, "training": {"temperature": 1e-40}}])
+    kill = {"train": [{"match": {"pooling": "mean", "attention": "causal"}, "step": 3}]}
+    p = run_cli("run", str(cfg), "--stages", "train", EMBED_TEST_FAULTS=json.dumps(kill))
     assert p.returncode == 0
     sweep_dir = tmp_path / "runs" / "faults"
-    trials = {t.config: t for t in layout.read_trials(sweep_dir)}
+    trials = {t.design: t for t in layout.read_trials(sweep_dir)}
     assert set(trials) == {"eos_last+causal", "mean+causal", "mean+bidirectional"}
     assert trials["eos_last+causal"].status == "TERMINATED"
     killed = trials["mean+causal"]
@@ -195,7 +195,7 @@ def test_failed_trials_are_retried_then_marked_while_the_sweep_completes(tmp_pat
     failures = {json.loads(a)["trial_id"]: json.loads(b)["num_failures"] for a, b in tune_state["trial_data"]}
     assert failures[nan.trial_id] == 2  # the first attempt + Tune's one retry
     chosen = layout.read_checkpoints(sweep_dir)
-    assert sorted(s.labels.config for s in chosen) == ["eos_last+causal", "mean+causal"]
+    assert sorted(s.labels.design for s in chosen) == ["eos_last+causal", "mean+causal"]
     assert "no completed trial in cell(s)" in p.stdout
 
 
@@ -278,7 +278,7 @@ def test_ray_job_submit_runs_the_whole_pipeline(tmp_path, tiny, ray_head) -> Non
     assert len(trials) == 4 and all(t.status in ("TERMINATED", "STOPPED") for t in trials)
     assert {t.cell for t in trials if t.status == "TERMINATED"} == {t.cell for t in trials}  # each cell finished one
     specs = layout.read_checkpoints(sweep_dir)
-    assert sorted(s.labels.config for s in specs) == ["eos_last+causal", "mean+bidirectional"]
+    assert sorted(s.labels.design for s in specs) == ["eos_last+causal", "mean+bidirectional"]
     results = sweep_dir / layout.RESULTS_DIR
     for spec in specs:
         d = next(results.glob(f"{layout.model_dir_name(spec.name)}/*"))

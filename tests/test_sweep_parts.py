@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from embed_core.errors import ConfigError
-from ray_jobs import layout
-from ray_jobs.sweep import SWEEP_FORMAT, merge_parts, read_sweep, status_text
-from ray_jobs.synthetic_results import write_synthetic_sweep
-from sweeps.config import load_sweep_config
+from sweeps import layout
+from ray_jobs.records import status_text
+from sweeps.merge import merge_parts
+from sweeps.layout import SWEEP_FORMAT, read_sweep
+from sweeps.synthetic_results import write_synthetic_sweep
+from sweeps.config_parse import load_sweep_config
 
 
 def test_study_preset_runs_in_parts():
@@ -82,8 +84,8 @@ def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
     import yaml
 
     from embed_core.memory import gpu_share
-    from embed_core.trainer import load_examples
-    from sweeps.config import load_sweep_config
+    from embed_core.train_data import load_examples
+    from sweeps.config_parse import load_sweep_config
     from sweeps.resources import memory_plan
 
     raw = {"name": "mem", "storage_path": str(tmp_path), "seeds": [0, 1],
@@ -107,7 +109,7 @@ def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
 
 def test_cuda_oom_is_recognised_through_rays_wrapping():
     """A trial is retried only for a CUDA OOM (found in the text Ray wraps a worker's error in), nothing else."""
-    from ray_jobs.sweep import is_cuda_oom
+    from ray_jobs.trial import is_cuda_oom
 
     class Failed(Exception):
         def __init__(self, msg, failures):

@@ -63,7 +63,7 @@ def test_every_task_type_runs_through_mteb_and_instances_match(spec_dir, tiny_di
     from embed_core.config import EmbedConfig
     from embed_core.model import EmbeddingModel
     from embed_core.mteb_encoder import cached, make_encoder
-    from ray_jobs.evaluate import instance_scores
+    from sweeps.instances import instance_scores
 
     refs = resolve_tasks([str(spec_dir / f"{t}.yaml") for t in TASK_TYPES] + ["STSBenchmark", "SprintDuplicateQuestions"])
     assert [r.type for r in refs[:6]] == list(TASK_TYPES)
@@ -175,13 +175,13 @@ def test_job_arguments_are_checked_before_ray(tmp_path) -> None:
     import ray
 
     from ray_jobs.evaluate import evaluate_checkpoints, reference_spec
-    from ray_jobs.layout import CheckpointSpec, RunLabels
+    from sweeps.layout import CheckpointSpec, RunLabels
 
     for kw, match in (({"num_gpus": -1}, "num_gpus"), ({"max_retries": 1.5}, "max_retries"),
                       ({"subsample": 0}, "subsample")):
         with pytest.raises(ConfigError, match=match):
             evaluate_checkpoints([reference_spec()], ["STSBenchmark"], tmp_path, **kw)
-    bad = CheckpointSpec(name="x/ckpt", path=str(tmp_path / "nope"), labels=RunLabels(config="c"))
+    bad = CheckpointSpec(name="x/ckpt", path=str(tmp_path / "nope"), labels=RunLabels(design="c"))
     with pytest.raises(ConfigError, match="not a saved EmbeddingModel folder"):
         evaluate_checkpoints([bad], ["STSBenchmark"], tmp_path)
     assert not ray.is_initialized()

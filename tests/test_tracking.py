@@ -8,7 +8,7 @@ import math
 import pytest
 
 from embed_core.errors import ConfigError
-from sweeps.config import parse_sweep_config
+from sweeps.config_parse import parse_sweep_config
 
 from .test_sweep_job import run_cli, write_config
 
@@ -60,7 +60,7 @@ def test_sweep_logs_trials_scores_and_report_to_mlflow(tmp_path, tiny_dirs) -> N
     from mlflow.tracking import MlflowClient
 
     from ray_jobs import tracking
-    from ray_jobs.sweep import read_sweep
+    from sweeps.layout import read_sweep
 
     cfg = write_config(tmp_path / "t.yaml", tiny_dirs["llama"], tmp_path / "runs", "tracked", ["eos_last+causal"],
                        training={"max_steps": 4, "eval_every": 2},

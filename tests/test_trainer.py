@@ -28,21 +28,11 @@ import torch.distributed as dist  # noqa: E402
 
 from embed_core.errors import ConfigError, DataError  # noqa: E402
 from embed_core.model import EmbeddingModel  # noqa: E402
-from embed_core.trainer import (  # noqa: E402
-    DEEPSPEED_DIR,
-    MODEL_DIR,
-    STATE_FILE,
-    TrainConfig,
-    Trainer,
-    WarmupLinear,
-    batch_fingerprint,
-    configure_cuda_allocator,
-    ds_config,
-    gathered_trainable_state,
-    destroy_single_process_group,
-    init_single_process_group,
-    read_trainer_state,
-)
+from embed_core.distributed import configure_cuda_allocator, destroy_single_process_group, init_single_process_group  # noqa: E402
+from embed_core.engine import WarmupLinear, ds_config, gathered_trainable_state  # noqa: E402
+from embed_core.train_config import TrainConfig  # noqa: E402
+from embed_core.train_data import batch_fingerprint  # noqa: E402
+from embed_core.trainer import DEEPSPEED_DIR, MODEL_DIR, STATE_FILE, Trainer, read_trainer_state  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -103,10 +93,11 @@ def reference_step(single_process, tiny_dirs, train_file):
     """Plain PyTorch (no DeepSpeed, no chunking): loss and parameter gradients on step 0's batch."""
     from embed_core.gradcache import full_batch_step
     from embed_core.loss import info_nce
-    from embed_core.trainer import TrainData, _model_config
+    from embed_core.train_config import model_config
+    from embed_core.train_data import TrainData
 
     tcfg = make_config(tiny_dirs, train_file)
-    model = EmbeddingModel.from_config(_model_config(tcfg, on_gpu=False), device="cpu", seed=tcfg.seed).train()
+    model = EmbeddingModel.from_config(model_config(tcfg, on_gpu=False), device="cpu", seed=tcfg.seed).train()
     batch = TrainData(tcfg).local_batch(0, 0, 1, model.cfg.format_query)
     roles = {"query": model.tokenize(batch["queries"]), "positive": model.tokenize(batch["positives"]),
              "negative": model.tokenize(batch["negatives"])}
@@ -199,7 +190,7 @@ def test_ds_config_and_schedule(tiny_dirs, train_file):
 
 
 def test_batches_are_deterministic_resumable_and_independent_of_world_size(tiny_dirs, train_file):
-    from embed_core.trainer import TrainData
+    from embed_core.train_data import TrainData
 
     tcfg = make_config(tiny_dirs, train_file, batch_size=8, val_size=8, num_negatives=2)
     data = TrainData(tcfg)
@@ -316,7 +307,7 @@ def test_nan_loss_stops_with_clear_error(single_process, tiny_dirs, train_file):
 def test_nan_gradient_with_finite_loss_stops_before_the_update(stage, single_process, tiny_dirs, train_file):
     """DeepSpeed's per-tensor overflow check is off for ZeRO-1/2 (ds_config): the Trainer's own fused check finds a
     NaN gradient behind a finite loss in the gradients DeepSpeed would step on, and refuses the step."""
-    from embed_core.trainer import gradients_finite_flag, pending_gradients
+    from embed_core.engine import gradients_finite_flag, pending_gradients
 
     trainer = Trainer(make_config(tiny_dirs, train_file, zero_stage=stage))
     grads = pending_gradients(trainer.engine)
@@ -338,7 +329,7 @@ def test_nan_gradient_with_finite_loss_stops_before_the_update(stage, single_pro
 
 
 def test_zero3_leaves_the_gradient_check_to_deepspeed(single_process, tiny_dirs, train_file):
-    from embed_core.trainer import pending_gradients
+    from embed_core.engine import pending_gradients
 
     trainer = Trainer(make_config(tiny_dirs, train_file, zero_stage=3))
     assert pending_gradients(trainer.engine) is None

@@ -228,11 +228,12 @@ def _pick_negatives(i: int, examples: Sequence[TrainExample], k: int,
     return own + fill, need
 
 
-def collate(examples: Sequence[TrainExample], num_negatives: int,
-            seed: int = 0) -> dict[str, list]:
+def collate(examples: Sequence[TrainExample], num_negatives: int, seed: int = 0,
+            query_format: Callable[[str, str | None], str] = format_query) -> dict[str, list]:
     """Tokenisation-ready lists for one batch.
 
-    Returns ``queries`` (instruction applied by :func:`format_query`), ``positives``,
+    Returns ``queries`` (instruction applied by `query_format`, default :func:`format_query`; the trainer
+    passes the model's own template), ``positives``,
     ``negatives`` (flat, exactly ``num_negatives`` per example: example i's are
     ``negatives[i*k:(i+1)*k]``) and ``num_filled`` (per example, how many negatives were borrowed
     from other examples of the batch). Deterministic given (examples, num_negatives, seed).
@@ -250,7 +251,7 @@ def collate(examples: Sequence[TrainExample], num_negatives: int,
         logger.debug("collate: filled %d of %d negatives from other batch examples",
                      sum(filled), len(negatives))
     return {
-        "queries": [format_query(ex.query, ex.instruction) for ex in examples],
+        "queries": [query_format(ex.query, ex.instruction) for ex in examples],
         "positives": [ex.positive for ex in examples],
         "negatives": negatives,
         "num_filled": filled,

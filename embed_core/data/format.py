@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from ..files import atomic_write
 from ..config import format_query  # noqa: F401  (re-exported: the one query template)
 from ..errors import DataError
 
@@ -270,15 +270,8 @@ def read_jsonl(
 
 def write_jsonl(examples: Iterable[TrainExample], path: str | os.PathLike) -> Path:
     """Write examples as JSONL (UTF-8, one object per line), atomically; returns the path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for ex in examples:
-                fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    def write(fh) -> None:
+        for ex in examples:
+            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+
+    return atomic_write(path, write, encoding="utf-8")

@@ -1,21 +1,27 @@
-"""Where a sweep keeps its files and the formats its stages exchange (train -> evaluate -> report).
+"""Every path a sweep writes and the formats its stages exchange (prepare -> train -> evaluate -> report), with
+the only readers of them. Each path is named once, here.
 
-No Ray import: the sweep driver, the MTEB fan-out job and the report all read and write these files, and
-each stage can run alone on what an earlier stage left (a results folder copied from a cluster, say).
+No Ray and no torch import: the sweep driver, the MTEB fan-out job and the report all read and write these
+files, and each stage can run alone on what an earlier stage left (a results folder copied from a cluster, say).
 
 Layout under the sweep's storage path (``<storage>/<sweep name>/``)::
 
-    sweep.json                        the resolved sweep config (sweeps.config.SweepConfig)
-    tune/<cell>/...                   Ray Tune experiment of one grid cell (trial dirs, TensorBoard)
+    sweep.json                        the resolved sweep config + its fingerprint (:func:`read_sweep`)
+    data/train-<key>.jsonl            training examples, one file per data recipe (:func:`data_file`)
+    tune/                             the one Ray Tune experiment: trial dirs ``<cell>-<trial id>``, searcher state
+    train/<cell>-<trial id>/          each trial's Ray Train run: checkpoint_*/ (model + DeepSpeed state)
     trials.json                       one TrialRecord per trial, every cell (status, hyper-params, cost)
     checkpoints.json                  the CheckpointSpecs chosen for evaluation
+    driver.json                       the running sweep driver (pid, host; touched as a heartbeat)
     results/<model>/<revision>/<Task>.json          mteb TaskResult JSON (mteb's own cache layout)
     results/<model>/<revision>/model_meta.json      mteb's model meta
     results/<model>/<revision>/run_labels.json      RunLabels: which design / seed / trial this is
     results/<model>/<revision>/instances/<Task>.json  InstanceScores: per-instance scores
-    report/report.md, report.html, *.png            the significance report
+    report/report.md, report.html, *.png, summary.json  the significance report
     mlruns/mlflow.db, mlruns/artifacts/             MLflow's store when ``tracking.mlflow`` has no tracking_uri
     wandb/                                          W&B's run files (``tracking.wandb``; offline runs: wandb sync)
+
+and beside the sweeps of a storage path, ``<storage>/.compile_cache/`` (torch.compile's caches, shared).
 
 ``<model>`` is the mteb model name with ``/`` replaced by ``__`` (mteb's rule) and ``<revision>`` the
 checkpoint's content fingerprint, so mteb's result cache never mixes two checkpoints.
@@ -36,28 +42,32 @@ over all instances it equals mteb's main score.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from embed_core.config import dataclass_from_dict
-from embed_core.errors import DataError
+from embed_core import files
+from embed_core.config import dataclass_from_dict, read_versioned_json
+from embed_core.errors import ConfigError, DataError
+from sweeps.config import SweepConfig
+from sweeps.config_parse import parse_sweep_config
 
 __all__ = [
     "AGGREGATES",
-    "BASELINE_CONFIG",
+    "BASELINE_DESIGN",
     "CheckpointSpec",
     "InstanceScores",
     "RunLabels",
     "TrialRecord",
     "aggregate",
     "atomic_write_json",
-    "config_id",
+    "design_id",
     "DRIVER_FILE",
     "RESULT_META_FILES",
     "model_dir_name",
@@ -78,18 +88,22 @@ INSTANCES_DIR = "instances"
 DRIVER_FILE = "driver.json"  # the running sweep driver (pid, host; touched as a heartbeat)
 MLFLOW_DIR = "mlruns"  # the sweep's own MLflow store (SQLite + artifacts: MLflow 3 refuses a plain file store)
 WANDB_DIR = "wandb"
+TUNE_DIR = "tune"
+TRAIN_DIR = "train"
+WALL_FILE = "wall.json"  # in a trial's train/<cell>-<trial>/: {run of its driver: wall seconds}, summed over resumes
+DATA_DIR = "data"
+COMPILE_CACHE_DIR = ".compile_cache"  # beside the sweeps of a storage path: torch.compile's Inductor / Triton caches
+SWEEP_FORMAT = "embed_sweeps.sweep/v1"
 #: files in a checkpoint's results folder that are not task results
 RESULT_META_FILES = ("model_meta.json", LABELS_FILE)
-#: written files are world-readable (a shared results folder is read by other users' reports)
-FILE_MODE = 0o644
 
 AGGREGATES = ("mean", "spearman", "pearson", "average_precision")
 
 #: The paper's baseline design, the reference of every significance test unless configured otherwise.
-BASELINE_CONFIG = "eos_last+causal"
+BASELINE_DESIGN = "eos_last+causal"
 
 
-def config_id(pooling: str, attention: str) -> str:
+def design_id(pooling: str, attention: str) -> str:
     """The design's name in tables and tests: ``<pooling>+<attention>`` (e.g. ``eos_last+causal``)."""
     return f"{pooling}+{attention}"
 
@@ -104,16 +118,17 @@ def result_dir(results_root: str | os.PathLike, model_name: str, revision: str) 
     return Path(results_root) / model_dir_name(model_name) / revision
 
 
+def read_wall(run_dir: str | os.PathLike) -> dict[str, float]:
+    """A trial's wall-time ledger (``WALL_FILE``): one entry per run of its driver; {} when absent or unreadable."""
+    try:
+        return {str(k): float(v) for k, v in json.loads((Path(run_dir) / WALL_FILE).read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON via a temporary file + rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, FILE_MODE)  # mkstemp creates 0600
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (embed_core.files), numpy scalars / arrays and paths included."""
+    return files.atomic_write_json(path, obj, default=_json_default)
 
 
 def _json_default(x: Any) -> Any:
@@ -136,16 +151,25 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 # ====================================================================================== records
+def _renamed_design(d: dict[str, Any]) -> dict[str, Any]:
+    """A record as read: run_labels.json / trials.json written before the design id was renamed call it
+    ``config`` (one name for it, beside SweepConfig / TrainConfig / EmbedConfig, is now ``design``)."""
+    if "config" in d and "design" not in d:
+        d = {("design" if k == "config" else k): v for k, v in d.items()}
+    return d
+
+
 @dataclass
 class RunLabels:
     """What a checkpoint is, for the report: its design, base model, hyper-parameters and cost.
 
-    config: the design id (:func:`config_id`), or e.g. ``reference:all-MiniLM-L6-v2`` for a reference model.
-    seed: replicate seed; checkpoints with the same (base_model, config) and different seeds are replicates.
+    design: the design id (:func:`design_id`), or e.g. ``reference:all-MiniLM-L6-v2`` for a reference model
+        (files written before the rename call it ``config``: read as design).
+    seed: replicate seed; checkpoints with the same (base_model, design) and different seeds are replicates.
     gpu_hours / cpu_hours: resources the trial held x wall time (the report plots score vs cost).
     """
 
-    config: str
+    design: str
     base_model: str = ""
     pooling: str = ""
     attention: str = ""
@@ -165,7 +189,7 @@ class RunLabels:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunLabels":
-        return dataclass_from_dict(cls, d)
+        return dataclass_from_dict(cls, _renamed_design(d))
 
     def write(self, directory: str | os.PathLike) -> Path:
         return atomic_write_json(Path(directory) / LABELS_FILE, self.to_dict())
@@ -203,7 +227,7 @@ class TrialRecord:
 
     trial_id: str
     cell: str
-    config: str
+    design: str
     base_model: str
     lora_r: int
     lr: float
@@ -222,7 +246,7 @@ class TrialRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialRecord":
-        return dataclass_from_dict(cls, d)
+        return dataclass_from_dict(cls, _renamed_design(d))
 
 
 def write_trials(sweep_dir: str | os.PathLike, trials: Sequence[TrialRecord]) -> Path:
@@ -230,9 +254,16 @@ def write_trials(sweep_dir: str | os.PathLike, trials: Sequence[TrialRecord]) ->
                              {"format": "embed_sweeps.trials/v1", "trials": [t.to_dict() for t in trials]})
 
 
-def read_trials(sweep_dir: str | os.PathLike) -> list[TrialRecord]:
-    obj = _read_json(Path(sweep_dir) / TRIALS_FILE, "trials file")
-    return [TrialRecord.from_dict(t) for t in obj.get("trials", [])]
+def read_trials(path: str | os.PathLike) -> list[TrialRecord]:
+    """A trials.json (or the sweep folder holding one); DataError naming the file when it is not one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / TRIALS_FILE
+    obj = _read_json(p, "trials file")
+    try:
+        return [TrialRecord.from_dict(t) for t in obj.get("trials", [])]
+    except (AttributeError, TypeError, ConfigError) as err:
+        raise DataError(f"trials file {str(p)!r} is not a trials.json (layout.write_trials): {err}") from None
 
 
 def write_checkpoints(sweep_dir: str | os.PathLike, specs: Sequence[CheckpointSpec]) -> Path:
@@ -344,3 +375,58 @@ def aggregate(kind: str, *, values=None, pred=None, gold=None, index=None) -> fl
         from sklearn.metrics import average_precision_score
         return float(average_precision_score(g.astype(int), p))
     raise DataError(f"unknown aggregate {kind!r}: one of {AGGREGATES}")
+
+
+# ====================================================================================== sweep.json, training data
+def read_sweep(sweep_dir: str | os.PathLike) -> SweepConfig:
+    """The SweepConfig a sweep folder was started with (``sweep.json``)."""
+    p = Path(sweep_dir) / SWEEP_FILE
+    obj = read_versioned_json(sweep_dir, SWEEP_FILE, SWEEP_FORMAT, "a sweep folder")
+    cfg = parse_sweep_config(obj["config"], source=str(p))
+    cfg.storage_path = str(Path(sweep_dir).resolve().parent)  # the folder may have moved (copied off a cluster)
+    return cfg
+
+
+def data_key(tcfg) -> str:
+    """Training data is a function of these fields only: trials with equal keys share one JSONL file."""
+    d = {k: getattr(tcfg, k) for k in ("train_data", "builders", "data_dir", "max_per_source", "seed",
+                                       "max_bad_fraction")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_file(sweep_dir: Path, tcfg) -> Path:
+    """The JSONL file `prepare` writes for the training data of `tcfg` (a TrainConfig)."""
+    return Path(sweep_dir) / DATA_DIR / f"train-{data_key(tcfg)}.jsonl"
+
+
+# ====================================================================================== mteb results
+def read_task_result(path: str | Path, split: str = "test") -> tuple[str, float, str]:
+    """(task name, main score, what was averaged) from an mteb TaskResult JSON.
+
+    The main score is the mean of ``main_score`` over the subsets of `split` (mteb's convention); without
+    that split, the mean over every split present. Raises DataError naming the file and field.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(obj, dict) or "task_name" not in obj or not isinstance(obj.get("scores"), dict):
+        raise DataError(f"{path}: not an mteb TaskResult (needs 'task_name' and a 'scores' object)")
+    scores = obj["scores"]
+    splits = [split] if split in scores else sorted(scores)
+    vals = []
+    for sp in splits:
+        entries = scores[sp]
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: scores[{sp!r}] is not a list of subset scores")
+        for e in entries:
+            if not isinstance(e, dict) or "main_score" not in e:
+                raise DataError(f"{path}: scores[{sp!r}] has an entry without 'main_score'")
+            vals.append(float(e["main_score"]) if e["main_score"] is not None else math.nan)
+    if not vals:
+        raise DataError(f"{path}: no scores")
+    what = f"split {splits[0]}" if len(splits) == 1 else f"mean over splits {', '.join(splits)}"
+    if len(vals) > 1:
+        what += f", mean over {len(vals)} subsets"
+    return str(obj["task_name"]), float(np.mean(vals)), what

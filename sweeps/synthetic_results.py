@@ -1,13 +1,13 @@
-"""A synthetic sweep in the exact on-disk layout of :mod:`ray_jobs.layout`, with known effects.
+"""A synthetic sweep in the exact on-disk layout of :mod:`sweeps.layout`, with known effects.
 
 For the report's tests and for a preview of the report before any real sweep has run::
 
-    python -m ray_jobs.synthetic_results OUT_DIR        # writes OUT_DIR/results/..., OUT_DIR/trials.json
-    python -m ray_jobs.report OUT_DIR                   # -> OUT_DIR/report/report.html
+    python -m sweeps.synthetic_results OUT_DIR        # writes OUT_DIR/results/..., OUT_DIR/trials.json
+    python -m sweeps.report OUT_DIR                   # -> OUT_DIR/report/report.html
 
 Every checkpoint folder holds what the evaluation job writes: an mteb 2.26 TaskResult JSON per task
 (``<Task>.json``), ``model_meta.json``, ``run_labels.json`` and ``instances/<Task>.json``
-(:class:`~ray_jobs.layout.InstanceScores`); the sweep folder holds ``trials.json``. The main score in each
+(:class:`~sweeps.layout.InstanceScores`); the sweep folder holds ``trials.json``. The main score in each
 TaskResult is recomputed from the instances (rounded to 6 digits, as mteb writes it).
 
 Scores come from a latent quality per config (:data:`DEFAULT_EFFECTS`, in logit-like units): a positive
@@ -125,35 +125,18 @@ def write_synthetic_sweep(
     effects = dict(DEFAULT_EFFECTS if effects is None else effects)
     tasks = dict(DEFAULT_TASKS if tasks is None else tasks)
     if seeds is None:
-        seeds = {c: ([0, 1, 2] if c in (layout.BASELINE_CONFIG, "multi_layer_trainable+bidirectional") else [0])
+        seeds = {c: ([0, 1, 2] if c in (layout.BASELINE_DESIGN, "multi_layer_trainable+bidirectional") else [0])
                  for c in effects}
     results = sweep_dir / layout.RESULTS_DIR
     out = SyntheticSweep(sweep_dir, results, None, effects, tasks)
     records: list[layout.TrialRecord] = []
     for bi, base in enumerate(base_models):
-        base_rng = np.random.default_rng([seed, bi])
-        shared = {}
-        for ti, task in enumerate(tasks):
-            n = 10 if tasks[task][0] == "Clustering" else n_instances
-            gold = np.round(base_rng.uniform(0, 5, n), 1)
-            shared[task] = {"easy": base_rng.normal(1.0, 1.5, n), "gold": gold, "noise": base_rng.normal(size=n),
-                            "label": (base_rng.random(n) < 0.4).astype(float)}
+        shared = _shared_data(np.random.default_rng([seed, bi]), tasks, n_instances)
         base_offset = 0.2 * bi
         for ci, (config, effect) in enumerate(effects.items()):
             pooling, _, attention = config.partition("+")
             cell = f"{base.split('/')[-1]}/{config}"
-            # the cell's Tune trials: a few LoRA ranks / LRs, one stopped early, one failed
-            cell_trials = []
-            for k, (r, lr, status) in enumerate([(8, 3e-5, "STOPPED"), (16, 1e-5, "TERMINATED"),
-                                                 (32, 2e-5, "TERMINATED"), (16, 5e-4, "ERROR")]):
-                trng = np.random.default_rng([seed, bi, ci, k])
-                gpu_h = float(np.round((0.5 if status == "STOPPED" else 1.5 + 0.3 * (r / 16)) * (1 + bi), 3))
-                val = None if status == "ERROR" else float(np.round(0.6 + 0.05 * effect + 0.02 * trng.normal(), 4))
-                cell_trials.append(layout.TrialRecord(
-                    trial_id=f"t{bi}{ci}{k}", cell=cell, config=config, base_model=base, lora_r=r, lr=lr, seed=0,
-                    status=status, val_metric=val, steps=100 if status == "STOPPED" else 1000,
-                    wall_s=gpu_h * 3600, gpu_hours=gpu_h if status != "ERROR" else 0.1,
-                    error="CUDA out of memory" if status == "ERROR" else ""))
+            cell_trials = _cell_trials(seed, bi, ci, base, cell, config, effect)
             records.extend(cell_trials)
             best = max((t for t in cell_trials if t.status == "TERMINATED"), key=lambda t: t.val_metric or 0.0)
             for s in seeds.get(config, [0]):
@@ -165,11 +148,11 @@ def write_synthetic_sweep(
                 d.mkdir(parents=True, exist_ok=True)
                 if s:
                     records.append(layout.TrialRecord(
-                        trial_id=f"{best.trial_id}-s{s}", cell=cell, config=config, base_model=base,
+                        trial_id=f"{best.trial_id}-s{s}", cell=cell, design=config, base_model=base,
                         lora_r=best.lora_r, lr=best.lr, seed=s, status="TERMINATED",
                         val_metric=float(np.round((best.val_metric or 0) + 0.01 * rng.normal(), 4)),
                         steps=best.steps, wall_s=best.wall_s, gpu_hours=best.gpu_hours))
-                layout.RunLabels(config=config, base_model=base, pooling=pooling, attention=attention,
+                layout.RunLabels(design=config, base_model=base, pooling=pooling, attention=attention,
                                  lora_r=best.lora_r, lr=best.lr, seed=s, trial_id=best.trial_id + (f"-s{s}" if s else ""),
                                  cell=cell, steps=best.steps, gpu_hours=best.gpu_hours,
                                  checkpoint=f"tune/{cell}/{best.trial_id}/checkpoint_000009").write(d)
@@ -184,8 +167,36 @@ def write_synthetic_sweep(
     return out
 
 
+def _shared_data(base_rng, tasks: dict, n_instances: int) -> dict[str, dict]:
+    """Per task, what every design of one base model shares: gold scores / labels, difficulty, noise."""
+    shared = {}
+    for task in tasks:
+        n = 10 if tasks[task][0] == "Clustering" else n_instances
+        gold = np.round(base_rng.uniform(0, 5, n), 1)
+        shared[task] = {"easy": base_rng.normal(1.0, 1.5, n), "gold": gold, "noise": base_rng.normal(size=n),
+                        "label": (base_rng.random(n) < 0.4).astype(float)}
+    return shared
+
+
+def _cell_trials(seed: int, bi: int, ci: int, base: str, cell: str, config: str,
+                 effect: float) -> list[layout.TrialRecord]:
+    """The cell's Tune trials: a few LoRA ranks / LRs, one stopped early, one failed."""
+    cell_trials = []
+    for k, (r, lr, status) in enumerate([(8, 3e-5, "STOPPED"), (16, 1e-5, "TERMINATED"),
+                                         (32, 2e-5, "TERMINATED"), (16, 5e-4, "ERROR")]):
+        trng = np.random.default_rng([seed, bi, ci, k])
+        gpu_h = float(np.round((0.5 if status == "STOPPED" else 1.5 + 0.3 * (r / 16)) * (1 + bi), 3))
+        val = None if status == "ERROR" else float(np.round(0.6 + 0.05 * effect + 0.02 * trng.normal(), 4))
+        cell_trials.append(layout.TrialRecord(
+            trial_id=f"t{bi}{ci}{k}", cell=cell, design=config, base_model=base, lora_r=r, lr=lr, seed=0,
+            status=status, val_metric=val, steps=100 if status == "STOPPED" else 1000,
+            wall_s=gpu_h * 3600, gpu_hours=gpu_h if status != "ERROR" else 0.1,
+            error="CUDA out of memory" if status == "ERROR" else ""))
+    return cell_trials
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ray_jobs.synthetic_results", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sweeps.synthetic_results", description=__doc__.split("\n")[0])
     ap.add_argument("out", help="sweep folder to write (results/ and trials.json)")
     ap.add_argument("--base-models", nargs="+", default=["synthetic/base-A", "synthetic/base-B"])
     ap.add_argument("--instances", type=int, default=200, help="instances per dataset")

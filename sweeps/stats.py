@@ -1,6 +1,7 @@
+# Over 500 lines: each test sits beside its statistics note (ties, exactness, multiplicity), as the report cites them.
 """Significance tests for the sweep report: pure numpy / scipy / statsmodels / scikit-posthocs, no Ray.
 
-What is tested, and against what (``ray_jobs.report`` assembles the inputs from a results folder):
+What is tested, and against what (``sweeps.report`` assembles the inputs from a results folder):
 
 * :func:`wilcoxon_by_category`: the paper's test. Per task category, a paired Wilcoxon signed-rank test
   (``scipy.stats.wilcoxon``, two-sided, exact for small n) of one config's dataset scores against the
@@ -9,7 +10,7 @@ What is tested, and against what (``ray_jobs.report`` assembles the inputs from 
   bootstrap confidence interval of the score difference (``scipy.stats.bootstrap``, percentile by default)
   and a paired permutation test (``scipy.stats.permutation_test``, ``permutation_type="samples"``: each
   instance's two models are swapped at random). Scores over resamples are vectorised for the four
-  :data:`ray_jobs.layout.AGGREGATES` and equal ``InstanceScores.score(index)`` row by row.
+  :data:`sweeps.layout.AGGREGATES` and equal ``InstanceScores.score(index)`` row by row.
 * :func:`adjust_pvalues` / :func:`correct_family`: Holm (default) or Benjamini-Hochberg across a family of
   tests (``statsmodels.stats.multitest.multipletests``).
 * :func:`friedman_nemenyi`: Friedman test over datasets x configs (``scipy.stats.friedmanchisquare``), the
@@ -317,7 +318,7 @@ def _unify(preps: Sequence[_Prepared]) -> None:
 
 def resample_scores(kind: str, index: np.ndarray, *, values=None, pred=None, gold=None) -> np.ndarray:
     """Main scores of many resamples at once: row b of `index` (B x m instance indices, repeats allowed)
-    gives ``aggregate(kind, ..., index=index[b])`` (see :func:`ray_jobs.layout.aggregate`)."""
+    gives ``aggregate(kind, ..., index=index[b])`` (see :func:`sweeps.layout.aggregate`)."""
     p = _Prepared(kind, values, pred, gold)
     _unify([p])
     return p.score_index(index)
@@ -385,6 +386,17 @@ def _drop_nonfinite(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray
     return cut(a), cut(b), dropped
 
 
+def _permutation_pairs(kind: str, A: list, B: list) -> list[tuple]:
+    """The (config, baseline) replicate pairs one swap pattern applies to (see `paired_instance_test`)."""
+    if kind == "mean":
+        # per-instance values averaged over replicates: the statistic is exactly delta, all replicates used
+        return [(_Prepared("mean", values=np.mean([p.values for p in A], axis=0)),
+                 _Prepared("mean", values=np.mean([p.values for p in B], axis=0)))]
+    if len(A) == len(B):
+        return list(zip(A, B))
+    return [(pa, pb) for pa in A for pb in B]  # the mean over all pairs is exactly delta
+
+
 def paired_instance_test(
     config_runs: Sequence[Any],
     baseline_runs: Sequence[Any],
@@ -445,14 +457,7 @@ def paired_instance_test(
         warnings.simplefilter("ignore", DegenerateDataWarning)  # an undefined CI is reported as nan
         boot = bootstrap((full,), boot_stat, vectorized=True, n_resamples=n_resamples, batch=batch,
                          confidence_level=confidence, method=ci_method, rng=rng)
-    if kind == "mean":
-        # per-instance values averaged over replicates: the statistic is exactly delta, all replicates used
-        pairs = [(_Prepared("mean", values=np.mean([p.values for p in A], axis=0)),
-                  _Prepared("mean", values=np.mean([p.values for p in B], axis=0)))]
-    elif len(A) == len(B):
-        pairs = list(zip(A, B))
-    else:
-        pairs = [(pa, pb) for pa in A for pb in B]  # the mean over all pairs is exactly delta
+    pairs = _permutation_pairs(kind, A, B)
 
     def perm_stat(swap: np.ndarray) -> np.ndarray:
         return np.mean([pa.score_mixed(pb, swap) - pb.score_mixed(pa, swap) for pa, pb in pairs], axis=0)
