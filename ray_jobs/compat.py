@@ -63,3 +63,15 @@ def canonical_bootstrap_address(address: str) -> str:
     from ray._private.services import canonicalize_bootstrap_address_or_die
 
     return canonicalize_bootstrap_address_or_die(address)
+
+
+# torch 2.11-2.13: torch._dynamo.utils.counters, the compiler's own tallies; "inductor" counts FX-graph cache hits
+# and misses, "aot_autograd" AOTAutograd cache hits and misses. Read once a trial's first step has compiled, they
+# say whether the sweep's shared compile cache served it (bench/sweep_gpu.py's start-up profile).
+def compile_cache_counts() -> dict[str, int]:
+    """{"fxgraph_cache_hit": n, "autograd_cache_miss": n, ...} for this process so far; {} without torch."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {k: int(v) for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}

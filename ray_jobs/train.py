@@ -57,6 +57,8 @@ from embed_core.train_config import TrainConfig
 from embed_core.train_data import TrainData, load_examples
 from embed_core.trainer import MODEL_DIR, read_trainer_state
 
+from . import compat
+
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainingResult", "build_trainer", "fit", "prepare_run", "run_training", "train_loop_per_worker",
@@ -196,7 +198,8 @@ def train_loop_per_worker(config: dict) -> None:
         while trainer.step < tcfg.max_steps:
             metrics = trainer.run_step()
             if first:  # where a trial's start-up time goes (bench/sweep_gpu.py reads it from the history)
-                metrics.update({"worker_started_at": started, "trainer_ready_at": ready})
+                metrics.update({"worker_started_at": started, "trainer_ready_at": ready,
+                                **{f"compile_{k}": v for k, v in compat.compile_cache_counts().items()}})
             metrics["world_size"] = world
             metrics["resumed_from_step"] = trainer.resumes[-1] if trainer.resumes else -1
             _maybe_inject_fault(config.get("fault_injection"), trainer.step, rank)
