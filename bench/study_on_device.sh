@@ -25,6 +25,7 @@ PARTS=${PARTS:-"seed=0,base_model=gemma3-270m seed=1|2,base_model=smollm2-135m s
 PROBE=${PROBE:-0}                        # 1: probe Gemma's attention first (FlexAttention trained it on an H100)
 AFTER_TRAIN=${AFTER_TRAIN:-evaluate}     # the report is built after merging, on any machine
 PROBE_PART=${PROBE_PART:-seed=0,base_model=gemma3-270m}
+ISOLATED=${ISOLATED:-1}                  # 0: skip the Trainer-alone baseline of a seed=0 part (its compile costs minutes)
 EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
 while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${STUDY_SETS:-}"
 START=$(date +%s)
@@ -72,7 +73,7 @@ for part in $PARTS; do
   done
   n=$(ls "$STATE"/bench_p${i}_*.json 2>/dev/null | wc -l)
   iso=(--skip-isolated)
-  [ "$n" = 0 ] && [[ "$part" == seed=0,* ]] && iso=(--isolated-steps 10 --warmup 4)   # the Trainer alone, once a model
+  [ "$ISOLATED" = 1 ] && [ "$n" = 0 ] && [[ "$part" == seed=0,* ]] && iso=(--isolated-steps 10 --warmup 4)   # the Trainer alone, once a model
   echo "study: part $i ($part), call $((n + 1)) for it, $(left) s left"
   python -m bench.sweep_gpu --config study --part "$part" "${SETS[@]}" --storage "$storage" \
     --out "$STATE/bench_p${i}_$n.json" --archive "$STATE/part_p$i.tar.gz" --time-limit $(( $(left) - 25 )) --after-train "$AFTER_TRAIN" "${iso[@]}" \
