@@ -305,7 +305,7 @@ def _design_text(facts: dict) -> str:
 
 def _sweep_lines(sweep: dict) -> list[str]:
     lines = ["## Evaluation (from the sweep)", "",
-             f"Sweep `{sweep['sweep']}`, checkpoint `{sweep['name']}`, design `{sweep['config']}` (seed {sweep['seed']}); baseline "
+             f"Sweep `{sweep['sweep']}`, checkpoint `{sweep['name']}`, design `{sweep['design']}` (seed {sweep['seed']}); baseline "
              f"`{sweep['baseline']}`; tests corrected with {sweep['correction']} at alpha {sweep['alpha']}. "
              "Scores are mteb main scores of this checkpoint; the design's mean is over its seeds.", "",
              "| Task | This checkpoint | Design mean | Baseline mean | Per-dataset test vs baseline |",
@@ -349,7 +349,7 @@ def card_text(facts: dict, sweep: dict | None) -> str:
     if sweep:  # a sweep checkpoint's labels and the sweep's data recipe fill what the checkpoint folder lacks
         facts = {**{k: v for k, v in sweep["training"].items() if v not in (None, [], "")},
                  **{k: v for k, v in facts.items() if v not in (None, [], "")}}
-    title = f"{sweep['sweep']}: {sweep['config']}" if sweep else "embed-sweeps embedding model"
+    title = f"{sweep['sweep']}: {sweep['design']}" if sweep else "embed-sweeps embedding model"
     body = [_front_matter(facts, sweep), f"# {title}", "",
             "Exported by embed-sweeps (`python -m sweeps export`).", "", "## Usage", "",
             *usage, "", "## Design", "", _design_text(facts), "", "## Training", "", *_training_lines(facts), ""]

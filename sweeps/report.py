@@ -7,9 +7,9 @@ RESULTS_DIR is the sweep folder (holding ``results/``, and ``trials.json`` which
 ``results/`` folder itself: ``<model>/<revision>/<Task>.json`` (mteb TaskResult JSON), ``run_labels.json``
 and ``instances/*.json`` per checkpoint (:mod:`sweeps.layout`). No Ray is needed.
 
-Designs (configs) are compared within a base model; checkpoints with the same (base_model, config) are
+Designs are compared within a base model; checkpoints with the same (base_model, design) are
 replicates (seeds) and are averaged. What is tested is in :mod:`sweeps.stats`. Whatever cannot be
-compared (a task missing for a config, instance ids that do not match, too few datasets in a category, no
+compared (a task missing for a design, instance ids that do not match, too few datasets in a category, no
 baseline) is listed in the report with the reason, and everything else still renders.
 """
 from __future__ import annotations
@@ -103,8 +103,8 @@ def build_report(
                             res.categories, res.category_source, res.problems, trials_path, trial_records,
                             best_per_cell(trial_records) if trial_records else [], trials_note)
     report_render.write_all(summary, plots=plots)
-    layout.atomic_write_json(out / "summary.json", _finite_json(summary.to_dict()))
-    summary.files["summary"] = out / "summary.json"
+    layout.atomic_write_json(out / layout.SUMMARY_FILE, _finite_json(summary.to_dict()))
+    summary.files["summary"] = out / layout.SUMMARY_FILE
     return summary
 
 
@@ -158,8 +158,8 @@ def _headers(names: list[str], width: int) -> tuple[list[str], list[str]]:
 
 
 def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
-    """A compact plain-text table per base model: configs x tasks (when at most `max_tasks`) and categories,
-    the baseline in absolute terms, other configs as differences to it; ``*`` marks a difference that is
+    """A compact plain-text table per base model: designs x tasks (when at most `max_tasks`) and categories,
+    the baseline in absolute terms, other designs as differences to it; ``*`` marks a difference that is
     significant after correction (tasks: per-dataset permutation test; categories: the paper's Wilcoxon
     test); ``°`` a category that could not be tested (too few datasets)."""
     lines: list[str] = []
@@ -174,15 +174,15 @@ def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
         if g.baseline_present:
             cols += [("wins", "", "datasets +/-")]
         if g.baseline_present:
-            lines.append(f"== {g.base_model}: {g.baseline} absolute, other configs: difference to it "
+            lines.append(f"== {g.base_model}: {g.baseline} absolute, other designs: difference to it "
                          f"(* significant after {corr} at {summary.alpha}; ° category not tested; datasets +/-: "
                          f"significantly better / worse in the per-dataset tests)")
         else:
             lines.append(f"== {g.base_model}: baseline {g.baseline} missing: absolute scores, no tests")
-        labels = {c: (f"{c} (baseline)" if c == g.baseline else c) for c in g.configs}
+        labels = {c: (f"{c} (baseline)" if c == g.baseline else c) for c in g.designs}
         lw = max(len(x) for x in labels.values())
         table = []
-        for c in g.configs:
+        for c in g.designs:
             is_base = c == g.baseline or not g.baseline_present
             cells = []
             for kind, key, _ in cols:
