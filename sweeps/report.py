@@ -14,7 +14,6 @@ baseline) is listed in the report with the reason, and everything else still ren
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections import defaultdict
@@ -231,37 +230,23 @@ def _cell(v: float | None, absolute: bool, r: stats.TestResult | None) -> str:
 
 
 # ====================================================================================== CLI
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m sweeps.report",
-        description="Significance report of a sweep's results folder (report.md, report.html, PNGs).")
-    ap.add_argument("results", help="sweep folder (with results/) or results folder (<model>/<revision>/...)")
-    ap.add_argument("--trials", default=None, help="trials.json for score-vs-cost and best LoRA rank / LR per cell "
-                                                   "(default: the sweep folder's, if any)")
-    ap.add_argument("--no-trials", action="store_true", help="do not look for trials.json")
-    ap.add_argument("--baseline", default=layout.BASELINE_DESIGN, help="design every test compares against")
-    ap.add_argument("--out", default=None, help="output folder (default: the sweep's report/)")
-    ap.add_argument("--correction", choices=sorted(stats.CORRECTIONS), default="holm")
-    ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples / permutations per dataset")
-    ap.add_argument("--ci-method", choices=["percentile", "BCa", "basic"], default="percentile")
-    ap.add_argument("--min-datasets", type=int, default=stats.PAPER_MIN_DATASETS,
-                    help="Wilcoxon per category only with at least this many datasets (the paper: 5)")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
+def print_report(results_root: str | Path, **settings: Any) -> int:
+    """`python -m sweeps report` with settings of its own: the report of a folder, its console table printed;
+    exit status 2 with the reason when the folder cannot be read."""
     try:
-        summary = build_report(a.results, a.out, trials=False if a.no_trials else a.trials, baseline=a.baseline,
-                               correction=a.correction, alpha=a.alpha, n_resamples=a.resamples, seed=a.seed,
-                               ci_method=a.ci_method, min_datasets=a.min_datasets, split=a.split,
-                               plots=not a.no_plots, show_progress=not a.quiet)
+        summary = build_report(results_root, **settings)
     except (DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(console_table(summary))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sweeps.report ARGS``: ``python -m sweeps report ARGS``."""
+    from .cli import main as cli_main  # the CLI imports this module's neighbours: at call time only
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
