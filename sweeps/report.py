@@ -25,7 +25,7 @@ import numpy as np
 from embed_core.errors import ConfigError, DataError
 
 from . import layout, report_render, stats
-from .analysis import ReportSummary, analyse_group, best_per_cell
+from .analysis import GroupReport, ReportSummary, analyse_group, best_per_cell
 from .results import REFERENCE_PREFIX, UNKNOWN_BASE, Run, load_results
 
 __all__ = ["build_report", "console_table", "main"]
@@ -89,15 +89,9 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    progress = _tqdm_progress if show_progress else _no_progress
-    refs = [r for r in res.runs if r.design.startswith(REFERENCE_PREFIX)]
-    by_base: dict[str, list[Run]] = defaultdict(list)
-    for r in res.runs:
-        if r not in refs:
-            by_base[r.base_model].append(r)
-    groups = [analyse_group(b, by_base[b], res.categories, baseline=baseline, correction=correction, alpha=alpha,
-                             n_resamples=n_resamples, seed=seed, ci_method=ci_method, min_datasets=min_datasets,
-                             progress=progress) for b in sorted(by_base, key=lambda b: (b == UNKNOWN_BASE, b))]
+    groups, refs = _groups(res, baseline=baseline, correction=correction, alpha=alpha, n_resamples=n_resamples,
+                           seed=seed, ci_method=ci_method, min_datasets=min_datasets,
+                           progress=_tqdm_progress if show_progress else _no_progress)
     summary = ReportSummary(res.root, out, {}, baseline, correction, alpha, n_resamples, groups, refs,
                             res.categories, res.category_source, res.problems, trials_path, trial_records,
                             best_per_cell(trial_records) if trial_records else [], trials_note)
@@ -105,6 +99,18 @@ def build_report(
     layout.atomic_write_json(out / layout.SUMMARY_FILE, _finite_json(summary.to_dict()))
     summary.files["summary"] = out / layout.SUMMARY_FILE
     return summary
+
+
+def _groups(res, **analysis: Any) -> tuple[list[GroupReport], list[Run]]:
+    """The analysis of each base model (an unknown base model last) and the reference encoders' runs, which are
+    shown as absolute scores and tested against nothing."""
+    refs = [r for r in res.runs if r.design.startswith(REFERENCE_PREFIX)]
+    by_base: dict[str, list[Run]] = defaultdict(list)
+    for r in res.runs:
+        if r not in refs:
+            by_base[r.base_model].append(r)
+    order = sorted(by_base, key=lambda b: (b == UNKNOWN_BASE, b))
+    return [analyse_group(b, by_base[b], res.categories, **analysis) for b in order], refs
 
 
 def _check_options(correction: str, alpha: float, n_resamples: int, ci_method: str) -> None:

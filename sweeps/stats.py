@@ -422,8 +422,6 @@ def paired_instance_test(
     many, else every design replicate is paired with every baseline replicate, and one swap pattern
     applies to all pairs.
     """
-    from scipy.stats import bootstrap
-
     if not design_runs or not baseline_runs:
         raise InstanceMismatch("a side has no per-instance scores")
     kind = design_runs[0].aggregate
@@ -441,6 +439,25 @@ def paired_instance_test(
 
     full = np.arange(n)
     delta = float(np.mean([p.score_index(full)[0] for p in A]) - np.mean([p.score_index(full)[0] for p in B]))
+    ci = _bootstrap_ci(A, B, n, n_resamples=n_resamples, batch=batch, confidence=confidence, method=ci_method, rng=rng)
+    pairs = _permutation_pairs(kind, A, B)
+
+    def perm_stat(swap: np.ndarray) -> np.ndarray:
+        return np.mean([pa.score_mixed(pb, swap) - pb.score_mixed(pa, swap) for pa, pb in pairs], axis=0)
+
+    with np.errstate(invalid="ignore"):
+        stat, p_value = paired_permutation(perm_stat, n, n_resamples=n_resamples, rng=rng, batch=batch)
+    note = (f"{dropped} of {len(order)} instances left out: a non-finite (NaN / inf) score or prediction in "
+            "some run (check the evaluation)") if dropped else ""
+    return InstanceTestOutcome(delta=delta, ci_low=float(ci.low), ci_high=float(ci.high), p_value=p_value,
+                               statistic=stat, n=n, note=note)
+
+
+def _bootstrap_ci(A: list[_Prepared], B: list[_Prepared], n: int, *, n_resamples: int, batch: int, confidence: float,
+                  method: str, rng: np.random.Generator):
+    """The bootstrap CI of `paired_instance_test` (see there): the same resample of the n instances for every
+    replicate of both sides; an undefined CI (resamples with no defined score) comes back as nan."""
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     def boot_stat(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
@@ -451,24 +468,11 @@ def paired_instance_test(
              - np.mean([p.score_index(rows, g) for p in B], axis=0))
         return d[0] if one else d
 
-    from scipy.stats import DegenerateDataWarning
-
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DegenerateDataWarning)  # an undefined CI is reported as nan
-        boot = bootstrap((full,), boot_stat, vectorized=True, n_resamples=n_resamples, batch=batch,
-                         confidence_level=confidence, method=ci_method, rng=rng)
-    pairs = _permutation_pairs(kind, A, B)
-
-    def perm_stat(swap: np.ndarray) -> np.ndarray:
-        return np.mean([pa.score_mixed(pb, swap) - pb.score_mixed(pa, swap) for pa, pb in pairs], axis=0)
-
-    with np.errstate(invalid="ignore"):
-        stat, p_value = paired_permutation(perm_stat, n, n_resamples=n_resamples, rng=rng, batch=batch)
-    note = (f"{dropped} of {len(order)} instances left out: a non-finite (NaN / inf) score or prediction in "
-            "some run (check the evaluation)") if dropped else ""
-    return InstanceTestOutcome(delta=delta, ci_low=float(boot.confidence_interval.low),
-                               ci_high=float(boot.confidence_interval.high), p_value=p_value,
-                               statistic=stat, n=n, note=note)
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        boot = bootstrap((np.arange(n),), boot_stat, vectorized=True, n_resamples=n_resamples, batch=batch,
+                         confidence_level=confidence, method=method, rng=rng)
+    return boot.confidence_interval
 
 
 def paired_permutation(

@@ -147,11 +147,7 @@ def write_synthetic_sweep(
                 d = layout.result_dir(results, name, revision)
                 d.mkdir(parents=True, exist_ok=True)
                 if s:
-                    records.append(layout.TrialRecord(
-                        trial_id=f"{best.trial_id}-s{s}", cell=cell, design=design, base_model=base,
-                        lora_r=best.lora_r, lr=best.lr, seed=s, status="TERMINATED",
-                        val_metric=float(np.round((best.val_metric or 0) + 0.01 * rng.normal(), 4)),
-                        steps=best.steps, wall_s=best.wall_s, gpu_hours=best.gpu_hours))
+                    records.append(_replicate_trial(best, s, rng))
                 layout.RunLabels(design=design, base_model=base, pooling=pooling, attention=attention,
                                  lora_r=best.lora_r, lr=best.lr, seed=s, trial_id=best.trial_id + (f"-s{s}" if s else ""),
                                  cell=cell, steps=best.steps, gpu_hours=best.gpu_hours,
@@ -165,6 +161,15 @@ def write_synthetic_sweep(
     if trials:
         out.trials_path = layout.write_trials(sweep_dir, records)
     return out
+
+
+def _replicate_trial(best: layout.TrialRecord, s: int, rng: np.random.Generator) -> layout.TrialRecord:
+    """The record of seed `s`'s rerun of a cell's best trial: its hyper-parameters, a slightly different metric."""
+    return layout.TrialRecord(
+        trial_id=f"{best.trial_id}-s{s}", cell=best.cell, design=best.design, base_model=best.base_model,
+        lora_r=best.lora_r, lr=best.lr, seed=s, status="TERMINATED",
+        val_metric=float(np.round((best.val_metric or 0) + 0.01 * rng.normal(), 4)),
+        steps=best.steps, wall_s=best.wall_s, gpu_hours=best.gpu_hours)
 
 
 def _shared_data(base_rng, tasks: dict, n_instances: int) -> dict[str, dict]:
