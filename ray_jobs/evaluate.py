@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from embed_core.errors import ConfigError, DataError, EmbedCoreError
+from embed_core.errors import ConfigError, DataError
 from embed_core.task_spec import TaskRef, resolve_tasks
 
 from sweeps import layout
