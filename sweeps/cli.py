@@ -286,7 +286,7 @@ def _report(args) -> int:
     folder = _sweep_dir_of(args.target, args.storage, args.sets) if is_sweep else p
     if is_sweep and not settings:
         return _ray_jobs().on_folder("report", folder)
-    from sweeps.report import print_report
+    from sweeps.report import print_report  # scipy, statsmodels, matplotlib: seconds, for `report` only
 
     return print_report(folder, **settings)
 

@@ -388,7 +388,7 @@ def aggregate(kind: str, *, values=None, pred=None, gold=None, index=None) -> fl
         return float(np.mean(pick(values)))
     p, g = pick(pred), pick(gold)
     if kind == "spearman":
-        from scipy.stats import spearmanr
+        from scipy.stats import spearmanr  # scipy / sklearn: a second to import, for the evaluation and report
         return float(spearmanr(p, g).statistic)
     if kind == "pearson":
         from scipy.stats import pearsonr

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from embed_core.errors import ConfigError, DataError
 
@@ -38,7 +39,6 @@ def _no_progress(items, desc=""):
 
 
 def _tqdm_progress(items, desc=""):
-    from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, file=sys.stderr, leave=False)
 

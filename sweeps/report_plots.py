@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
+import scikit_posthocs as sp
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .report_blocks import num, pval
 
@@ -16,8 +21,6 @@ if TYPE_CHECKING:
 
 # ====================================================================================== plots
 def _figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(w, h), dpi=110)
     FigureCanvasAgg(fig)
@@ -77,8 +80,6 @@ def plot_heatmap(g: "GroupReport", path: Path) -> Path:
 
 def plot_cd(g: "GroupReport", path: Path) -> Path | None:
     """Critical-difference diagram (average ranks; bars join designs the Nemenyi test cannot separate)."""
-    import pandas as pd
-    import scikit_posthocs as sp
 
     f = g.friedman
     if f is None or f.skipped or f.nemenyi is None:
@@ -166,7 +167,6 @@ def plot_cost(summary: "ReportSummary", path: Path) -> tuple[Path | None, str]:
     ax.set_ylabel("mean MTEB main score (evaluated checkpoints)")
     ax.set_title("evaluated checkpoints", fontsize=8)
     ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors[c], marker="o", ls="", label=c) for c in designs]
     handles += [Line2D([], [], color="grey", marker=markers[b], ls="", label=b) for b in bases if len(bases) > 1]

@@ -174,7 +174,7 @@ def _categories(runs: list[Run]) -> tuple[dict[str, str], dict[str, str]]:
     rest = [t for t in tasks if t not in cat]
     if rest:
         try:
-            import mteb
+            import mteb  # torch: only for a category no instance file names (test_import_graph)
         except Exception:  # noqa: BLE001
             mteb = None
         for t in rest:

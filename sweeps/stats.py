@@ -32,6 +32,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import scikit_posthocs as sp
+from scipy.stats import (DegenerateDataWarning, bootstrap, friedmanchisquare, permutation_test, rankdata,
+                         studentized_range, ttest_ind, wilcoxon)
+from statsmodels.stats.multitest import multipletests
 
 __all__ = [
     "CORRECTIONS",
@@ -122,7 +127,6 @@ def rng_for(seed: int, *names: str) -> np.random.Generator:
 # ====================================================================================== corrections
 def adjust_pvalues(pvalues: Sequence[float], method: str = "holm", alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Adjusted p-values and rejections for a family: ``holm`` (FWER) or ``bh`` (Benjamini-Hochberg FDR)."""
-    from statsmodels.stats.multitest import multipletests
 
     if method not in CORRECTIONS:
         raise ValueError(f"unknown correction {method!r}: one of {sorted(CORRECTIONS)}")
@@ -157,7 +161,6 @@ def wilcoxon_by_category(
     A category needs at least `min_datasets` datasets scored by both (the paper: more than 4), else the
     result says it was skipped and why. Zero differences are dropped (``zero_method="wilcox"``).
     """
-    from scipy.stats import wilcoxon
 
     out: list[TestResult] = []
     base = scores.get(baseline, {})
@@ -200,7 +203,6 @@ def _as_rows(a: np.ndarray) -> np.ndarray:
 
 def _codes(x: np.ndarray) -> np.ndarray:
     """Integer codes preserving order and ties: 2 x average rank (1-based), values in [2, 2n]."""
-    from scipy.stats import rankdata
 
     return np.rint(2 * rankdata(x, method="average")).astype(np.int64)
 
@@ -457,7 +459,6 @@ def _bootstrap_ci(A: list[_Prepared], B: list[_Prepared], n: int, *, n_resamples
                   method: str, rng: np.random.Generator):
     """The bootstrap CI of `paired_instance_test` (see there): the same resample of the n instances for every
     replicate of both sides; an undefined CI (resamples with no defined score) comes back as nan."""
-    from scipy.stats import DegenerateDataWarning, bootstrap
 
     def boot_stat(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
@@ -488,7 +489,6 @@ def paired_permutation(
     computed as scipy computes it: ``min(1, 2 min(P(T* <= t), P(T* >= t)))`` with the observed pattern
     counted, ``P = (#hits + 1) / (n_resamples + 1)``.
     """
-    from scipy.stats import permutation_test
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     batch = batch or max(1, _BLOCK // max(n, 1))
@@ -516,7 +516,6 @@ def paired_permutation(
 def critical_difference(k: int, n: int, alpha: float = 0.05) -> float:
     """Demsar (2006) critical difference of average ranks for the Nemenyi test: q_alpha sqrt(k(k+1)/(6n)),
     q_alpha = studentized range quantile(1 - alpha, k, inf) / sqrt(2)."""
-    from scipy.stats import studentized_range
 
     q = studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2)
     return float(q * math.sqrt(k * (k + 1) / (6.0 * n)))
@@ -528,9 +527,6 @@ def friedman_nemenyi(scores: Mapping[str, Mapping[str, float]], *, alpha: float 
     scores: ``{design: {dataset: score}}``. Datasets missing for some design are left out (listed in
     ``left_out``); needs at least 3 designs and 2 complete datasets, else ``skipped`` says why.
     """
-    import pandas as pd
-    import scikit_posthocs as sp
-    from scipy.stats import friedmanchisquare, rankdata
 
     designs = list(scores)
     datasets = sorted({d for c in designs for d in scores[c]})
@@ -560,7 +556,6 @@ def friedman_nemenyi(scores: Mapping[str, Mapping[str, float]], *, alpha: float 
 def seed_test(config_scores: Sequence[float], baseline_scores: Sequence[float]) -> tuple[float, float]:
     """Welch's t-test (two-sided) of a design's per-seed scores against the baseline's: (t, p).
     Needs at least 2 seeds on each side (ValueError otherwise)."""
-    from scipy.stats import ttest_ind
 
     a = np.asarray(config_scores, dtype=float)
     b = np.asarray(baseline_scores, dtype=float)
