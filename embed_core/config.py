@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -55,7 +56,6 @@ def dataclass_from_dict(cls, d: dict[str, Any]):
 
 def read_versioned_json(directory, filename: str, fmt: str, what: str) -> dict[str, Any]:
     """Read `directory/filename`, a JSON object whose "format" must equal `fmt` (`what` names the artefact)."""
-    from pathlib import Path
 
     f = Path(directory) / filename
     if not f.is_file():

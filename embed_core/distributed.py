@@ -11,6 +11,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+# deepspeed is imported where used: it takes seconds and probes the accelerator at import.
+
 __all__ = ["ALLOC_ENV_VARS", "configure_cuda_allocator", "destroy_single_process_group", "init_single_process_group",
            "prepare_deepspeed"]
 

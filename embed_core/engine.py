@@ -17,6 +17,8 @@ from .train_config import TrainConfig, resolve_precision
 
 log = logging.getLogger(__name__)
 
+# deepspeed is imported where used: it takes seconds and probes the accelerator at import.
+
 __all__ = ["WarmupLinear", "build_engine", "ds_config", "gathered_trainable_state", "gradients_finite_flag",
            "pending_gradients"]
 

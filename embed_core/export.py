@@ -26,6 +26,7 @@ mteb looks prompts up (retrieval documents get none, as in `mteb_encoder`).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
@@ -34,11 +35,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import sentence_transformers
 import torch
+import transformers
+from peft import PeftModel
+from safetensors.torch import load_file
 
 from . import st_module
+from .backbone import load_backbone, preflight, prepare_tokenizer
 from .config import DEFAULT_BASE_MODEL, EmbedConfig
 from .errors import ConfigError
+from .model import ADAPTER_DIR, HEAD_FILE, TOKENIZER_DIR, _auto_tokenizer, read_meta
+from .mteb_encoder import TASK_INSTRUCTIONS, TYPE_INSTRUCTIONS
+from .pooling import head_dims
+
+# mteb is imported only to read a task's type for the model card: it imports the whole evaluation stack.
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +69,6 @@ _SHARED = re.compile(r"# --- shared: begin.*?\n(.*?)# --- shared: end\n", re.S)
 def module_source() -> str:
     """st_module.py with its project imports replaced by the source of what they import: a file that needs
     torch, transformers, safetensors and sentence-transformers (peft for an unmerged adapter), nothing else."""
-    import importlib
 
     text = inspect.getsource(st_module)
     block = _SHARED.search(text)
@@ -75,13 +85,10 @@ def module_source() -> str:
 # ---------------------------------------------------------------------------------------- the checkpoint
 def _load_backbone(ckpt: Path, cfg: EmbedConfig, merge_lora: bool, dtype: torch.dtype):
     """The checkpoint's backbone in `dtype` on CPU, with its adapter (merged or not)."""
-    from .backbone import load_backbone, preflight
-    from .model import ADAPTER_DIR
 
     pre = preflight(cfg)
     backbone = load_backbone(pre.source, cfg, torch.float32)  # merge in fp32, then cast
     if cfg.lora_r > 0:
-        from peft import PeftModel
 
         backbone = PeftModel.from_pretrained(backbone, str(ckpt / ADAPTER_DIR), autocast_adapter_dtype=False)
         if merge_lora:
@@ -93,9 +100,6 @@ def _load_backbone(ckpt: Path, cfg: EmbedConfig, merge_lora: bool, dtype: torch.
 
 def build_module(checkpoint: str | Path, *, merge_lora: bool = False, dtype: str = "fp32"):
     """(the project copy of the sentence-transformers module for `checkpoint`, the checkpoint's meta)."""
-    from .backbone import prepare_tokenizer
-    from .model import HEAD_FILE, TOKENIZER_DIR, _auto_tokenizer, read_meta
-    from .pooling import head_dims
 
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype {dtype!r}: one of {', '.join(DTYPES)}")
@@ -114,7 +118,6 @@ def build_module(checkpoint: str | Path, *, merge_lora: bool = False, dtype: str
                          "inner": inner, "heads": heads, "latents": latents, "num_layers": pre.num_layers}}
     head = st_module.PoolingHead(**settings["head"])
     if list(head.parameters()):
-        from safetensors.torch import load_file
 
         head.load_state_dict(load_file(str(ckpt / HEAD_FILE)), strict=True)
     module = st_module.EmbedSweepsEncoder(backbone, tok, head.to(DTYPES[dtype]).eval(), settings)
@@ -124,7 +127,6 @@ def build_module(checkpoint: str | Path, *, merge_lora: bool = False, dtype: str
 # ---------------------------------------------------------------------------------------- prompts
 def _task_types() -> dict[str, str]:
     """Task name -> mteb task type for the tasks with their own instruction (mteb's metadata, no download)."""
-    from .mteb_encoder import TASK_INSTRUCTIONS
 
     types = {}
     try:
@@ -139,7 +141,6 @@ def _task_types() -> dict[str, str]:
 
 def prompts(cfg: EmbedConfig) -> dict[str, str]:
     """sentence-transformers prompts (prefixes) equal to the project's query formatting, keyed for mteb."""
-    from .mteb_encoder import TASK_INSTRUCTIONS, TYPE_INSTRUCTIONS
 
     def prefix(instruction: str) -> str:
         text = cfg.format_query("\0", instruction)
@@ -169,8 +170,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def write_st_files(out: Path, cfg: EmbedConfig) -> None:
     """modules.json, config_sentence_transformers.json, the Normalize module, the module's code."""
-    import sentence_transformers
-    import transformers
 
     _write_json(out / "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": f"{Path(MODULE_FILE).stem}.{MODULE_CLASS}"},
@@ -305,7 +304,7 @@ def _design_text(facts: dict) -> str:
 
 def _sweep_lines(sweep: dict) -> list[str]:
     lines = ["## Evaluation (from the sweep)", "",
-             f"Sweep `{sweep['sweep']}`, checkpoint `{sweep['name']}`, design `{sweep['config']}` (seed {sweep['seed']}); baseline "
+             f"Sweep `{sweep['sweep']}`, checkpoint `{sweep['name']}`, design `{sweep['design']}` (seed {sweep['seed']}); baseline "
              f"`{sweep['baseline']}`; tests corrected with {sweep['correction']} at alpha {sweep['alpha']}. "
              "Scores are mteb main scores of this checkpoint; the design's mean is over its seeds.", "",
              "| Task | This checkpoint | Design mean | Baseline mean | Per-dataset test vs baseline |",
@@ -349,7 +348,7 @@ def card_text(facts: dict, sweep: dict | None) -> str:
     if sweep:  # a sweep checkpoint's labels and the sweep's data recipe fill what the checkpoint folder lacks
         facts = {**{k: v for k, v in sweep["training"].items() if v not in (None, [], "")},
                  **{k: v for k, v in facts.items() if v not in (None, [], "")}}
-    title = f"{sweep['sweep']}: {sweep['config']}" if sweep else "embed-sweeps embedding model"
+    title = f"{sweep['sweep']}: {sweep['design']}" if sweep else "embed-sweeps embedding model"
     body = [_front_matter(facts, sweep), f"# {title}", "",
             "Exported by embed-sweeps (`python -m sweeps export`).", "", "## Usage", "",
             *usage, "", "## Design", "", _design_text(facts), "", "## Training", "", *_training_lines(facts), ""]

@@ -31,6 +31,8 @@ import types
 import torch
 from torch import nn
 
+# peft is imported where a LoRA layer is recognised: a model without LoRA never needs it.
+
 log = logging.getLogger(__name__)
 
 _ORIG = "_embed_unfused_forward"

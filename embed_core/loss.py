@@ -175,23 +175,29 @@ def info_nce(
     sims = qn @ cands.T  # [B, N*B + N*M] cosine similarities
     labels = torch.arange(b, device=q.device) + rank * b
     loss = F.cross_entropy(sims / temperature, labels)
+    return loss, _batch_metrics(sims, labels, n_pos=pn.shape[0], dtype=dtype, sync=sync)
 
+
+def _batch_metrics(sims: torch.Tensor, labels: torch.Tensor, *, n_pos: int, dtype: torch.dtype,
+                   sync: bool) -> dict[str, float]:
+    """`info_nce`'s metrics (see there) from its similarity matrix, whose first `n_pos` columns are the global
+    positives. Stacked into one tensor, so that reading them costs one device sync, or none with ``sync=False``."""
+    b = sims.shape[0]
     with torch.no_grad():
-        rows = torch.arange(b, device=q.device)
+        rows = torch.arange(b, device=sims.device)
         pos = sims[rows, labels]
         acc = (sims.argmax(dim=1) == labels).to(dtype).mean()
         n_cand = sims.shape[1]
         neg_sim = (sims.sum() - pos.sum()) / max(b * (n_cand - 1), 1)
         stats = [acc, pos.mean(), neg_sim]
-        n_pos_global = pn.shape[0]
-        if n_cand > n_pos_global:
-            stats.append(sims[:, n_pos_global:].mean())
+        if n_cand > n_pos:
+            stats.append(sims[:, n_pos:].mean())
         stacked = torch.stack(stats)
-        vals = stacked.tolist() if sync else list(stacked.unbind())  # one device sync, or none
+        vals = stacked.tolist() if sync else list(stacked.unbind())
     metrics = {"acc": vals[0], "pos_sim": vals[1], "neg_sim": vals[2]}
     if len(vals) > 3:
         metrics["hard_neg_sim"] = vals[3]
-    return loss, metrics
+    return metrics
 
 
 def check_finite(loss: torch.Tensor | float, step: int) -> None:

@@ -84,7 +84,7 @@ def estimate(n_params: int, n_trainable: int, num_layers: int, hidden: int, inte
 def gpu_total_gib() -> float | None:
     """The smallest visible GPU's memory (NVML), or None where there is none."""
     try:
-        import pynvml
+        import pynvml  # NVIDIA machines only
 
         pynvml.nvmlInit()
         sizes = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total

@@ -17,14 +17,20 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import attention as attn
 from . import packing as pk
 from .backbone import Preflight, load_backbone, load_tokenizer, preflight, prepare_tokenizer, torch_dtype
 from .config import EmbedConfig, read_versioned_json
 from .errors import ConfigError
+from .fused_lora import fuse_lora
 from .pooling import PoolingHead, build_pooling
+
+# peft and transformers are imported where used: seconds to import each, and reading a checkpoint's metadata
+# (`read_meta`, as `sweeps export --best` does for every checkpoint) needs neither.
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,6 @@ class EmbeddingModel(nn.Module):
         # sliding-window layers keep their window (Gemma3: 512), causal or bidirectional (embed_core.attention)
         self.window = attn.sliding_window(self.backbone.config)
         if cfg.fused_lora and cfg.lora_r > 0:
-            from .fused_lora import fuse_lora
 
             self.info["fused_lora"] = fuse_lora(self.backbone)
 
@@ -187,7 +192,6 @@ class EmbeddingModel(nn.Module):
         out = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
         batches = range(0, len(texts), batch_size)
         if show_progress:
-            from tqdm.auto import tqdm
             batches = tqdm(batches, desc="encode", unit="batch")
         if self.cfg.packing:
             self._encode_packed(eos_rows(ids, self.tokenizer, self.cfg.max_length), order, out, normalize)
@@ -250,7 +254,6 @@ class EmbeddingModel(nn.Module):
 
         adapter_state / head_state override the module's own tensors (e.g. gathered from ZeRO-3 shards,
         where the local parameters are empty placeholders). Refuses to write an empty adapter."""
-        from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -317,7 +320,6 @@ def read_meta(path: Path) -> dict:
 
 
 def load_head(pooler: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
 
     f = Path(path) / HEAD_FILE
     expected = pooler.state_dict()

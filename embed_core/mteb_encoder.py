@@ -7,13 +7,14 @@ Encoding is batched and sorted by length, fp32 on CPU / bf16 on GPU, output L2-n
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .model import EmbeddingModel
+from .model import EmbeddingModel, fingerprint
 
 # E5-mistral / LLM2Vec style instructions for the tasks this project evaluates; others fall back by type.
 TASK_INSTRUCTIONS: dict[str, str] = {
@@ -92,7 +93,6 @@ def make_encoder(model: EmbeddingModel, name: str = "embed-sweeps/checkpoint", r
 
 
 def _live_fingerprint(model: EmbeddingModel) -> str:
-    from .model import fingerprint
 
     adapter, head = model.trainable_state()
     return fingerprint(adapter, head, model.cfg)
@@ -129,7 +129,6 @@ def _abs_encoder_cached_class():
 
         def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
                    **kwargs: Any) -> np.ndarray:
-            import hashlib
 
             texts: list[str] = [t for batch in inputs for t in batch["text"]]
             ctx_fn = getattr(self.inner, "cache_context", None)

@@ -22,11 +22,16 @@ This module imports torch only.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from .attention import per_layer_type
+
+# FlexAttention, varlen attention, dynamo and transformers' attention registry are imported where used: their
+# modules differ between torch / transformers versions, and a padded (SDPA) model never touches them.
 FLEX_BLOCK = 128
 
 
@@ -199,7 +204,6 @@ def varlen_kwargs(pack: PackedBatch) -> dict:
 def packed_attention_mask(pack: PackedBatch, causal: bool, attn_implementation: str, dtype: torch.dtype,
                           window: int | None = None):
     """The per-document mask for the backbone; with sliding-window layers (`window`), one per layer type."""
-    from .attention import per_layer_type
 
     if attn_implementation == "flash_varlen":
         return None  # the boundaries travel as varlen_kwargs, the window as each layer's sliding_window
@@ -304,7 +308,6 @@ def _varlen_kernel():
     between torch releases: `is_causal` at first, `window_size` in 2.11, `enable_gqa` later)."""
     global _VARLEN
     if _VARLEN is None:
-        import inspect
 
         from torch.nn.attention.varlen import varlen_attn
 

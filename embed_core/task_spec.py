@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -46,7 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from . import paths
 from .errors import ConfigError, DataError
+from .offline import prefer_datasets_offline
+
+# mteb (and embed_core.mteb_tasks, datasets) are imported where a task is built or looked up: mteb takes seconds
+# to import (it loads torch), and a task spec file is read and checked without it.
 
 __all__ = ["DEFAULT_MAIN_SCORE", "TASK_TYPES", "TaskRef", "load_spec", "resolve_task", "resolve_tasks"]
 
@@ -150,7 +158,6 @@ def resolve_task(ref: str | Mapping | os.PathLike | TaskRef, data_dir: str | os.
     from .mteb_tasks import LOCAL_TASKS, task_category
 
     if s in LOCAL_TASKS:
-        from . import paths
         paths.data_dir(data_dir)  # raises DataError if the data folder is missing
         t = task_category(s)
         from .mteb_tasks import _local_class
@@ -202,7 +209,6 @@ def _spec_mapping(spec: str | os.PathLike | Mapping) -> tuple[str, Path, dict]:
             if path.suffix == ".json":
                 raw = json.loads(text)
             else:
-                import yaml
                 raw = yaml.safe_load(text)
         except Exception as err:  # noqa: BLE001
             raise ConfigError(f"{where}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
@@ -414,9 +420,7 @@ _ABS = {
 
 
 def _build_spec_task(ref: TaskRef, seed: int = 42):
-    import importlib
 
-    from .offline import prefer_datasets_offline
 
     prefer_datasets_offline()  # before mteb loads
     from mteb.abstasks.task_metadata import TaskMetadata

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import EmbedConfig, dataclass_from_dict, is_int, is_number
+from .data import BUILDERS
 from .errors import ConfigError
 
 __all__ = ["PRECISIONS", "TrainConfig", "model_config", "resolve_precision"]
@@ -163,7 +164,6 @@ class TrainConfig:
         if self.max_per_source is not None and (not is_int(self.max_per_source) or self.max_per_source < 1):
             raise ConfigError(f"max_per_source must be an int >= 1 or None, got {self.max_per_source!r}")
         if self.builders:
-            from .data import BUILDERS
             unknown = [b for b in self.builders if b not in BUILDERS]
             if unknown:
                 raise ConfigError(f"unknown builder(s) {unknown}: choose from {sorted(BUILDERS)}")

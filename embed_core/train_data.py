@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import DataError
+from .data import LengthGroupedBatcher, build_training_set, collate, read_jsonl, shard_batch
 from .train_config import TrainConfig
 
 __all__ = ["TrainData", "batch_fingerprint", "data_fingerprint", "derived_seed", "load_examples"]
@@ -16,7 +17,6 @@ __all__ = ["TrainData", "batch_fingerprint", "data_fingerprint", "derived_seed",
 
 def load_examples(tcfg: TrainConfig) -> list:
     """All training examples: the JSONL files in order, then the builders' output (DataError if none)."""
-    from .data import build_training_set, read_jsonl
 
     examples: list = []
     for path in tcfg.train_data:
@@ -65,7 +65,6 @@ class TrainData:
     """
 
     def __init__(self, tcfg: TrainConfig, examples: Sequence | None = None) -> None:
-        from .data import LengthGroupedBatcher
 
         self.tcfg = tcfg
         examples = list(examples) if examples is not None else load_examples(tcfg)
@@ -98,7 +97,6 @@ class TrainData:
         """This rank's share of step `step`'s global batch, collated (negatives drawn on the global batch,
         so the result does not depend on the number of workers). Keys: queries, positives, negatives,
         fingerprint (of the global batch)."""
-        from .data import collate, shard_batch
 
         batch = self.global_batch(step)
         k = self.tcfg.num_negatives

@@ -70,6 +70,9 @@ from .model import EmbeddingModel
 from .train_config import TrainConfig, model_config, resolve_precision
 from .train_data import TrainData, derived_seed
 
+# deepspeed and TensorBoard are imported where used: seconds to import, and reading a checkpoint's trainer state
+# (`read_trainer_state`) needs neither.
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DEEPSPEED_DIR", "MODEL_DIR", "STATE_FILE", "Trainer", "read_trainer_state"]

@@ -1,7 +1,6 @@
-# Over 500 lines: one Ray job (driver side, worker side, CLI) whose parts share the plan, the revision rule and the summary.
 """MTEB evaluation fanned out on Ray: M checkpoints x T tasks, one Ray task per (checkpoint, task).
 
-    python -m ray_jobs.evaluate --checkpoints SWEEP_DIR|checkpoints.json|CKPT_DIR... [--reference] \
+    python -m sweeps evaluate --checkpoints SWEEP_DIR|checkpoints.json|CKPT_DIR... [--reference] \
         [--tasks STSBenchmark SciFact my_task.yaml ...] --results DIR [--quick] [--num-gpus 0.25]
 
 Why one Ray task per (checkpoint, task) and not an actor per checkpoint: retries (``max_retries``,
@@ -23,7 +22,6 @@ Quick mode subsamples the local tasks (:data:`QUICK_SUBSAMPLE`; classification p
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,13 +29,12 @@ import os
 import shutil
 import sys
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from embed_core.errors import ConfigError, DataError, EmbedCoreError
+from embed_core.errors import ConfigError, DataError
 from embed_core.task_spec import TaskRef, resolve_tasks
 
 from sweeps import layout
@@ -45,7 +42,7 @@ from sweeps.instances import instance_kind, instance_scores
 
 from . import test_hooks
 
-__all__ = ["EvalSummary", "EvaluationFailed", "QUICK_SUBSAMPLE", "REFERENCE_PATH", "evaluate_checkpoints", "main", "reference_spec", "resolve_tasks", "specs_from_args"]
+__all__ = ["EvalSummary", "EvaluationFailed", "QUICK_SUBSAMPLE", "REFERENCE_PATH", "evaluate_checkpoints", "reference_spec", "resolve_tasks", "specs_from_args"]
 
 REFERENCE_PATH = "reference:all-MiniLM-L6-v2"
 REFERENCE_NAME = "reference/all-MiniLM-L6-v2"
@@ -466,62 +463,7 @@ def specs_from_args(paths: Sequence[str], reference: bool = False) -> list[layou
     return specs
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from embed_core.mteb_tasks import DEFAULT_TASKS
-
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", nargs="*", default=[], metavar="PATH",
-                   help="checkpoints.json, sweep folders, or saved EmbeddingModel folders")
-    p.add_argument("--reference", action="store_true", help="also evaluate the all-MiniLM-L6-v2 reference")
-    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
-                   help="local task names, official mteb task names, or task spec files (.yaml/.json); "
-                        "default: the six local tasks")
-    p.add_argument("--results", default=None, help="results folder (default: <sweep folder>/results for one sweep)")
-    p.add_argument("--quick", action="store_true", help="small subsamples of the local tasks (NOT comparable to MTEB)")
-    p.add_argument("--subsample", type=int, default=None, help="subsample size for every local task")
-    p.add_argument("--num-cpus", type=float, default=1)
-    p.add_argument("--num-gpus", type=float, default=0, help="per Ray task; fractions share a GPU (e.g. 0.25)")
-    p.add_argument("--max-retries", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--overwrite", action="store_true", help="re-run pairs whose results exist")
-    p.add_argument("--data-dir", default=None, help="shared data folder (default $EMBED_DATA_DIR or ../shared/data)")
-    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the summary (scores) to FILE")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        specs = specs_from_args(args.checkpoints, args.reference)
-        results = args.results
-        if results is None:
-            sweeps = [Path(c) for c in args.checkpoints if Path(c).is_dir() and (Path(c) / layout.CHECKPOINTS_FILE).is_file()]
-            if len(sweeps) != 1 or len(args.checkpoints) != 1:
-                raise ConfigError("--results is required unless --checkpoints is one sweep folder")
-            results = str(sweeps[0] / layout.RESULTS_DIR)
-        summary = evaluate_checkpoints(specs, args.tasks, results, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                                       max_retries=args.max_retries, quick=args.quick, subsample=args.subsample,
-                                       seed=args.seed, batch_size=args.batch_size, show_progress=not args.no_progress,
-                                       overwrite=args.overwrite, data_dir=args.data_dir, ray_address=args.address,
-                                       raise_on_failure=False)
-    except EmbedCoreError as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        layout.atomic_write_json(args.json, summary.to_dict())
-    print(_table(summary))
-    if summary.failed:
-        print(str(EvaluationFailed(summary)), file=sys.stderr)
-        return 1
-    return 0
-
-
-def _table(summary: EvalSummary) -> str:
+def summary_table(summary: EvalSummary) -> str:
     tasks = sorted({t for s in summary.scores.values() for t in s})
     lines = [f"results: {summary.results_root}" + ("  (quick subsamples: NOT comparable to MTEB)" if summary.quick else ""),
              "checkpoint".ljust(40) + "".join(t[:14].rjust(16) for t in tasks)]
@@ -532,9 +474,7 @@ def _table(summary: EvalSummary) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # pragma: no cover
-        traceback.print_exc()
-        sys.exit(130)
+if __name__ == "__main__":  # an alias of `python -m sweeps evaluate`
+    from sweeps.cli import alias
+
+    alias("evaluate")

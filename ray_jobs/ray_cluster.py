@@ -134,24 +134,7 @@ def wait_for_job_agent(address: str, timeout_s: float = 180.0, poll_s: float = 2
                        "the agent's port: start the head with --dashboard-agent-listen-port=<a free port>")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ray_jobs.ray_cluster wait-for-jobs ADDRESS [--timeout S]``: for scripts that start a head."""
-    import argparse
+if __name__ == "__main__":  # an alias of `python -m sweeps wait-for-jobs`
+    from sweeps.cli import alias
 
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.ray_cluster")
-    sub = p.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("wait-for-jobs", help="wait until a Ray cluster's dashboard accepts job submissions")
-    w.add_argument("address", help="dashboard address, e.g. http://127.0.0.1:8265")
-    w.add_argument("--timeout", type=float, default=180.0)
-    args = p.parse_args(argv)
-    try:
-        waited = wait_for_job_agent(args.address, args.timeout)
-    except TimeoutError as err:
-        print(f"error: {err}")
-        return 1
-    print(f"ok: {args.address} accepts jobs (waited {waited:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    alias("")

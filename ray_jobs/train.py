@@ -9,7 +9,7 @@
 
 or from the shell::
 
-    python -m ray_jobs.train --base-model smollm2-135m --pooling mean --attention causal \
+    python -m sweeps train --base-model smollm2-135m --pooling mean --attention causal \
         --num-workers 2 --zero-stage 2 --max-steps 3 --batch-size 16 --max-length 64 \
         --train-data train.jsonl --output /tmp/runs
 
@@ -38,12 +38,10 @@ once. `run_training` re-raises the FloatingPointError itself.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -51,8 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embed_core.config import EmbedConfig
-from embed_core.errors import ConfigError, EmbedCoreError
+from embed_core.errors import ConfigError
 from embed_core.train_config import TrainConfig
 from embed_core.train_data import TrainData, load_examples
 from embed_core.trainer import MODEL_DIR, read_trainer_state
@@ -362,78 +359,7 @@ def run_training(tcfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
     return training_result(fit(trainer, run_dir), run_dir)
 
 
-# ====================================================================================== CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = p.add_argument_group("model")
-    m.add_argument("--base-model", default=EmbedConfig.base_model)
-    m.add_argument("--pooling", default="eos_last")
-    m.add_argument("--attention", default="causal")
-    m.add_argument("--lora-r", type=int, default=16)
-    m.add_argument("--lora-alpha", type=float, default=None)
-    m.add_argument("--num-latents", type=int, default=32)
-    m.add_argument("--max-length", type=int, default=512)
-    d = p.add_argument_group("data")
-    d.add_argument("--train-data", nargs="*", default=[], help="training JSONL file(s)")
-    d.add_argument("--builders", nargs="*", default=[], help="builders over the shared data folder, e.g. stsb snli")
-    d.add_argument("--data-dir", default=None)
-    d.add_argument("--max-per-source", type=int, default=None)
-    d.add_argument("--num-negatives", type=int, default=1)
-    d.add_argument("--val-size", type=int, default=0)
-    t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=int, default=32, help="global batch size")
-    t.add_argument("--chunk-size", type=int, default=None, help="GradCache chunk (rows per worker); none: no GradCache")
-    t.add_argument("--max-steps", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-5)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--temperature", type=float, default=0.05)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
-    t.add_argument("--precision", default="auto")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=0)
-    t.add_argument("--eval-every", type=int, default=0)
-    r = p.add_argument_group("ray")
-    r.add_argument("--num-workers", type=int, default=1)
-    r.add_argument("--use-gpu", action="store_true")
-    r.add_argument("--output", required=True, help="storage path (local / shared filesystem)")
-    r.add_argument("--name", default=None)
-    r.add_argument("--max-failures", type=int, default=0)
-    r.add_argument("--ray-address", default=None,
-                   help="connect to this Ray cluster (e.g. 'auto'); default: start a local one")
-    return p
+if __name__ == "__main__":  # an alias of `python -m sweeps train`
+    from sweeps.cli import alias
 
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    model = {"base_model": args.base_model, "pooling": args.pooling, "attention": args.attention,
-             "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "num_latents": args.num_latents,
-             "max_length": args.max_length}
-    return TrainConfig(model=model, train_data=args.train_data, builders=args.builders, data_dir=args.data_dir,
-                       max_per_source=args.max_per_source, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                       num_negatives=args.num_negatives, temperature=args.temperature, lr=args.lr,
-                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-                       grad_clip=args.grad_clip, zero_stage=args.zero_stage, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, val_size=args.val_size,
-                       precision=args.precision)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        tcfg = config_from_args(args)
-        out = run_training(tcfg, num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.output,
-                           name=args.name, max_failures=args.max_failures,
-                           ray_init_kwargs={"address": args.ray_address} if args.ray_address else None)
-    except (EmbedCoreError, FloatingPointError) as err:  # ConfigError, DataError, divergence
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({"final_metrics": out.metrics}, indent=2, sort_keys=True, default=str))
-    print(f"checkpoint: {out.checkpoint_path}")
-    print(f"model: {out.model_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    alias("train")

@@ -29,13 +29,13 @@ class GroupReport:
     base_model: str
     baseline: str
     baseline_present: bool
-    configs: list[str]                         # baseline first when present
+    designs: list[str]                         # baseline first when present
     tasks: list[str]                           # ordered by category, then name
     categories: dict[str, str]                 # task -> category (this group's tasks)
-    runs: dict[str, list[Run]]                 # config -> replicates, by seed
-    mean: dict[str, dict[str, float]]          # config -> task -> mean over replicates
-    sd: dict[str, dict[str, float]]            # config -> task -> sd over replicates (nan for 1)
-    count: dict[str, dict[str, int]]           # config -> task -> replicates with a score
+    runs: dict[str, list[Run]]                 # design -> replicates, by seed
+    mean: dict[str, dict[str, float]]          # design -> task -> mean over replicates
+    sd: dict[str, dict[str, float]]            # design -> task -> sd over replicates (nan for 1)
+    count: dict[str, dict[str, int]]           # design -> task -> replicates with a score
     wilcoxon: list[stats.TestResult] = field(default_factory=list)
     instance: list[stats.TestResult] = field(default_factory=list)
     seeds: list[stats.TestResult] = field(default_factory=list)
@@ -49,35 +49,35 @@ class GroupReport:
     def tasks_of(self, category: str) -> list[str]:
         return [t for t in self.tasks if self.categories[t] == category]
 
-    def category_value(self, config: str, category: str) -> tuple[float | None, int, int]:
-        """Baseline: mean score over its datasets in the category; other configs: mean difference to the
+    def category_value(self, design: str, category: str) -> tuple[float | None, int, int]:
+        """Baseline: mean score over its datasets in the category; other designs: mean difference to the
         baseline over the datasets both have (or the mean score when there is no baseline).
         Returns (value, datasets used, datasets in the category)."""
         ts = self.tasks_of(category)
-        return self._avg(config, ts)
+        return self._avg(design, ts)
 
-    def overall_value(self, config: str) -> tuple[float | None, int, int]:
-        return self._avg(config, self.tasks)
+    def overall_value(self, design: str) -> tuple[float | None, int, int]:
+        return self._avg(design, self.tasks)
 
-    def _avg(self, config: str, ts: list[str]) -> tuple[float | None, int, int]:
-        own = self.mean.get(config, {})
-        if config == self.baseline or not self.baseline_present:
+    def _avg(self, design: str, ts: list[str]) -> tuple[float | None, int, int]:
+        own = self.mean.get(design, {})
+        if design == self.baseline or not self.baseline_present:
             vals = [own[t] for t in ts if t in own]
             return (float(np.mean(vals)) if vals else None), len(vals), len(ts)
         base = self.mean[self.baseline]
         both = [t for t in ts if t in own and t in base]
         return (float(np.mean([own[t] - base[t] for t in both])) if both else None), len(both), len(ts)
 
-    def dataset_wins(self, config: str) -> tuple[int, int, int]:
-        """(significantly better, significantly worse, tested) datasets of a config in the per-dataset tests."""
-        rs = [r for r in self.instance if r.config == config and r.tested]
+    def dataset_wins(self, design: str) -> tuple[int, int, int]:
+        """(significantly better, significantly worse, tested) datasets of a design in the per-dataset tests."""
+        rs = [r for r in self.instance if r.design == design and r.tested]
         up = sum(1 for r in rs if r.significant and (r.delta or 0) > 0)
         down = sum(1 for r in rs if r.significant and (r.delta or 0) < 0)
         return up, down, len(rs)
 
-    def test(self, kind: str, config: str, scope: str) -> stats.TestResult | None:
+    def test(self, kind: str, design: str, scope: str) -> stats.TestResult | None:
         for r in getattr(self, kind):
-            if r.config == config and r.scope == scope:
+            if r.design == design and r.scope == scope:
                 return r
         return None
 
@@ -120,7 +120,7 @@ class ReportSummary:
         def group(g: GroupReport) -> dict[str, Any]:
             return {
                 "base_model": g.base_model, "baseline": g.baseline, "baseline_present": g.baseline_present,
-                "configs": g.configs, "tasks": g.tasks, "categories": g.categories,
+                "designs": g.designs, "tasks": g.tasks, "categories": g.categories,
                 "runs": {c: [r.name for r in rs] for c, rs in g.runs.items()},
                 "seeds": {c: [r.labels.seed for r in rs] for c, rs in g.runs.items()},
                 "mean": g.mean, "sd": g.sd,
@@ -151,73 +151,73 @@ def _fmt_scope(task: str, inst: layout.InstanceScores, n_subsets: int) -> str:
 def analyse_group(base: str, runs: list[Run], categories: dict[str, str], *, baseline: str, correction: str,
                    alpha: float, n_resamples: int, seed: int, ci_method: str, min_datasets: int,
                    progress) -> GroupReport:
-    by_config: dict[str, list[Run]] = defaultdict(list)
+    by_design: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        by_config[r.design].append(r)
-    for c in by_config:
-        by_config[c].sort(key=lambda r: (r.labels.seed, r.name))
-    present = baseline in by_config
-    configs = ([baseline] if present else []) + sorted(c for c in by_config if c != baseline)
+        by_design[r.design].append(r)
+    for c in by_design:
+        by_design[c].sort(key=lambda r: (r.labels.seed, r.name))
+    present = baseline in by_design
+    designs = ([baseline] if present else []) + sorted(c for c in by_design if c != baseline)
     tasks = sorted({t for r in runs for t in r.scores}, key=lambda t: (categories[t], t))
-    g = GroupReport(base, baseline, present, configs, tasks, {t: categories[t] for t in tasks},
-                    {c: by_config[c] for c in configs}, {}, {}, {})
+    g = GroupReport(base, baseline, present, designs, tasks, {t: categories[t] for t in tasks},
+                    {c: by_design[c] for c in designs}, {}, {}, {})
     _replicate_means(g, base)
     if not present:
-        g.skipped.append(f"[{base}] baseline {baseline!r} is not among this base model's configs "
-                         f"({', '.join(configs)}): every comparison against the baseline (Wilcoxon, per-dataset "
+        g.skipped.append(f"[{base}] baseline {baseline!r} is not among this base model's designs "
+                         f"({', '.join(designs)}): every comparison against the baseline (Wilcoxon, per-dataset "
                          f"tests, seed tests, deltas) is skipped; scores are shown as absolute values")
     else:
         _wilcoxon(g, base, correction=correction, alpha=alpha, min_datasets=min_datasets)
         _per_dataset(g, base, correction=correction, alpha=alpha, n_resamples=n_resamples, seed=seed,
                      ci_method=ci_method, progress=progress)
         _seeds(g, base, correction=correction, alpha=alpha)
-    # ---- Friedman + Nemenyi over all configs
-    g.friedman = stats.friedman_nemenyi({c: g.mean[c] for c in configs}, alpha=alpha)
+    # ---- Friedman + Nemenyi over all designs
+    g.friedman = stats.friedman_nemenyi({c: g.mean[c] for c in designs}, alpha=alpha)
     if g.friedman.skipped:
         g.skipped.append(f"[{base}] Friedman / Nemenyi: skipped, {g.friedman.skipped}")
     if g.friedman.left_out and not g.friedman.skipped:
-        g.skipped.append(f"[{base}] Friedman / Nemenyi: dataset(s) left out because some config has no score: "
+        g.skipped.append(f"[{base}] Friedman / Nemenyi: dataset(s) left out because some design has no score: "
                          f"{', '.join(g.friedman.left_out)}")
     return g
 
 
 def _replicate_means(g: GroupReport, base: str) -> None:
-    """Mean / sd / count over each config's replicates per task; replicates sharing a seed or missing a task."""
-    skipped, tasks, configs = g.skipped, g.tasks, g.configs
-    by_config = g.runs
-    for c in configs:
-        seeds = [r.labels.seed for r in by_config[c]]
+    """Mean / sd / count over each design's replicates per task; replicates sharing a seed or missing a task."""
+    skipped, tasks, designs = g.skipped, g.tasks, g.designs
+    by_design = g.runs
+    for c in designs:
+        seeds = [r.labels.seed for r in by_design[c]]
         dup = sorted({s for s in seeds if seeds.count(s) > 1})
         if dup:
             skipped.append(f"[{base}] {c}: several checkpoints share seed(s) {dup} (different trials?); "
                            f"all {len(seeds)} are averaged as replicates")
         g.mean[c], g.sd[c], g.count[c] = {}, {}, {}
         for t in tasks:
-            vals = [r.scores[t] for r in by_config[c] if t in r.scores]
+            vals = [r.scores[t] for r in by_design[c] if t in r.scores]
             if vals:
                 g.mean[c][t] = float(np.mean(vals))
                 g.sd[c][t] = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
                 g.count[c][t] = len(vals)
-            if len(vals) < len(by_config[c]):
-                missing = [f"{r.name} (seed {r.labels.seed})" for r in by_config[c] if t not in r.scores]
+            if len(vals) < len(by_design[c]):
+                missing = [f"{r.name} (seed {r.labels.seed})" for r in by_design[c] if t not in r.scores]
                 skipped.append(f"[{base}] {c}: no result for {t} in {', '.join(missing)}"
                                + (f"; mean over the other {len(vals)} replicate(s)" if vals else
-                                  "; every comparison of this config on this task is skipped"))
+                                  "; every comparison of this design on this task is skipped"))
 
 
 def _wilcoxon(g: GroupReport, base: str, *, correction: str, alpha: float, min_datasets: int) -> None:
     """The paper's Wilcoxon signed-rank test per category, corrected as one family."""
-    skipped, configs, baseline = g.skipped, g.configs, g.baseline
+    skipped, designs, baseline = g.skipped, g.designs, g.baseline
     g.wilcoxon = stats.wilcoxon_by_category(
-        {c: g.mean[c] for c in configs}, g.categories, baseline, base_model=base, min_datasets=min_datasets)
+        {c: g.mean[c] for c in designs}, g.categories, baseline, base_model=base, min_datasets=min_datasets)
     for cat in g.category_names:
         rs = [r for r in g.wilcoxon if r.scope == cat]
         n_cat = len(g.tasks_of(cat))
         if rs and n_cat < min_datasets:  # too few datasets in the category itself
-            skipped.append(f"[{base}] Wilcoxon, {cat}: not tested for any config: {n_cat} dataset(s) "
+            skipped.append(f"[{base}] Wilcoxon, {cat}: not tested for any design: {n_cat} dataset(s) "
                            f"(the paper's test needs at least {min_datasets})")
         else:
-            skipped.extend(f"[{base}] Wilcoxon {r.config} vs {baseline}, {cat}: skipped, {r.skipped}"
+            skipped.extend(f"[{base}] Wilcoxon {r.design} vs {baseline}, {cat}: skipped, {r.skipped}"
                            for r in rs if r.skipped)
     stats.correct_family(g.wilcoxon, correction, alpha)
 
@@ -226,12 +226,12 @@ def _per_dataset(g: GroupReport, base: str, *, correction: str, alpha: float, n_
                  ci_method: str, progress) -> None:
     """Paired tests over the instances of each dataset, corrected as one family; warns when the permutations are
     too few for anything to be significant after the correction."""
-    skipped, configs, tasks, baseline = g.skipped, g.configs, g.tasks, g.baseline
-    jobs = [(c, t) for c in configs if c != baseline for t in tasks]
+    skipped, designs, tasks, baseline = g.skipped, g.designs, g.tasks, g.baseline
+    jobs = [(c, t) for c in designs if c != baseline for t in tasks]
     g.instance.extend(_run_instance_tests(g, jobs, progress, n_resamples=n_resamples, seed=seed, ci_method=ci_method))
     for r in g.instance:
         if r.skipped:
-            skipped.append(f"[{base}] per-dataset test {r.config} vs {baseline} on {r.scope}: skipped, {r.skipped}")
+            skipped.append(f"[{base}] per-dataset test {r.design} vs {baseline} on {r.scope}: skipped, {r.skipped}")
     stats.correct_family(g.instance, correction, alpha)
     m = sum(r.tested for r in g.instance)
     floor = 2.0 / (n_resamples + 1) * m  # smallest Holm/BH-adjusted p a permutation test can reach
@@ -243,20 +243,20 @@ def _per_dataset(g: GroupReport, base: str, *, correction: str, alpha: float, n_
 
 
 def _seeds(g: GroupReport, base: str, *, correction: str, alpha: float) -> None:
-    """Welch's t-test of each config's per-seed scores against the baseline's, corrected as one family."""
-    skipped, configs, baseline = g.skipped, g.configs, g.baseline
+    """Welch's t-test of each design's per-seed scores against the baseline's, corrected as one family."""
+    skipped, designs, baseline = g.skipped, g.designs, g.baseline
     g.seeds = _seed_tests(g)
     for r in g.seeds:
         if r.skipped:
-            skipped.append(f"[{base}] seed test {r.config} vs {baseline} ({r.scope}): skipped, {r.skipped}")
-    single = [c for c in configs if len(g.runs[c]) < 2]
+            skipped.append(f"[{base}] seed test {r.design} vs {baseline} ({r.scope}): skipped, {r.skipped}")
+    single = [c for c in designs if len(g.runs[c]) < 2]
     if len(g.runs[baseline]) < 2:
-        several = [c for c in configs if c not in single]
+        several = [c for c in designs if c not in single]
         if several:
-            skipped.append(f"[{base}] seed tests: skipped, the baseline has a single seed (configs with "
+            skipped.append(f"[{base}] seed tests: skipped, the baseline has a single seed (designs with "
                            f"several: {', '.join(several)})")
     elif single:
-        skipped.append(f"[{base}] seed tests: not possible for config(s) with a single seed: {', '.join(single)}")
+        skipped.append(f"[{base}] seed tests: not possible for design(s) with a single seed: {', '.join(single)}")
     stats.correct_family(g.seeds, correction, alpha)
 
 
@@ -270,10 +270,10 @@ def _test_workers() -> int:
 
 
 def _run_instance_tests(g: GroupReport, jobs: list[tuple[str, str]], progress, **kw: Any) -> list[stats.TestResult]:
-    """`_instance_tests` of every (config, task) in `jobs`, in order, in a pool of processes: a test of 10,000
-    resamples over TwitterURLCorpus's pairs takes a minute of one core, and there are (configs - 1) x tasks of
+    """`_instance_tests` of every (design, task) in `jobs`, in order, in a pool of processes: a test of 10,000
+    resamples over TwitterURLCorpus's pairs takes a minute of one core, and there are (designs - 1) x tasks of
     them. Each test draws from its own generator (`stats.rng_for` over its names), so the results are those of a
-    serial run. A job carries only its two configs' runs, each with only its task's instances."""
+    serial run. A job carries only its two designs' runs, each with only its task's instances."""
     desc = f"per-dataset tests [{g.base_model}]"
     size = sum(len(i.ids) for _, t in jobs for r in g.runs[g.baseline] for i in r.instances.get(t, ()))
     workers = min(len(jobs), _test_workers()) if size >= POOL_MIN_INSTANCES else 1  # a pool starts in ~2 s
@@ -285,23 +285,23 @@ def _run_instance_tests(g: GroupReport, jobs: list[tuple[str, str]], progress, *
         return [r for f in progress(futures, desc=desc) for r in f.result()]
 
 
-def _slim(g: GroupReport, config: str, task: str) -> GroupReport:
-    """`g` with only the runs of `config` and the baseline, each holding only `task`'s instances."""
+def _slim(g: GroupReport, design: str, task: str) -> GroupReport:
+    """`g` with only the runs of `design` and the baseline, each holding only `task`'s instances."""
     def only(r: Run) -> Run:
         return dataclasses.replace(r, instances={task: r.instances[task]} if task in r.instances else {})
 
-    return dataclasses.replace(g, runs={c: [only(r) for r in g.runs[c]] for c in {config, g.baseline}})
+    return dataclasses.replace(g, runs={c: [only(r) for r in g.runs[c]] for c in {design, g.baseline}})
 
 
-def _instance_tests(g: GroupReport, config: str, task: str, *, n_resamples: int, seed: int,
+def _instance_tests(g: GroupReport, design: str, task: str, *, n_resamples: int, seed: int,
                     ci_method: str) -> list[stats.TestResult]:
     base = g.baseline
 
     def res(scope: str, **kw: Any) -> stats.TestResult:
-        return stats.TestResult("instance", g.base_model, config, base, scope, **kw)
+        return stats.TestResult("instance", g.base_model, design, base, scope, **kw)
 
     sides = {}
-    for label, c in (("config", config), ("baseline", base)):
+    for label, c in (("design", design), ("baseline", base)):
         runs = [r for r in g.runs[c] if task in r.scores]
         if not runs:
             return [res(task, skipped=f"{c} has no result for {task}")]
@@ -311,7 +311,7 @@ def _instance_tests(g: GroupReport, config: str, task: str, *, n_resamples: int,
             return [res(task, skipped=f"no per-instance scores (instances/{task}*.json) for {names}")]
         sides[label] = runs
     # one test per (split, subset) present in every run of both sides
-    keys_per_run = [{(i.split, i.subset) for i in r.instances[task]} for r in sides["config"] + sides["baseline"]]
+    keys_per_run = [{(i.split, i.subset) for i in r.instances[task]} for r in sides["design"] + sides["baseline"]]
     common = set.intersection(*keys_per_run)
     every = set.union(*keys_per_run)
     out = []
@@ -322,12 +322,12 @@ def _instance_tests(g: GroupReport, config: str, task: str, *, n_resamples: int,
     for split, subset in sorted(common):
         def pick(r: Run) -> layout.InstanceScores:
             return next(i for i in r.instances[task] if (i.split, i.subset) == (split, subset))
-        a = [pick(r) for r in sides["config"]]
+        a = [pick(r) for r in sides["design"]]
         b = [pick(r) for r in sides["baseline"]]
         scope = _fmt_scope(task, a[0], n_sub)
         try:
             o = stats.paired_instance_test(a, b, n_resamples=n_resamples, ci_method=ci_method,
-                                           rng=stats.rng_for(seed, g.base_model, config, scope))
+                                           rng=stats.rng_for(seed, g.base_model, design, scope))
         except stats.InstanceMismatch as err:
             out.append(res(scope, skipped=str(err)))
             continue
@@ -343,7 +343,7 @@ def _seed_tests(g: GroupReport) -> list[stats.TestResult]:
     base = g.baseline
     out: list[stats.TestResult] = []
     base_runs = g.runs[base]
-    for c in g.configs:
+    for c in g.designs:
         if c == base:
             continue
         runs = g.runs[c]
@@ -398,7 +398,7 @@ def best_per_cell(trials: list[layout.TrialRecord]) -> list[dict[str, Any]]:
         for t in ts:
             counts[t.status] += 1
         rows.append({
-            "cell": cell, "base_model": ts[0].base_model, "config": ts[0].design,
+            "cell": cell, "base_model": ts[0].base_model, "design": ts[0].design,
             "best_trial": best.trial_id if best else None,
             "lora_r": best.lora_r if best else None, "lr": best.lr if best else None,
             "val_metric": best.val_metric if best else None, "steps": best.steps if best else None,

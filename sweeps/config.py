@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -399,7 +400,6 @@ class SweepConfig:
             raise ConfigError(f"{where}: {str(probe)!r} is a file, but the sweep folder {str(target)!r} must be "
                               "below it: give another storage path")
         try:
-            import tempfile
             with tempfile.NamedTemporaryFile(dir=probe, prefix=".embed-sweeps-write-probe"):
                 pass
         except OSError as e:
@@ -411,7 +411,7 @@ class SweepConfig:
         """Check the storage path, every base model's structure (config only, no weights: a GGUF's header),
         every cell's TrainConfig and the training data of each seed, before Ray starts.
         Returns {seed: number of examples}."""
-        from embed_core.backbone import preflight
+        from embed_core.backbone import preflight  # torch: parsing a config loads none (test_import_graph)
         from embed_core.train_data import TrainData, load_examples
 
         self.check_storage()

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import yaml
+
 from embed_core.config import ATTENTIONS, POOLINGS, EmbedConfig, is_int, is_number
 from embed_core.errors import ConfigError
 
@@ -323,7 +325,6 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
 
 def apply_sets(raw: dict, sets: Iterable[str]) -> dict:
     """Apply ``key.path=value`` overrides (the value is parsed as YAML: numbers, lists, true/false)."""
-    import yaml
 
     raw = copy.deepcopy(raw)
     for s in sets:
@@ -347,7 +348,6 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
 def load_sweep_config(name_or_path: str | os.PathLike, sets: Sequence[str] = (),
                       storage_path: str | None = None) -> SweepConfig:
     """Read a YAML file (or a preset by name), apply ``--set`` overrides and ``--storage``, validate."""
-    import yaml
 
     path = resolve_config_path(name_or_path)
     try:

@@ -37,12 +37,11 @@ def sweep_card_facts(ckpt: Path, meta: dict, sweep_dir: Path | None = None) -> d
     """The sweep's view of `ckpt` (its checkpoints.json entry, its own mteb scores, its design's means and
     tests from report/summary.json), or None when the checkpoint is not part of a sweep with a report."""
     sweep_dir = sweep_dir or _find_sweep(ckpt)
-    summary_file = sweep_dir / layout.REPORT_DIR / "summary.json" if sweep_dir else None
-    if summary_file is None or not summary_file.is_file() or not (sweep_dir / layout.CHECKPOINTS_FILE).is_file():
+    summary = layout.read_summary(sweep_dir) if sweep_dir else None
+    if summary is None or not (sweep_dir / layout.CHECKPOINTS_FILE).is_file():
         return None
     spec = next((s for s in layout.read_checkpoints(sweep_dir)
                  if Path(s.path).resolve() == ckpt.resolve()), None)
-    summary = json.loads(summary_file.read_text())
     key = _run_name(spec.name, meta) if spec else None
     group = next((g for g in summary["groups"] if key in sum(g["runs"].values(), [])), None)
     if spec is None or group is None:
@@ -54,14 +53,14 @@ def sweep_card_facts(ckpt: Path, meta: dict, sweep_dir: Path | None = None) -> d
     training = {"lr": spec.labels.lr, "steps": spec.labels.steps, "builders": recipe.get("builders"),
                 "max_per_source": recipe.get("max_per_source"), "train_files": recipe.get("train_data"),
                 "batch_size": recipe.get("batch_size"), "num_negatives": recipe.get("num_negatives")}
-    return {"sweep": raw.get("name") or sweep_dir.name, "name": spec.name, "config": c, "seed": spec.labels.seed, "baseline": base,
+    return {"sweep": raw.get("name") or sweep_dir.name, "name": spec.name, "design": c, "seed": spec.labels.seed, "baseline": base,
             "training": training,
             "correction": summary["correction"], "alpha": summary["alpha"], "tasks": group["tasks"],
             "task_types": group.get("categories", {}), "mean": group["mean"].get(c, {}),
             "baseline_mean": group["mean"].get(base, {}) if c != base else {},
             "scores": run_scores(sweep_dir, spec.name, meta.get("fingerprint", "")),
-            "instance": {r["scope"]: r for r in group["instance"] if r["config"] == c},
-            "wilcoxon": [r for r in group["wilcoxon"] if r["config"] == c]}
+            "instance": {r["scope"]: r for r in group["instance"] if r["design"] == c},
+            "wilcoxon": [r for r in group["wilcoxon"] if r["design"] == c]}
 
 
 def _run_name(name: str, meta: dict) -> str:
@@ -91,14 +90,14 @@ def best_checkpoints(sweep_dir: str | Path) -> list[tuple[str, Path]]:
     """Per base model: the design with the best report mean (over its tasks and seeds), then, of its seeds,
     the checkpoint with the best own mean. Returns (base model, checkpoint path) pairs."""
     sweep_dir = Path(sweep_dir)
-    summary_file = sweep_dir / layout.REPORT_DIR / "summary.json"
-    if not summary_file.is_file():
-        raise ConfigError(f"{summary_file} is missing: run `python -m sweeps report {sweep_dir}` first")
-    summary = json.loads(summary_file.read_text())
+    summary = layout.read_summary(sweep_dir)
+    if summary is None:
+        raise ConfigError(f"{sweep_dir / layout.REPORT_DIR / layout.SUMMARY_FILE} is missing: "
+                          f"run `python -m sweeps report {sweep_dir}` first")
     specs = _sweep_checkpoints(sweep_dir)
     chosen = []
     for g in summary["groups"]:
-        ranked = sorted(g["configs"], key=lambda c: _design_rank(g, c), reverse=True)
+        ranked = sorted(g["designs"], key=lambda c: _design_rank(g, c), reverse=True)
         if not ranked:
             continue
         runs = [specs[n] for n in g["runs"][ranked[0]] if n in specs]
@@ -109,9 +108,9 @@ def best_checkpoints(sweep_dir: str | Path) -> list[tuple[str, Path]]:
     return chosen
 
 
-def _design_rank(group: dict, config: str) -> tuple[int, float]:
+def _design_rank(group: dict, design: str) -> tuple[int, float]:
     """(tasks covered, mean over them): a design scored on fewer tasks never wins on an easier subset."""
-    vals = [group["mean"].get(config, {}).get(t) for t in group["tasks"]]
+    vals = [group["mean"].get(design, {}).get(t) for t in group["tasks"]]
     vals = [v for v in vals if v is not None]
     return len(vals), (sum(vals) / len(vals) if vals else float("-inf"))
 
@@ -129,6 +128,6 @@ def export_best(sweep_dir: str | Path, out_dir: str | Path, *, merge_lora: bool 
     for base, ckpt in best_checkpoints(sweep_dir):
         meta = read_meta(ckpt)
         card = sweep_card_facts(ckpt, meta, sweep_dir)
-        name = layout.model_dir_name(f"{Path(base).name}__{card['config'] if card else ckpt.name}").replace("+", "_")
+        name = layout.model_dir_name(f"{Path(base).name}__{card['design'] if card else ckpt.name}").replace("+", "_")
         written.append(core_export.export_checkpoint(ckpt, Path(out_dir) / name, merge_lora=merge_lora, dtype=dtype, card=card))
     return written

@@ -6,6 +6,10 @@ No Ray: the evaluation fan-out (ray_jobs/evaluate.py) calls it inside each Ray t
 """
 from __future__ import annotations
 
+import numpy as np
+import pytrec_eval
+from scipy.stats import pearsonr, spearmanr
+
 from embed_core.errors import DataError
 
 from . import layout
@@ -80,7 +84,6 @@ def _sts(task, data, pred_split: dict, common: dict) -> layout.InstanceScores:
 
 def _classification(task, data, pred_split, common: dict) -> layout.InstanceScores:
     """Per-example correctness, averaged over mteb's experiments."""
-    import numpy as np
 
     subset, split = common["subset"], common["split"]
     gold = np.asarray(task.dataset[subset][split][task.label_column_name]
@@ -112,7 +115,6 @@ def _summarization(task, data, pred_split: dict, common: dict) -> layout.Instanc
 
 def _retrieval(task, data, pred_split: dict, common: dict) -> layout.InstanceScores:
     """Retrieval / reranking: per-query measure (nDCG@k, MAP@k, ...) from pytrec_eval on mteb's ranking."""
-    import pytrec_eval
 
     qrels = {str(q): {str(d): int(s) for d, s in docs.items()} for q, docs in data["relevant_docs"].items()}
     measure = _trec_measure(common["main_score"])
@@ -137,9 +139,8 @@ def _summarization_instances(task, data, pred_split: dict, main: str) -> tuple[l
     SummEval's evaluator (DeprecatedSummarizationEvaluator, kept for comparability with published scores) averages
     the whole scipy result, statistic and p-value alike (mteb issue 1156): the per-text value is then that mean,
     so the mean over texts still equals mteb's main score."""
-    import numpy as np
+    # mteb loads torch: only summarization tasks need its evaluator
     from mteb._evaluators.text.summarization_evaluator import DeprecatedSummarizationEvaluator
-    from scipy.stats import pearsonr, spearmanr
 
     key = {"cosine": "cosine_scores", "dot": "dot_scores"}.get(main.split("_")[0], "similarity_scores")
     corr = spearmanr if main.endswith("spearman") else pearsonr

@@ -72,6 +72,7 @@ __all__ = [
     "RESULT_META_FILES",
     "model_dir_name",
     "read_checkpoints",
+    "read_summary",
     "read_trials",
     "result_dir",
     "write_checkpoints",
@@ -83,6 +84,7 @@ TRIALS_FILE = "trials.json"
 CHECKPOINTS_FILE = "checkpoints.json"
 RESULTS_DIR = "results"
 REPORT_DIR = "report"
+SUMMARY_FILE = "summary.json"  # in REPORT_DIR: the report as JSON (:func:`read_summary`)
 LABELS_FILE = "run_labels.json"
 INSTANCES_DIR = "instances"
 DRIVER_FILE = "driver.json"  # the running sweep driver (pid, host; touched as a heartbeat)
@@ -151,12 +153,32 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 # ====================================================================================== records
-def _renamed_design(d: dict[str, Any]) -> dict[str, Any]:
-    """A record as read: run_labels.json / trials.json written before the design id was renamed call it
-    ``config`` (one name for it, beside SweepConfig / TrainConfig / EmbedConfig, is now ``design``)."""
-    if "config" in d and "design" not in d:
-        d = {("design" if k == "config" else k): v for k, v in d.items()}
+def _renamed_design(d: dict[str, Any], old: str = "config", new: str = "design") -> dict[str, Any]:
+    """A record as read: run_labels.json / trials.json / summary.json written before the design id was renamed
+    call it ``config`` (one name for it, beside SweepConfig / TrainConfig / EmbedConfig, is now ``design``)."""
+    if old in d and new not in d:
+        d = {(new if k == old else k): v for k, v in d.items()}
     return d
+
+
+def read_summary(sweep_dir: Path) -> dict[str, Any] | None:
+    """The report's summary.json of a sweep (None when there is none), in today's names: a summary written
+    before the design rename reads as one written now (``configs`` -> ``designs``, each test's and best cell's
+    ``config`` -> ``design``)."""
+    path = Path(sweep_dir) / REPORT_DIR / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    summary = _read_json(path, "report summary")
+    summary["groups"] = [_renamed_group(g) for g in summary.get("groups", [])]
+    summary["best_per_cell"] = [_renamed_design(r) for r in summary.get("best_per_cell", [])]
+    return summary
+
+
+def _renamed_group(g: dict[str, Any]) -> dict[str, Any]:
+    g = _renamed_design(g, "configs", "designs")
+    if g.get("friedman"):
+        g["friedman"] = _renamed_design(g["friedman"], "configs", "designs")
+    return {**g, **{kind: [_renamed_design(r) for r in g.get(kind, [])] for kind in ("wilcoxon", "instance", "seed_tests")}}
 
 
 @dataclass
@@ -366,7 +388,7 @@ def aggregate(kind: str, *, values=None, pred=None, gold=None, index=None) -> fl
         return float(np.mean(pick(values)))
     p, g = pick(pred), pick(gold)
     if kind == "spearman":
-        from scipy.stats import spearmanr
+        from scipy.stats import spearmanr  # scipy / sklearn: a second to import, for the evaluation and report
         return float(spearmanr(p, g).statistic)
     if kind == "pearson":
         from scipy.stats import pearsonr

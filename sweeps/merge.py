@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from embed_core.errors import ConfigError
@@ -14,7 +15,6 @@ def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) 
     ``sweep.json`` (the fingerprints must agree), the union of ``trials.json`` and ``checkpoints.json``, and every
     result file (a checkpoint evaluated in two parts, the reference say, is kept once). ``sweeps report OUT``
     then builds the report of the whole. Training folders (tune/, train/) are not copied."""
-    import shutil
 
     out = Path(out_dir)
     parts = [Path(p) for p in part_dirs]

@@ -7,14 +7,13 @@ RESULTS_DIR is the sweep folder (holding ``results/``, and ``trials.json`` which
 ``results/`` folder itself: ``<model>/<revision>/<Task>.json`` (mteb TaskResult JSON), ``run_labels.json``
 and ``instances/*.json`` per checkpoint (:mod:`sweeps.layout`). No Ray is needed.
 
-Designs (configs) are compared within a base model; checkpoints with the same (base_model, config) are
+Designs are compared within a base model; checkpoints with the same (base_model, design) are
 replicates (seeds) and are averaged. What is tested is in :mod:`sweeps.stats`. Whatever cannot be
-compared (a task missing for a config, instance ids that do not match, too few datasets in a category, no
+compared (a task missing for a design, instance ids that do not match, too few datasets in a category, no
 baseline) is listed in the report with the reason, and everything else still renders.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections import defaultdict
@@ -22,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from embed_core.errors import ConfigError, DataError
 
 from . import layout, report_render, stats
-from .analysis import ReportSummary, analyse_group, best_per_cell
+from .analysis import GroupReport, ReportSummary, analyse_group, best_per_cell
 from .results import REFERENCE_PREFIX, UNKNOWN_BASE, Run, load_results
 
 __all__ = ["build_report", "console_table", "main"]
@@ -39,7 +39,6 @@ def _no_progress(items, desc=""):
 
 
 def _tqdm_progress(items, desc=""):
-    from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, file=sys.stderr, leave=False)
 
@@ -90,22 +89,28 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    progress = _tqdm_progress if show_progress else _no_progress
+    groups, refs = _groups(res, baseline=baseline, correction=correction, alpha=alpha, n_resamples=n_resamples,
+                           seed=seed, ci_method=ci_method, min_datasets=min_datasets,
+                           progress=_tqdm_progress if show_progress else _no_progress)
+    summary = ReportSummary(res.root, out, {}, baseline, correction, alpha, n_resamples, groups, refs,
+                            res.categories, res.category_source, res.problems, trials_path, trial_records,
+                            best_per_cell(trial_records) if trial_records else [], trials_note)
+    report_render.write_all(summary, plots=plots)
+    layout.atomic_write_json(out / layout.SUMMARY_FILE, _finite_json(summary.to_dict()))
+    summary.files["summary"] = out / layout.SUMMARY_FILE
+    return summary
+
+
+def _groups(res, **analysis: Any) -> tuple[list[GroupReport], list[Run]]:
+    """The analysis of each base model (an unknown base model last) and the reference encoders' runs, which are
+    shown as absolute scores and tested against nothing."""
     refs = [r for r in res.runs if r.design.startswith(REFERENCE_PREFIX)]
     by_base: dict[str, list[Run]] = defaultdict(list)
     for r in res.runs:
         if r not in refs:
             by_base[r.base_model].append(r)
-    groups = [analyse_group(b, by_base[b], res.categories, baseline=baseline, correction=correction, alpha=alpha,
-                             n_resamples=n_resamples, seed=seed, ci_method=ci_method, min_datasets=min_datasets,
-                             progress=progress) for b in sorted(by_base, key=lambda b: (b == UNKNOWN_BASE, b))]
-    summary = ReportSummary(res.root, out, {}, baseline, correction, alpha, n_resamples, groups, refs,
-                            res.categories, res.category_source, res.problems, trials_path, trial_records,
-                            best_per_cell(trial_records) if trial_records else [], trials_note)
-    report_render.write_all(summary, plots=plots)
-    layout.atomic_write_json(out / "summary.json", _finite_json(summary.to_dict()))
-    summary.files["summary"] = out / "summary.json"
-    return summary
+    order = sorted(by_base, key=lambda b: (b == UNKNOWN_BASE, b))
+    return [analyse_group(b, by_base[b], res.categories, **analysis) for b in order], refs
 
 
 def _check_options(correction: str, alpha: float, n_resamples: int, ci_method: str) -> None:
@@ -158,8 +163,8 @@ def _headers(names: list[str], width: int) -> tuple[list[str], list[str]]:
 
 
 def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
-    """A compact plain-text table per base model: configs x tasks (when at most `max_tasks`) and categories,
-    the baseline in absolute terms, other configs as differences to it; ``*`` marks a difference that is
+    """A compact plain-text table per base model: designs x tasks (when at most `max_tasks`) and categories,
+    the baseline in absolute terms, other designs as differences to it; ``*`` marks a difference that is
     significant after correction (tasks: per-dataset permutation test; categories: the paper's Wilcoxon
     test); ``°`` a category that could not be tested (too few datasets)."""
     lines: list[str] = []
@@ -174,15 +179,15 @@ def console_table(summary: ReportSummary, *, max_tasks: int = 8) -> str:
         if g.baseline_present:
             cols += [("wins", "", "datasets +/-")]
         if g.baseline_present:
-            lines.append(f"== {g.base_model}: {g.baseline} absolute, other configs: difference to it "
+            lines.append(f"== {g.base_model}: {g.baseline} absolute, other designs: difference to it "
                          f"(* significant after {corr} at {summary.alpha}; ° category not tested; datasets +/-: "
                          f"significantly better / worse in the per-dataset tests)")
         else:
             lines.append(f"== {g.base_model}: baseline {g.baseline} missing: absolute scores, no tests")
-        labels = {c: (f"{c} (baseline)" if c == g.baseline else c) for c in g.configs}
+        labels = {c: (f"{c} (baseline)" if c == g.baseline else c) for c in g.designs}
         lw = max(len(x) for x in labels.values())
         table = []
-        for c in g.configs:
+        for c in g.designs:
             is_base = c == g.baseline or not g.baseline_present
             cells = []
             for kind, key, _ in cols:
@@ -231,37 +236,23 @@ def _cell(v: float | None, absolute: bool, r: stats.TestResult | None) -> str:
 
 
 # ====================================================================================== CLI
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m sweeps.report",
-        description="Significance report of a sweep's results folder (report.md, report.html, PNGs).")
-    ap.add_argument("results", help="sweep folder (with results/) or results folder (<model>/<revision>/...)")
-    ap.add_argument("--trials", default=None, help="trials.json for score-vs-cost and best LoRA rank / LR per cell "
-                                                   "(default: the sweep folder's, if any)")
-    ap.add_argument("--no-trials", action="store_true", help="do not look for trials.json")
-    ap.add_argument("--baseline", default=layout.BASELINE_DESIGN, help="design every test compares against")
-    ap.add_argument("--out", default=None, help="output folder (default: the sweep's report/)")
-    ap.add_argument("--correction", choices=sorted(stats.CORRECTIONS), default="holm")
-    ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples / permutations per dataset")
-    ap.add_argument("--ci-method", choices=["percentile", "BCa", "basic"], default="percentile")
-    ap.add_argument("--min-datasets", type=int, default=stats.PAPER_MIN_DATASETS,
-                    help="Wilcoxon per category only with at least this many datasets (the paper: 5)")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
+def print_report(results_root: str | Path, **settings: Any) -> int:
+    """`python -m sweeps report` with settings of its own: the report of a folder, its console table printed;
+    exit status 2 with the reason when the folder cannot be read."""
     try:
-        summary = build_report(a.results, a.out, trials=False if a.no_trials else a.trials, baseline=a.baseline,
-                               correction=a.correction, alpha=a.alpha, n_resamples=a.resamples, seed=a.seed,
-                               ci_method=a.ci_method, min_datasets=a.min_datasets, split=a.split,
-                               plots=not a.no_plots, show_progress=not a.quiet)
+        summary = build_report(results_root, **settings)
     except (DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(console_table(summary))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sweeps.report ARGS``: ``python -m sweeps report ARGS``."""
+    from .cli import main as cli_main  # the CLI imports this module's neighbours: at call time only
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

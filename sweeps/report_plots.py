@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
+import scikit_posthocs as sp
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .report_blocks import num, pval
 
@@ -16,8 +21,6 @@ if TYPE_CHECKING:
 
 # ====================================================================================== plots
 def _figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(w, h), dpi=110)
     FigureCanvasAgg(fig)
@@ -25,12 +28,12 @@ def _figure(w: float, h: float):
 
 
 def plot_heatmap(g: "GroupReport", path: Path) -> Path:
-    """Scores (configs x tasks) and, with a baseline, the differences to it with significance stars."""
-    tasks, configs = g.tasks, g.configs
-    M = np.array([[g.mean[c].get(t, np.nan) for t in tasks] for c in configs], dtype=float)
-    panels = 2 if g.baseline_present and len(configs) > 1 else 1
+    """Scores (designs x tasks) and, with a baseline, the differences to it with significance stars."""
+    tasks, designs = g.tasks, g.designs
+    M = np.array([[g.mean[c].get(t, np.nan) for t in tasks] for c in designs], dtype=float)
+    panels = 2 if g.baseline_present and len(designs) > 1 else 1
     w = min(max(3.0 + 0.85 * len(tasks), 7.0), 26)
-    h_one = 0.9 + 0.42 * len(configs)
+    h_one = 0.9 + 0.42 * len(designs)
     fig = _figure(w, h_one * panels + 1.4)
     labels = [f"{t}\n({g.categories[t]})" for t in tasks]
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
@@ -45,14 +48,14 @@ def plot_heatmap(g: "GroupReport", path: Path) -> Path:
                 ax.text(j, i, f"{M[i, j]:.3f}", ha="center", va="center", fontsize=7, color=color)
             else:
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="grey")
-    ax.set_yticks(range(len(configs)), configs, fontsize=8)
+    ax.set_yticks(range(len(designs)), designs, fontsize=8)
     ax.set_xticks(range(len(tasks)), labels if panels == 1 else [""] * len(tasks), fontsize=7, rotation=45,
                   ha="right")
     ax.set_title("main score (mean over seeds)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
     if panels == 2:
         ax = axes[1]
-        others = [c for c in configs if c != g.baseline]
+        others = [c for c in designs if c != g.baseline]
         b = np.array([g.mean[g.baseline].get(t, np.nan) for t in tasks])
         D = np.array([[g.mean[c].get(t, np.nan) for t in tasks] for c in others]) - b[None, :]
         lim = np.nanmax(np.abs(D)) if np.isfinite(D).any() else 1.0
@@ -76,14 +79,12 @@ def plot_heatmap(g: "GroupReport", path: Path) -> Path:
 
 
 def plot_cd(g: "GroupReport", path: Path) -> Path | None:
-    """Critical-difference diagram (average ranks; bars join configs the Nemenyi test cannot separate)."""
-    import pandas as pd
-    import scikit_posthocs as sp
+    """Critical-difference diagram (average ranks; bars join designs the Nemenyi test cannot separate)."""
 
     f = g.friedman
     if f is None or f.skipped or f.nemenyi is None:
         return None
-    k = len(f.configs)
+    k = len(f.designs)
     fig = _figure(8.5, 1.2 + 0.32 * k)
     ax = fig.add_subplot(1, 1, 1)
     sp.critical_difference_diagram(pd.Series(f.avg_ranks), f.nemenyi, ax=ax, alpha=f.alpha,
@@ -96,21 +97,21 @@ def plot_cd(g: "GroupReport", path: Path) -> Path | None:
 
 
 def plot_seeds(g: "GroupReport", path: Path) -> Path | None:
-    """Per-seed mean score (over tasks every replicate of the group has) for each config."""
+    """Per-seed mean score (over tasks every replicate of the group has) for each design."""
     if not any(len(rs) > 1 for rs in g.runs.values()):
         return None
     runs = [r for rs in g.runs.values() for r in rs]
     common = [t for t in g.tasks if all(t in r.scores for r in runs)]
     if not common:
         return None
-    fig = _figure(7.5, 1.0 + 0.45 * len(g.configs))
+    fig = _figure(7.5, 1.0 + 0.45 * len(g.designs))
     ax = fig.add_subplot(1, 1, 1)
-    for i, c in enumerate(g.configs):
+    for i, c in enumerate(g.designs):
         vals = [float(np.mean([r.scores[t] for t in common])) for r in g.runs[c]]
         jitter = np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else np.zeros(1)
         ax.scatter(vals, i + jitter, s=26, zorder=3, alpha=0.85, color="C0" if c == g.baseline else "C1")
         ax.plot([np.mean(vals)] * 2, [i - 0.3, i + 0.3], color="black", lw=1.5)
-    ax.set_yticks(range(len(g.configs)), g.configs, fontsize=8)
+    ax.set_yticks(range(len(g.designs)), g.designs, fontsize=8)
     ax.set_xlabel(f"mean main score over {len(common)} task(s); dots = seeds, bar = mean", fontsize=8)
     ax.set_title(f"{g.base_model}: seeds", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
@@ -136,8 +137,8 @@ def plot_cost(summary: "ReportSummary", path: Path) -> tuple[Path | None, str]:
     panels = 2 if trials else 1
     fig = _figure(6.0 * panels + 1.0, 5.2)
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    configs = sorted({t.design for t in trials} | {r.design for r in runs})
-    colors = {c: f"C{i % 10}" for i, c in enumerate(configs)}
+    designs = sorted({t.design for t in trials} | {r.design for r in runs})
+    colors = {c: f"C{i % 10}" for i, c in enumerate(designs)}
     bases = sorted({t.base_model for t in trials} | {r.base_model for r in runs})
     markers = {b: m for b, m in zip(bases, "os^Dvp*hX" * 3)}
     if trials:
@@ -166,9 +167,8 @@ def plot_cost(summary: "ReportSummary", path: Path) -> tuple[Path | None, str]:
     ax.set_ylabel("mean MTEB main score (evaluated checkpoints)")
     ax.set_title("evaluated checkpoints", fontsize=8)
     ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[c], marker="o", ls="", label=c) for c in configs]
+    handles = [Line2D([], [], color=colors[c], marker="o", ls="", label=c) for c in designs]
     handles += [Line2D([], [], color="grey", marker=markers[b], ls="", label=b) for b in bases if len(bases) > 1]
     ncol = min(len(handles), 3 * panels)
     fig.legend(handles=handles, loc="lower center", fontsize=7, frameon=False, ncol=ncol)

@@ -42,7 +42,7 @@ def _group_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path])
     """Everything the report says about one base model, section by section."""
     b: list[Block] = [Heading(2, f"Base model: {g.base_model}", slug("base-" + g.base_model))]
     corr = "Holm" if s.correction == "holm" else "Benjamini-Hochberg"
-    sections = [_configs_blocks, _category_blocks, _task_blocks]
+    sections = [_designs_blocks, _category_blocks, _task_blocks]
     if g.baseline_present:
         sections += [_wilcoxon_blocks, _instance_test_blocks]
     for section in sections + [_friedman_blocks, _seed_blocks]:
@@ -50,11 +50,11 @@ def _group_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path])
     return b
 
 
-def _configs_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], corr: str) -> list[Block]:
-    """The checkpoints compared: one row per config."""
+def _designs_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], corr: str) -> list[Block]:
+    """The checkpoints compared: one row per design."""
     b: list[Block] = []
     rows = []
-    for c in g.configs:
+    for c in g.designs:
         rs = g.runs[c]
         lr = sorted({r.labels.lora_r for r in rs if r.labels.lora_r is not None})
         lrs = sorted({r.labels.lr for r in rs if r.labels.lr is not None})
@@ -63,10 +63,10 @@ def _configs_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path
                      ", ".join(map(str, lr)) or "-", ", ".join(f"{x:g}" for x in lrs) or "-",
                      num(sum(r.labels.gpu_hours for r in rs), ".2f"), num(sum(r.labels.cpu_hours for r in rs), ".3f"),
                      f"{sum(1 for t in g.tasks if t in g.mean[c])}/{len(g.tasks)}"])
-    b.append(Table(["config", "checkpoints", "seed(s)", "LoRA r", "LR", "GPU-h", "CPU-h", "tasks"], rows,
-                   "Checkpoints compared (replicates = same base model and config, different seeds)."))
+    b.append(Table(["design", "checkpoints", "seed(s)", "LoRA r", "LR", "GPU-h", "CPU-h", "tasks"], rows,
+                   "Checkpoints compared (replicates = same base model and design, different seeds)."))
     if not g.baseline_present:
-        b.append(Paragraph(f"The baseline `{g.baseline}` is not among this base model's configs: scores are absolute "
+        b.append(Paragraph(f"The baseline `{g.baseline}` is not among this base model's designs: scores are absolute "
                    f"and no comparison against a baseline was made (see Skipped).", "warn"))
     return b
 
@@ -77,7 +77,7 @@ def _category_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
     cats = g.category_names
     b.append(Heading(3, "Per category (the paper's table)"))
     rows = []
-    for c in g.configs:
+    for c in g.designs:
         is_base = c == g.baseline or not g.baseline_present
         row: list[Any] = [c + (" (baseline)" if c == g.baseline else "")]
         for cat in cats + ["__all__"]:
@@ -93,15 +93,15 @@ def _category_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
             up, down, n = g.dataset_wins(c)
             row.append("" if c == g.baseline else f"{up} better, {down} worse of {n}")
         rows.append(row)
-    heads = ["config"] + [f"{cat} ({len(g.tasks_of(cat))})" for cat in cats] + ["average"]
+    heads = ["design"] + [f"{cat} ({len(g.tasks_of(cat))})" for cat in cats] + ["average"]
     if g.baseline_present:
         heads.append("per-dataset tests")
     cap = ("Mean main score per category (number of datasets in brackets). "
-           + (f"Baseline in absolute terms, other configs as the mean difference to it over the datasets both "
+           + (f"Baseline in absolute terms, other designs as the mean difference to it over the datasets both "
               f"have. * = the paper's Wilcoxon signed-rank test over the category's datasets is significant "
               f"after {corr} correction; ° = not tested (the category has fewer than 5 datasets, see below). "
               f"(k/n) = difference over k of the category's n datasets. Last column: datasets where the "
-              f"per-dataset test finds the config significantly better / worse (after correction)."
+              f"per-dataset test finds the design significantly better / worse (after correction)."
               if g.baseline_present else "Absolute scores (no baseline)."))
     b.append(Table(heads, rows, cap))
     return b
@@ -114,7 +114,7 @@ def _task_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], 
     rows = []
     for t in g.tasks:
         row: list[Any] = [g.categories[t], t]
-        for c in g.configs:
+        for c in g.designs:
             if c == g.baseline or not g.baseline_present:
                 v = g.mean[c].get(t)
                 sd = g.sd[c].get(t, math.nan)
@@ -123,16 +123,16 @@ def _task_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], 
                 v = (g.mean[c][t] - g.mean[g.baseline][t]) if t in g.mean[c] and t in g.mean[g.baseline] else None
                 row.append(delta_cell(v, g.test("instance", c, t)))
         rows.append(row)
-    heads = ["category", "task"] + [c + (" (baseline)" if c == g.baseline else "") for c in g.configs]
+    heads = ["category", "task"] + [c + (" (baseline)" if c == g.baseline else "") for c in g.designs]
     b.append(Table(heads, rows,
                    ("Main score per task, mean over seeds (± sd across seeds where there are several). "
-                    + (f"Other configs: difference to the baseline; * = the per-dataset paired permutation test "
+                    + (f"Other designs: difference to the baseline; * = the per-dataset paired permutation test "
                        f"over instances is significant after {corr} correction; ° = not tested (see Skipped)."
                        if g.baseline_present else "")), align_left=2))
     if "heatmap" in images:
         b.append(Image(images["heatmap"], f"heatmap {g.base_model}",
                      "Heatmap of the scores (top) and of the differences to the baseline (bottom)."
-                     if g.baseline_present and len(g.configs) > 1 else "Heatmap of the scores."))
+                     if g.baseline_present and len(g.designs) > 1 else "Heatmap of the scores."))
     return b
 
 
@@ -147,12 +147,12 @@ def _wilcoxon_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
     for r in g.wilcoxon:
         if r.scope in untestable:
             continue
-        rows.append([r.config, r.scope, r.n, delta_cell(r.delta, r), num(r.statistic, ".1f"), pval(r.p_value),
+        rows.append([r.design, r.scope, r.n, delta_cell(r.delta, r), num(r.statistic, ".1f"), pval(r.p_value),
                      pval(r.p_adjusted), _sig(r), r.skipped or r.note])
     if rows:
-        b.append(Table(["config", "category", "datasets", "mean Δ", "W", "p", f"p ({corr})", "significant",
+        b.append(Table(["design", "category", "datasets", "mean Δ", "W", "p", f"p ({corr})", "significant",
                         "note"], rows,
-                       "Paired over the category's datasets (config vs baseline, mean over seeds), two-sided, "
+                       "Paired over the category's datasets (design vs baseline, mean over seeds), two-sided, "
                        "exact for small n. Applied only where a category has at least 5 datasets, as in the "
                        "paper; with exactly 5 datasets the smallest possible two-sided p is 0.0625, so 6 or "
                        "more are needed to reach 0.05."))
@@ -170,39 +170,39 @@ def _instance_test_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str
     rows = []
     for r in g.instance:
         ci = f"[{num(r.ci_low)}, {num(r.ci_high)}]" if r.tested else "-"
-        rows.append([r.config, r.scope, r.n or "-", delta_cell(r.delta, r), ci, pval(r.p_value), pval(r.p_adjusted),
+        rows.append([r.design, r.scope, r.n or "-", delta_cell(r.delta, r), ci, pval(r.p_value), pval(r.p_adjusted),
                      _sig(r), r.skipped or r.note])
-    b.append(Table(["config", "dataset", "instances", "Δ", "95% CI (bootstrap)", "p (permutation)",
+    b.append(Table(["design", "dataset", "instances", "Δ", "95% CI (bootstrap)", "p (permutation)",
                     f"p ({corr})", "significant", "note"], rows,
                    f"Paired over the dataset's instances (queries, pairs, examples) matched by id. CI: paired "
                    f"bootstrap percentile interval of the difference ({s.n_resamples} resamples, not adjusted "
                    f"for multiplicity). p: paired permutation test ({s.n_resamples} random swaps of the two "
-                   f"models per instance, exact when 2^n is smaller), adjusted across all datasets and configs "
+                   f"models per instance, exact when 2^n is smaller), adjusted across all datasets and designs "
                    f"of this base model."))
     return b
 
 
 def _friedman_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], corr: str) -> list[Block]:
-    """All configs: Friedman test, Nemenyi post-hoc, critical difference."""
+    """All designs: Friedman test, Nemenyi post-hoc, critical difference."""
     b: list[Block] = []
     f = g.friedman
-    b.append(Heading(3, "All configs: Friedman test, Nemenyi post-hoc, critical difference"))
+    b.append(Heading(3, "All designs: Friedman test, Nemenyi post-hoc, critical difference"))
     if f is None or f.skipped:
         b.append(Paragraph(f"Not computed: {f.skipped if f else 'no data'}.", "warn"))
     else:
         b.append(Paragraph(f"Friedman chi² = {f.statistic:.3f}, p = {pval(f.p_value)} over {len(f.datasets)} datasets and "
-                   f"{len(f.configs)} configs"
-                   + (f" ({', '.join(f.left_out)} left out: not scored by every config)" if f.left_out else "")
+                   f"{len(f.designs)} designs"
+                   + (f" ({', '.join(f.left_out)} left out: not scored by every design)" if f.left_out else "")
                    + f". Nemenyi critical difference at alpha = {f.alpha}: CD = {f.cd:.3f} (average ranks further "
                    f"apart than CD differ significantly). Datasets of all categories count alike here."))
         order = sorted(f.avg_ranks, key=f.avg_ranks.get)
         rows = [[c, num(f.avg_ranks[c], ".2f")] + [pval(float(f.nemenyi.loc[c, d])) if c != d else "" for d in order]
                 for c in order]
-        b.append(Table(["config", "average rank"] + [f"p vs {d}" for d in order], rows,
+        b.append(Table(["design", "average rank"] + [f"p vs {d}" for d in order], rows,
                        "Average rank (1 = best) and Nemenyi post-hoc p-values (already adjusted for all pairs)."))
         if "cd" in images:
             b.append(Image(images["cd"], f"critical difference diagram {g.base_model}",
-                         "Critical-difference diagram: configs joined by a bar are not significantly different "
+                         "Critical-difference diagram: designs joined by a bar are not significantly different "
                          "(Nemenyi)."))
     return b
 
@@ -210,15 +210,15 @@ def _friedman_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Pat
 def _seed_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], corr: str) -> list[Block]:
     """Spread across seeds and the seed tests."""
     b: list[Block] = []
-    multi = [c for c in g.configs if len(g.runs[c]) > 1]
+    multi = [c for c in g.designs if len(g.runs[c]) > 1]
     b.append(Heading(3, "Seeds"))
     if not multi:
-        b.append(Paragraph("Every config ran with a single seed: no spread across seeds to report or test."))
+        b.append(Paragraph("Every design ran with a single seed: no spread across seeds to report or test."))
     else:
         rows = []
         runs = [r for rs in g.runs.values() for r in rs]
         common = [t for t in g.tasks if all(t in r.scores for r in runs)]
-        for c in g.configs:
+        for c in g.designs:
             rs = g.runs[c]
             per_seed = [float(np.mean([r.scores[t] for t in common])) for r in rs] if common else []
             sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan
@@ -226,18 +226,18 @@ def _seed_blocks(s: "ReportSummary", g: "GroupReport", images: dict[str, Path], 
             med_task_sd = np.nanmedian([g.sd[c].get(t, math.nan) for t in g.tasks]) if len(rs) > 1 else math.nan
             rows.append([c, len(rs), num(float(np.mean(per_seed)) if per_seed else None),
                          num(sd), num(rng), num(float(med_task_sd))])
-        b.append(Table(["config", "seeds", f"mean over {len(common)} common task(s)", "sd across seeds",
+        b.append(Table(["design", "seeds", f"mean over {len(common)} common task(s)", "sd across seeds",
                         "range", "median per-task sd"], rows,
                        "Spread across seeds (replicates). sd uses n - 1."))
         if g.seeds:
-            rows = [[r.config, r.scope, r.n, delta_cell(r.delta, r), num(r.statistic, ".2f"), pval(r.p_value),
+            rows = [[r.design, r.scope, r.n, delta_cell(r.delta, r), num(r.statistic, ".2f"), pval(r.p_value),
                      pval(r.p_adjusted), _sig(r), r.skipped or r.note] for r in g.seeds]
-            b.append(Table(["config", "scope", "runs", "Δ", "t", "p", f"p ({corr})", "significant", "note"], rows,
-                           "Welch's t-test of the config's per-seed scores against the baseline's (unpaired, unequal "
+            b.append(Table(["design", "scope", "runs", "Δ", "t", "p", f"p ({corr})", "significant", "note"], rows,
+                           "Welch's t-test of the design's per-seed scores against the baseline's (unpaired, unequal "
                            "variances). With 2-3 seeds per side it only detects differences that are large "
                            "compared with the seed spread."))
         if "seeds" in images:
-            b.append(Image(images["seeds"], f"seeds {g.base_model}", "Per-seed mean score of each config."))
+            b.append(Image(images["seeds"], f"seeds {g.base_model}", "Per-seed mean score of each design."))
     return b
 
 
@@ -252,10 +252,10 @@ def _methods() -> list[Block]:
         Heading(2, "Methods and caveats", "methods"),
         BulletList([
             "Scores: mteb's main score per task (mean over subsets of the test split), averaged over the "
-            "replicates (seeds) of each (base model, config). Configs are compared within a base model only.",
-            "Wilcoxon (the paper): two-sided signed-rank test of config vs baseline over a category's datasets "
+            "replicates (seeds) of each (base model, design). Designs are compared within a base model only.",
+            "Wilcoxon (the paper): two-sided signed-rank test of design vs baseline over a category's datasets "
             "(scipy.stats.wilcoxon, zero differences dropped), only with at least 5 datasets in the category. "
-            "It tests whether a config wins across datasets, not on any one dataset; with 5 datasets the "
+            "It tests whether a design wins across datasets, not on any one dataset; with 5 datasets the "
             "smallest attainable p is 0.0625.",
             "Per-dataset tests: instances (queries, sentence pairs, examples; for clustering, mteb's experiments) "
             "paired by id. Paired bootstrap (scipy.stats.bootstrap, percentile) for the CI of the difference; "
@@ -270,8 +270,8 @@ def _methods() -> list[Block]:
             "Multiple comparisons: Holm (default; controls the family-wise error rate) or Benjamini-Hochberg "
             "(controls the false discovery rate), applied separately to each family of a base model: the "
             "Wilcoxon tests, the per-dataset tests and the seed tests. Bootstrap CIs are not adjusted.",
-            "Friedman test over datasets x configs (datasets scored by every config) with the Nemenyi post-hoc "
-            "(scikit-posthocs) and Demšar's critical difference CD = q_alpha sqrt(k(k+1)/(6N)). It ranks configs "
+            "Friedman test over datasets x designs (datasets scored by every design) with the Nemenyi post-hoc "
+            "(scikit-posthocs) and Demšar's critical difference CD = q_alpha sqrt(k(k+1)/(6N)). It ranks designs "
             "within each dataset, so a small but consistent win counts as much as a large one; with few datasets "
             "it has little power.",
             "Seeds: mean ± sd across seeds; Welch's t-test of per-seed scores (overall and per task). With 2-3 "
@@ -296,7 +296,7 @@ def build_blocks(s: "ReportSummary", images: dict[str, Any], cost_note: str) -> 
         rows = [[r.design[len("reference:"):] or r.design, r.name] + [num(r.scores.get(t)) for t in tasks]
                 for r in s.references]
         blocks.append(Table(["model", "result folder"] + tasks, rows,
-                            "Reference encoders (config `reference:*`): absolute scores, not tested."))
+                            "Reference encoders (design `reference:*`): absolute scores, not tested."))
     blocks.append(Heading(2, "Sweep: score vs cost, best LoRA rank / LR per cell", "sweep"))
     if "__cost__" in images:
         blocks.append(Image(images["__cost__"], "score vs cost",
@@ -309,10 +309,10 @@ def build_blocks(s: "ReportSummary", images: dict[str, Any], cost_note: str) -> 
         rows = []
         for c in s.best_per_cell:
             st = ", ".join(f"{k} {v}" for k, v in c["status"].items())
-            rows.append([c["cell"], c["config"], c["best_trial"] or "-", c["lora_r"] if c["lora_r"] is not None else "-",
+            rows.append([c["cell"], c["design"], c["best_trial"] or "-", c["lora_r"] if c["lora_r"] is not None else "-",
                          f"{c['lr']:g}" if c["lr"] is not None else "-", num(c["val_metric"]),
                          c["steps"] if c["steps"] is not None else "-", c["trials"], st, num(c["gpu_hours"], ".2f")])
-        blocks.append(Table(["cell", "config", "best trial", "LoRA r", "LR", "val metric", "steps", "trials",
+        blocks.append(Table(["cell", "design", "best trial", "LoRA r", "LR", "val metric", "steps", "trials",
                              "status", "GPU-h (all trials)"], rows,
                             "Best trial per grid cell = highest validation metric among the trials that ran to the end (among "
                             "early-stopped ones only when none did; failed trials never)."))
@@ -342,7 +342,7 @@ def write_all(s: "ReportSummary", *, plots: bool = True) -> None:
         for g in s.groups:
             base = slug(g.base_model)
             gi: dict[str, Path] = {}
-            if g.tasks and g.configs:
+            if g.tasks and g.designs:
                 gi["heatmap"] = plot_heatmap(g, out / f"heatmap_{base}.png")
             p = plot_cd(g, out / f"cd_{base}.png")
             if p:

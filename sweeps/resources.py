@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from embed_core.backbone import meta_backbone, preflight
 from embed_core.memory import MemoryEstimate, estimate, forward_tokens
+from embed_core.pooling import build_pooling
 from embed_core.train_config import TrainConfig
 
 from .config import Cell, SweepConfig
@@ -13,8 +15,6 @@ from .config import Cell, SweepConfig
 
 def _counts(tcfg: TrainConfig) -> dict[str, int]:
     """Backbone / trainable parameter counts and the sizes the activations scale with, from the config alone."""
-    from embed_core.backbone import meta_backbone, preflight
-    from embed_core.pooling import build_pooling
 
     pre = preflight(tcfg.model, convert=False)  # a GGUF's header only: `check` reads no weights
     net = meta_backbone(pre.hf_config, tcfg.model)

@@ -111,7 +111,7 @@ def _read_run(root: Path, model_dir: Path, rev_dir: Path, chosen: set[str] | Non
         labelled = False
         labels = layout.RunLabels(design=model_dir.name)
         why = "missing" if not has_labels else f"unreadable ({err})"
-        problems.append(f"{rel}: run_labels.json {why}: treated as config {model_dir.name!r} "
+        problems.append(f"{rel}: run_labels.json {why}: treated as design {model_dir.name!r} "
                         f"with no base model, seed 0")
     if chosen is not None and labels.checkpoint not in chosen \
             and not labels.design.startswith(REFERENCE_PREFIX):
@@ -174,7 +174,7 @@ def _categories(runs: list[Run]) -> tuple[dict[str, str], dict[str, str]]:
     rest = [t for t in tasks if t not in cat]
     if rest:
         try:
-            import mteb
+            import mteb  # torch: only for a category no instance file names (test_import_graph)
         except Exception:  # noqa: BLE001
             mteb = None
         for t in rest:

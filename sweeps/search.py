@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import optuna.distributions as od
+
 from .config import Cell, Param
 
 __all__ = ["CELL_KEY", "cell_of", "cell_seed", "optuna_space", "trial_config"]
@@ -21,7 +23,6 @@ def cell_seed(seed: int, key: str) -> int:
 
 def optuna_space(params: list[Param]) -> dict[str, Any]:
     """Optuna distributions of the searched parameters (fixed ones are not in the space)."""
-    import optuna.distributions as od
 
     space: dict[str, Any] = {}
     for p in params:

@@ -4,7 +4,7 @@
 What is tested, and against what (``sweeps.report`` assembles the inputs from a results folder):
 
 * :func:`wilcoxon_by_category`: the paper's test. Per task category, a paired Wilcoxon signed-rank test
-  (``scipy.stats.wilcoxon``, two-sided, exact for small n) of one config's dataset scores against the
+  (``scipy.stats.wilcoxon``, two-sided, exact for small n) of one design's dataset scores against the
   baseline's, only where the category has more than 4 datasets with both scores (the paper's rule).
 * :func:`paired_instance_test`: per dataset, at the instance level (queries, pairs, examples): a paired
   bootstrap confidence interval of the score difference (``scipy.stats.bootstrap``, percentile by default)
@@ -13,9 +13,9 @@ What is tested, and against what (``sweeps.report`` assembles the inputs from a 
   :data:`sweeps.layout.AGGREGATES` and equal ``InstanceScores.score(index)`` row by row.
 * :func:`adjust_pvalues` / :func:`correct_family`: Holm (default) or Benjamini-Hochberg across a family of
   tests (``statsmodels.stats.multitest.multipletests``).
-* :func:`friedman_nemenyi`: Friedman test over datasets x configs (``scipy.stats.friedmanchisquare``), the
+* :func:`friedman_nemenyi`: Friedman test over datasets x designs (``scipy.stats.friedmanchisquare``), the
   Nemenyi post-hoc (``scikit_posthocs.posthoc_nemenyi_friedman``) and Demsar's critical difference.
-* :func:`seed_test`: replicates (seeds) of a config against the baseline's: Welch's t-test
+* :func:`seed_test`: replicates (seeds) of a design against the baseline's: Welch's t-test
   (``scipy.stats.ttest_ind(equal_var=False)``).
 
 Permutation tests on correlation-type scores swap *predictions* between the two models, so the
@@ -32,6 +32,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import scikit_posthocs as sp
+from scipy.stats import (DegenerateDataWarning, bootstrap, friedmanchisquare, permutation_test, rankdata,
+                         studentized_range, ttest_ind, wilcoxon)
+from statsmodels.stats.multitest import multipletests
 
 __all__ = [
     "CORRECTIONS",
@@ -62,16 +67,16 @@ _BLOCK = 2_000_000
 # ====================================================================================== result records
 @dataclass
 class TestResult:
-    """One comparison of a config against the baseline (or its reason for being skipped).
+    """One comparison of a design against the baseline (or its reason for being skipped).
 
     kind: ``wilcoxon`` (per category, over datasets), ``instance`` (per dataset, over instances),
-    ``seeds`` (over replicate seeds). scope: the category, dataset or ``overall``. delta: config minus
+    ``seeds`` (over replicate seeds). scope: the category, dataset or ``overall``. delta: design minus
     baseline (the quantity tested). p_adjusted / significant are filled by :func:`correct_family`.
     """
 
     kind: str
     base_model: str
-    config: str
+    design: str
     baseline: str
     scope: str
     n: int = 0
@@ -95,14 +100,14 @@ class TestResult:
 
 @dataclass
 class FriedmanResult:
-    """Friedman test + Nemenyi post-hoc over a datasets x configs table (higher score = better = rank 1)."""
+    """Friedman test + Nemenyi post-hoc over a datasets x designs table (higher score = better = rank 1)."""
 
-    configs: list[str]
+    designs: list[str]
     datasets: list[str]
     statistic: float | None = None
     p_value: float | None = None
     avg_ranks: dict[str, float] = field(default_factory=dict)
-    nemenyi: Any = None  # pandas DataFrame of pairwise p-values (configs x configs)
+    nemenyi: Any = None  # pandas DataFrame of pairwise p-values (designs x designs)
     cd: float | None = None
     alpha: float = 0.05
     skipped: str = ""
@@ -122,7 +127,6 @@ def rng_for(seed: int, *names: str) -> np.random.Generator:
 # ====================================================================================== corrections
 def adjust_pvalues(pvalues: Sequence[float], method: str = "holm", alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Adjusted p-values and rejections for a family: ``holm`` (FWER) or ``bh`` (Benjamini-Hochberg FDR)."""
-    from statsmodels.stats.multitest import multipletests
 
     if method not in CORRECTIONS:
         raise ValueError(f"unknown correction {method!r}: one of {sorted(CORRECTIONS)}")
@@ -151,27 +155,26 @@ def wilcoxon_by_category(
     base_model: str = "",
     min_datasets: int = PAPER_MIN_DATASETS,
 ) -> list[TestResult]:
-    """The paper's test: per category, Wilcoxon signed-rank over datasets, each config vs `baseline`.
+    """The paper's test: per category, Wilcoxon signed-rank over datasets, each design vs `baseline`.
 
-    scores: ``{config: {dataset: score}}`` (replicates already averaged); categories: ``{dataset: category}``.
+    scores: ``{design: {dataset: score}}`` (replicates already averaged); categories: ``{dataset: category}``.
     A category needs at least `min_datasets` datasets scored by both (the paper: more than 4), else the
     result says it was skipped and why. Zero differences are dropped (``zero_method="wilcox"``).
     """
-    from scipy.stats import wilcoxon
 
     out: list[TestResult] = []
     base = scores.get(baseline, {})
     cats = sorted(set(categories.values()))
-    for config in scores:
-        if config == baseline:
+    for design in scores:
+        if design == baseline:
             continue
         for cat in cats:
             ds = [d for d in sorted(categories) if categories[d] == cat]
-            both = [d for d in ds if _finite(scores[config].get(d)) and _finite(base.get(d))]
-            r = TestResult("wilcoxon", base_model, config, baseline, cat, n=len(both))
+            both = [d for d in ds if _finite(scores[design].get(d)) and _finite(base.get(d))]
+            r = TestResult("wilcoxon", base_model, design, baseline, cat, n=len(both))
             out.append(r)
             if both:
-                r.delta = float(np.mean([scores[config][d] - base[d] for d in both]))
+                r.delta = float(np.mean([scores[design][d] - base[d] for d in both]))
             missing = [d for d in ds if d not in both]
             if missing:
                 r.note = f"left out (not scored by both): {', '.join(missing)}"
@@ -179,7 +182,7 @@ def wilcoxon_by_category(
                 r.skipped = (f"{len(both)} dataset(s) scored by both in {cat} "
                              f"(the paper's Wilcoxon test needs at least {min_datasets})")
                 continue
-            d = np.array([scores[config][x] - base[x] for x in both])
+            d = np.array([scores[design][x] - base[x] for x in both])
             if np.all(d == 0):
                 r.statistic, r.p_value = 0.0, 1.0
                 r.note = (r.note + "; " if r.note else "") + "all differences are zero"
@@ -200,7 +203,6 @@ def _as_rows(a: np.ndarray) -> np.ndarray:
 
 def _codes(x: np.ndarray) -> np.ndarray:
     """Integer codes preserving order and ties: 2 x average rank (1-based), values in [2, 2n]."""
-    from scipy.stats import rankdata
 
     return np.rint(2 * rankdata(x, method="average")).astype(np.int64)
 
@@ -348,14 +350,14 @@ def _align(a: Sequence[Any], b: Sequence[Any]) -> tuple[list[str], list[dict[str
         raise InstanceMismatch(f"aggregates differ ({', '.join(sorted(kinds))})")
     ref = sides[0]
     ref_ids = set(ref.ids)
-    for s, label in [(s, "config") for s in a] + [(s, "baseline") for s in b]:
+    for s, label in [(s, "design") for s in a] + [(s, "baseline") for s in b]:
         ids = set(s.ids)
         if ids != ref_ids:
             only_s, only_ref = len(ids - ref_ids), len(ref_ids - ids)
             ex = sorted(ids ^ ref_ids)[:3]
             raise InstanceMismatch(
                 f"instance ids differ: {only_s} only in a {label} run, {only_ref} only in the first "
-                f"(config) run, {len(ids & ref_ids)} shared (e.g. {', '.join(map(str, ex))})")
+                f"(design) run, {len(ids & ref_ids)} shared (e.g. {', '.join(map(str, ex))})")
     order = list(ref.ids)
     out: list[dict[str, np.ndarray]] = []
     for s in sides:
@@ -387,7 +389,7 @@ def _drop_nonfinite(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray
 
 
 def _permutation_pairs(kind: str, A: list, B: list) -> list[tuple]:
-    """The (config, baseline) replicate pairs one swap pattern applies to (see `paired_instance_test`)."""
+    """The (design, baseline) replicate pairs one swap pattern applies to (see `paired_instance_test`)."""
     if kind == "mean":
         # per-instance values averaged over replicates: the statistic is exactly delta, all replicates used
         return [(_Prepared("mean", values=np.mean([p.values for p in A], axis=0)),
@@ -398,7 +400,7 @@ def _permutation_pairs(kind: str, A: list, B: list) -> list[tuple]:
 
 
 def paired_instance_test(
-    config_runs: Sequence[Any],
+    design_runs: Sequence[Any],
     baseline_runs: Sequence[Any],
     *,
     n_resamples: int = 10_000,
@@ -406,28 +408,26 @@ def paired_instance_test(
     ci_method: str = "percentile",
     rng: np.random.Generator | int | None = None,
 ) -> InstanceTestOutcome:
-    """Paired bootstrap CI and paired permutation test of (config - baseline) on one dataset.
+    """Paired bootstrap CI and paired permutation test of (design - baseline) on one dataset.
 
-    config_runs / baseline_runs: the replicates (seeds) of each side, ``InstanceScores`` of the same task,
+    design_runs / baseline_runs: the replicates (seeds) of each side, ``InstanceScores`` of the same task,
     split and subset (anything with ``aggregate``, ``ids``, ``values``/``pred``/``gold``). Instances pair up
     by id; ids, aggregate or gold labels that differ raise :class:`InstanceMismatch`.
 
-    delta: mean over the config's replicates of the score minus the same for the baseline.
+    delta: mean over the design's replicates of the score minus the same for the baseline.
     Bootstrap: instances resampled with replacement, the same resample for every replicate of both
     sides; CI of delta (``scipy.stats.bootstrap``, `ci_method` ``percentile`` or ``BCa``).
-    Permutation: each instance's data are swapped between config and baseline with probability 1/2
+    Permutation: each instance's data are swapped between design and baseline with probability 1/2
     (:func:`paired_permutation`, two-sided; exact when 2^n <= n_resamples); the statistic is delta.
     With replicates: for ``mean`` the per-instance values are averaged over each side's replicates first;
     otherwise the replicates are paired in the given order (sort them by seed) when both sides have as
-    many, else every config replicate is paired with every baseline replicate, and one swap pattern
+    many, else every design replicate is paired with every baseline replicate, and one swap pattern
     applies to all pairs.
     """
-    from scipy.stats import bootstrap
-
-    if not config_runs or not baseline_runs:
+    if not design_runs or not baseline_runs:
         raise InstanceMismatch("a side has no per-instance scores")
-    kind = config_runs[0].aggregate
-    order, a_data, b_data = _align(config_runs, baseline_runs)
+    kind = design_runs[0].aggregate
+    order, a_data, b_data = _align(design_runs, baseline_runs)
     a_data, b_data, dropped = _drop_nonfinite(a_data, b_data)
     n = len(order) - dropped
     if n < 2:
@@ -441,6 +441,24 @@ def paired_instance_test(
 
     full = np.arange(n)
     delta = float(np.mean([p.score_index(full)[0] for p in A]) - np.mean([p.score_index(full)[0] for p in B]))
+    ci = _bootstrap_ci(A, B, n, n_resamples=n_resamples, batch=batch, confidence=confidence, method=ci_method, rng=rng)
+    pairs = _permutation_pairs(kind, A, B)
+
+    def perm_stat(swap: np.ndarray) -> np.ndarray:
+        return np.mean([pa.score_mixed(pb, swap) - pb.score_mixed(pa, swap) for pa, pb in pairs], axis=0)
+
+    with np.errstate(invalid="ignore"):
+        stat, p_value = paired_permutation(perm_stat, n, n_resamples=n_resamples, rng=rng, batch=batch)
+    note = (f"{dropped} of {len(order)} instances left out: a non-finite (NaN / inf) score or prediction in "
+            "some run (check the evaluation)") if dropped else ""
+    return InstanceTestOutcome(delta=delta, ci_low=float(ci.low), ci_high=float(ci.high), p_value=p_value,
+                               statistic=stat, n=n, note=note)
+
+
+def _bootstrap_ci(A: list[_Prepared], B: list[_Prepared], n: int, *, n_resamples: int, batch: int, confidence: float,
+                  method: str, rng: np.random.Generator):
+    """The bootstrap CI of `paired_instance_test` (see there): the same resample of the n instances for every
+    replicate of both sides; an undefined CI (resamples with no defined score) comes back as nan."""
 
     def boot_stat(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
@@ -451,24 +469,11 @@ def paired_instance_test(
              - np.mean([p.score_index(rows, g) for p in B], axis=0))
         return d[0] if one else d
 
-    from scipy.stats import DegenerateDataWarning
-
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DegenerateDataWarning)  # an undefined CI is reported as nan
-        boot = bootstrap((full,), boot_stat, vectorized=True, n_resamples=n_resamples, batch=batch,
-                         confidence_level=confidence, method=ci_method, rng=rng)
-    pairs = _permutation_pairs(kind, A, B)
-
-    def perm_stat(swap: np.ndarray) -> np.ndarray:
-        return np.mean([pa.score_mixed(pb, swap) - pb.score_mixed(pa, swap) for pa, pb in pairs], axis=0)
-
-    with np.errstate(invalid="ignore"):
-        stat, p_value = paired_permutation(perm_stat, n, n_resamples=n_resamples, rng=rng, batch=batch)
-    note = (f"{dropped} of {len(order)} instances left out: a non-finite (NaN / inf) score or prediction in "
-            "some run (check the evaluation)") if dropped else ""
-    return InstanceTestOutcome(delta=delta, ci_low=float(boot.confidence_interval.low),
-                               ci_high=float(boot.confidence_interval.high), p_value=p_value,
-                               statistic=stat, n=n, note=note)
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        boot = bootstrap((np.arange(n),), boot_stat, vectorized=True, n_resamples=n_resamples, batch=batch,
+                         confidence_level=confidence, method=method, rng=rng)
+    return boot.confidence_interval
 
 
 def paired_permutation(
@@ -484,7 +489,6 @@ def paired_permutation(
     computed as scipy computes it: ``min(1, 2 min(P(T* <= t), P(T* >= t)))`` with the observed pattern
     counted, ``P = (#hits + 1) / (n_resamples + 1)``.
     """
-    from scipy.stats import permutation_test
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     batch = batch or max(1, _BLOCK // max(n, 1))
@@ -512,56 +516,51 @@ def paired_permutation(
 def critical_difference(k: int, n: int, alpha: float = 0.05) -> float:
     """Demsar (2006) critical difference of average ranks for the Nemenyi test: q_alpha sqrt(k(k+1)/(6n)),
     q_alpha = studentized range quantile(1 - alpha, k, inf) / sqrt(2)."""
-    from scipy.stats import studentized_range
 
     q = studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2)
     return float(q * math.sqrt(k * (k + 1) / (6.0 * n)))
 
 
 def friedman_nemenyi(scores: Mapping[str, Mapping[str, float]], *, alpha: float = 0.05) -> FriedmanResult:
-    """Friedman test over the datasets scored by every config, Nemenyi post-hoc and critical difference.
+    """Friedman test over the datasets scored by every design, Nemenyi post-hoc and critical difference.
 
-    scores: ``{config: {dataset: score}}``. Datasets missing for some config are left out (listed in
-    ``left_out``); needs at least 3 configs and 2 complete datasets, else ``skipped`` says why.
+    scores: ``{design: {dataset: score}}``. Datasets missing for some design are left out (listed in
+    ``left_out``); needs at least 3 designs and 2 complete datasets, else ``skipped`` says why.
     """
-    import pandas as pd
-    import scikit_posthocs as sp
-    from scipy.stats import friedmanchisquare, rankdata
 
-    configs = list(scores)
-    datasets = sorted({d for c in configs for d in scores[c]})
-    complete = [d for d in datasets if all(_finite(scores[c].get(d)) for c in configs)]
-    res = FriedmanResult(configs=configs, datasets=complete, alpha=alpha,
+    designs = list(scores)
+    datasets = sorted({d for c in designs for d in scores[c]})
+    complete = [d for d in datasets if all(_finite(scores[c].get(d)) for c in designs)]
+    res = FriedmanResult(designs=designs, datasets=complete, alpha=alpha,
                          left_out=[d for d in datasets if d not in complete])
-    if len(configs) < 3:
-        res.skipped = f"{len(configs)} config(s): the Friedman test needs at least 3"
+    if len(designs) < 3:
+        res.skipped = f"{len(designs)} design(s): the Friedman test needs at least 3"
         return res
     if len(complete) < 2:
-        res.skipped = f"{len(complete)} dataset(s) scored by every config: the Friedman test needs at least 2"
+        res.skipped = f"{len(complete)} dataset(s) scored by every design: the Friedman test needs at least 2"
         return res
-    m = np.array([[scores[c][d] for c in configs] for d in complete])  # datasets x configs
+    m = np.array([[scores[c][d] for c in designs] for d in complete])  # datasets x designs
     ranks = rankdata(-m, axis=1)  # best = 1
-    res.avg_ranks = {c: float(r) for c, r in zip(configs, ranks.mean(axis=0))}
+    res.avg_ranks = {c: float(r) for c, r in zip(designs, ranks.mean(axis=0))}
     if np.all(m == m[:, :1]):
         res.statistic, res.p_value = 0.0, 1.0
     else:
         st = friedmanchisquare(*m.T)
         res.statistic, res.p_value = float(st.statistic), float(st.pvalue)
-    res.nemenyi = sp.posthoc_nemenyi_friedman(pd.DataFrame(m, columns=configs, index=complete))
-    res.cd = critical_difference(len(configs), len(complete), alpha)
+    res.nemenyi = sp.posthoc_nemenyi_friedman(pd.DataFrame(m, columns=designs, index=complete))
+    res.cd = critical_difference(len(designs), len(complete), alpha)
     return res
 
 
 # ====================================================================================== seeds
 def seed_test(config_scores: Sequence[float], baseline_scores: Sequence[float]) -> tuple[float, float]:
-    """Welch's t-test (two-sided) of a config's per-seed scores against the baseline's: (t, p).
+    """Welch's t-test (two-sided) of a design's per-seed scores against the baseline's: (t, p).
     Needs at least 2 seeds on each side (ValueError otherwise)."""
-    from scipy.stats import ttest_ind
 
     a = np.asarray(config_scores, dtype=float)
     b = np.asarray(baseline_scores, dtype=float)
     if a.size < 2 or b.size < 2:
-        raise ValueError(f"needs at least 2 seeds on each side (config {a.size}, baseline {b.size})")
+        raise ValueError(f"needs at least 2 seeds on each side (design {a.size}, baseline {b.size})")
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         raise ValueError("no spread across seeds on either side: the t-test is undefined")
     t = ttest_ind(a, b, equal_var=False)

@@ -10,7 +10,7 @@ Every checkpoint folder holds what the evaluation job writes: an mteb 2.26 TaskR
 (:class:`~sweeps.layout.InstanceScores`); the sweep folder holds ``trials.json``. The main score in each
 TaskResult is recomputed from the instances (rounded to 6 digits, as mteb writes it).
 
-Scores come from a latent quality per config (:data:`DEFAULT_EFFECTS`, in logit-like units): a positive
+Scores come from a latent quality per design (:data:`DEFAULT_EFFECTS`, in logit-like units): a positive
 effect raises every dataset's score, zero is a null effect. Models share per-instance difficulty and part
 of their prediction noise, so paired tests have the power they have on real data. Task names are made up
 (``SynSTS-1``...) and carry their category in ``InstanceScores.task_type``; they are not mteb tasks.
@@ -28,7 +28,7 @@ from . import layout
 
 __all__ = ["DEFAULT_EFFECTS", "DEFAULT_TASKS", "SyntheticSweep", "mteb_task_result", "write_synthetic_sweep"]
 
-#: config -> latent effect vs the baseline (0 = no difference).
+#: design -> latent effect vs the baseline (0 = no difference).
 DEFAULT_EFFECTS: dict[str, float] = {
     "eos_last+causal": 0.0,
     "mean+causal": 0.0,
@@ -117,8 +117,8 @@ def write_synthetic_sweep(
 ) -> SyntheticSweep:
     """Write ``<sweep_dir>/results/<model>/<revision>/...`` and ``<sweep_dir>/trials.json``.
 
-    effects: config -> latent effect (default :data:`DEFAULT_EFFECTS`, baseline ``eos_last+causal`` = 0);
-    seeds: config -> replicate seeds (default: 3 seeds for the baseline and multi_layer_trainable+bidirectional,
+    effects: design -> latent effect (default :data:`DEFAULT_EFFECTS`, baseline ``eos_last+causal`` = 0);
+    seeds: design -> replicate seeds (default: 3 seeds for the baseline and multi_layer_trainable+bidirectional,
     1 for the others); tasks: task -> (category, aggregate, main score) (default :data:`DEFAULT_TASKS`).
     """
     sweep_dir = Path(sweep_dir)
@@ -133,26 +133,22 @@ def write_synthetic_sweep(
     for bi, base in enumerate(base_models):
         shared = _shared_data(np.random.default_rng([seed, bi]), tasks, n_instances)
         base_offset = 0.2 * bi
-        for ci, (config, effect) in enumerate(effects.items()):
-            pooling, _, attention = config.partition("+")
-            cell = f"{base.split('/')[-1]}/{config}"
-            cell_trials = _cell_trials(seed, bi, ci, base, cell, config, effect)
+        for ci, (design, effect) in enumerate(effects.items()):
+            pooling, _, attention = design.partition("+")
+            cell = f"{base.split('/')[-1]}/{design}"
+            cell_trials = _cell_trials(seed, bi, ci, base, cell, design, effect)
             records.extend(cell_trials)
             best = max((t for t in cell_trials if t.status == "TERMINATED"), key=lambda t: t.val_metric or 0.0)
-            for s in seeds.get(config, [0]):
+            for s in seeds.get(design, [0]):
                 rng = np.random.default_rng([seed, bi, ci, 1000 + s])
                 q = effect + base_offset + (0.03 * rng.normal() if s else 0.0)
-                name = f"{base.split('/')[-1]}-sweep/{config}-seed{s}"
-                revision = hashlib.sha256(f"{base}|{config}|{s}|{seed}".encode()).hexdigest()[:16]
+                name = f"{base.split('/')[-1]}-sweep/{design}-seed{s}"
+                revision = hashlib.sha256(f"{base}|{design}|{s}|{seed}".encode()).hexdigest()[:16]
                 d = layout.result_dir(results, name, revision)
                 d.mkdir(parents=True, exist_ok=True)
                 if s:
-                    records.append(layout.TrialRecord(
-                        trial_id=f"{best.trial_id}-s{s}", cell=cell, design=config, base_model=base,
-                        lora_r=best.lora_r, lr=best.lr, seed=s, status="TERMINATED",
-                        val_metric=float(np.round((best.val_metric or 0) + 0.01 * rng.normal(), 4)),
-                        steps=best.steps, wall_s=best.wall_s, gpu_hours=best.gpu_hours))
-                layout.RunLabels(design=config, base_model=base, pooling=pooling, attention=attention,
+                    records.append(_replicate_trial(best, s, rng))
+                layout.RunLabels(design=design, base_model=base, pooling=pooling, attention=attention,
                                  lora_r=best.lora_r, lr=best.lr, seed=s, trial_id=best.trial_id + (f"-s{s}" if s else ""),
                                  cell=cell, steps=best.steps, gpu_hours=best.gpu_hours,
                                  checkpoint=f"tune/{cell}/{best.trial_id}/checkpoint_000009").write(d)
@@ -167,6 +163,15 @@ def write_synthetic_sweep(
     return out
 
 
+def _replicate_trial(best: layout.TrialRecord, s: int, rng: np.random.Generator) -> layout.TrialRecord:
+    """The record of seed `s`'s rerun of a cell's best trial: its hyper-parameters, a slightly different metric."""
+    return layout.TrialRecord(
+        trial_id=f"{best.trial_id}-s{s}", cell=best.cell, design=best.design, base_model=best.base_model,
+        lora_r=best.lora_r, lr=best.lr, seed=s, status="TERMINATED",
+        val_metric=float(np.round((best.val_metric or 0) + 0.01 * rng.normal(), 4)),
+        steps=best.steps, wall_s=best.wall_s, gpu_hours=best.gpu_hours)
+
+
 def _shared_data(base_rng, tasks: dict, n_instances: int) -> dict[str, dict]:
     """Per task, what every design of one base model shares: gold scores / labels, difficulty, noise."""
     shared = {}
@@ -178,7 +183,7 @@ def _shared_data(base_rng, tasks: dict, n_instances: int) -> dict[str, dict]:
     return shared
 
 
-def _cell_trials(seed: int, bi: int, ci: int, base: str, cell: str, config: str,
+def _cell_trials(seed: int, bi: int, ci: int, base: str, cell: str, design: str,
                  effect: float) -> list[layout.TrialRecord]:
     """The cell's Tune trials: a few LoRA ranks / LRs, one stopped early, one failed."""
     cell_trials = []
@@ -188,7 +193,7 @@ def _cell_trials(seed: int, bi: int, ci: int, base: str, cell: str, config: str,
         gpu_h = float(np.round((0.5 if status == "STOPPED" else 1.5 + 0.3 * (r / 16)) * (1 + bi), 3))
         val = None if status == "ERROR" else float(np.round(0.6 + 0.05 * effect + 0.02 * trng.normal(), 4))
         cell_trials.append(layout.TrialRecord(
-            trial_id=f"t{bi}{ci}{k}", cell=cell, design=config, base_model=base, lora_r=r, lr=lr, seed=0,
+            trial_id=f"t{bi}{ci}{k}", cell=cell, design=design, base_model=base, lora_r=r, lr=lr, seed=0,
             status=status, val_metric=val, steps=100 if status == "STOPPED" else 1000,
             wall_s=gpu_h * 3600, gpu_hours=gpu_h if status != "ERROR" else 0.1,
             error="CUDA out of memory" if status == "ERROR" else ""))

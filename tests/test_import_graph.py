@@ -175,30 +175,33 @@ def test_readme_layout_table_names_every_module():
 
 
 # ---------------------------------------------------------------------------------------- size
-MAX_FUNCTION_LINES = 60  # lines of a function from its def, its docstring not counted (the docstring is its spec)
+MAX_FUNCTION_LINES = 60  # lines of a function from its def to its end, its docstring included
 MAX_MODULE_LINES = 500   # more only with a first line "# Over 500 lines: <reason>"
+#: "module:function" allowed to be longer, and why (none today: a new entry needs a reason a reader accepts)
+LONG_FUNCTIONS: dict[str, str] = {}
 
 
-def oversized(files: dict[str, str]) -> list[str]:
+def oversized(files: dict[str, str], allowed: dict[str, str] | None = None) -> list[str]:
+    allowed = LONG_FUNCTIONS if allowed is None else allowed
     bad = []
     for name, src in files.items():
         if src.count("\n") > MAX_MODULE_LINES and not src.startswith("# Over 500 lines: "):
             bad.append(f"{name}: {src.count(chr(10))} lines and no reason at its top")
         for node in ast.walk(ast.parse(src)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and f"{name}:{node.name}" not in allowed:
                 lines = node.end_lineno - node.lineno + 1
-                doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) \
-                    and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str) \
-                    else None
-                code = lines - (doc.end_lineno - doc.lineno + 1 if doc else 0)
-                if code > MAX_FUNCTION_LINES:
-                    bad.append(f"{name}:{node.lineno} {node.name}: {code} code lines")
+                if lines > MAX_FUNCTION_LINES:
+                    bad.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
     return bad
 
 
 def test_no_long_function_and_no_long_module_without_a_reason():
     assert oversized({m: p.read_text() for m, p in project_modules().items()}) == []
-    long_fn = "def f():\n    '''doc'''\n" + "    x = 1\n" * (MAX_FUNCTION_LINES + 1)
-    assert oversized({"m": long_fn}) == ["m:1 f: 62 code lines"]  # the def line counts
+    long_fn = "def f():\n    '''doc'''\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1)
+    assert oversized({"m": long_fn}) == ["m:1 f: 61 lines"]  # the def line and the docstring count
+    assert oversized({"m": long_fn}, {"m:f": "a reason"}) == []
     assert oversized({"m": "x = 1\n" * (MAX_MODULE_LINES + 1)}) == ["m: 501 lines and no reason at its top"]
     assert oversized({"m": "# Over 500 lines: a reason\n" + "x = 1\n" * MAX_MODULE_LINES}) == []
+    functions = {f"{m}:{n.name}" for m, p in project_modules().items() for n in ast.walk(ast.parse(p.read_text()))
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert set(LONG_FUNCTIONS) <= functions, "an entry of LONG_FUNCTIONS names no function: remove it"

@@ -61,7 +61,7 @@ def _json_scores(results: Path, config: str) -> dict[str, list[float]]:
 def test_known_effects_are_found_and_the_null_is_not(known) -> None:
     sweep, s = known
     (g,) = s.groups
-    assert g.configs[0] == BASE and g.baseline_present
+    assert g.designs[0] == BASE and g.baseline_present
     # the baseline's absolute scores are the mean over its seeds of mteb's main scores
     for task, vals in _json_scores(sweep.results_dir, BASE).items():
         assert len(vals) == 3 and g.mean[BASE][task] == pytest.approx(np.mean(vals))
@@ -70,14 +70,14 @@ def test_known_effects_are_found_and_the_null_is_not(known) -> None:
         assert g.mean[STRONG][task] - g.mean[BASE][task] == pytest.approx(
             np.mean(strong_scores[task]) - g.mean[BASE][task])
     # the paper's Wilcoxon: STS has 10 datasets and is tested, Classification (3) and PairClassification (1) not
-    w = {(r.config, r.scope): r for r in g.wilcoxon}
+    w = {(r.design, r.scope): r for r in g.wilcoxon}
     assert w[(STRONG, "STS")].significant and w[(STRONG, "STS")].delta > 0
     assert w[(WORSE, "STS")].significant and w[(WORSE, "STS")].delta < 0
     assert w[(NULL, "STS")].significant is False
     assert not w[(STRONG, "Classification")].tested
-    assert any("Wilcoxon, Classification: not tested for any config: 3 dataset(s)" in x for x in s.skipped)
-    # per-dataset tests: the strong config wins nearly everywhere, the null config nowhere
-    inst = {(r.config, r.scope): r for r in g.instance}
+    assert any("Wilcoxon, Classification: not tested for any design: 3 dataset(s)" in x for x in s.skipped)
+    # per-dataset tests: the strong design wins nearly everywhere, the null design nowhere
+    inst = {(r.design, r.scope): r for r in g.instance}
     assert len(inst) == 3 * len(TASKS) and all(r.tested for r in inst.values())
     assert sum(inst[(STRONG, t)].significant and inst[(STRONG, t)].delta > 0 for t in TASKS) >= len(TASKS) - 2
     assert all(inst[(WORSE, t)].delta < 0 for t in TASKS)  # single seed, weaker effect: less power
@@ -85,11 +85,11 @@ def test_known_effects_are_found_and_the_null_is_not(known) -> None:
     assert not any(inst[(NULL, t)].significant for t in TASKS)
     for r in inst.values():
         assert r.ci_low <= r.delta <= r.ci_high and r.p_adjusted >= r.p_value
-    # seeds: 3 vs 3 seeds for the strong config; single-seed configs are listed as not testable
-    overall = next(r for r in g.seeds if r.config == STRONG and r.scope == "overall")
+    # seeds: 3 vs 3 seeds for the strong design; single-seed designs are listed as not testable
+    overall = next(r for r in g.seeds if r.design == STRONG and r.scope == "overall")
     assert overall.significant and overall.delta > 0
     assert any("single seed" in x and NULL in x and WORSE in x for x in s.skipped)
-    # Friedman / Nemenyi: the strong config ranks first, the worse one last
+    # Friedman / Nemenyi: the strong design ranks first, the worse one last
     ranks = g.friedman.avg_ranks
     assert min(ranks, key=ranks.get) == STRONG and max(ranks, key=ranks.get) == WORSE
     assert g.friedman.p_value < 1e-6 and g.friedman.nemenyi.loc[STRONG, WORSE] < 0.05
@@ -180,15 +180,15 @@ def test_bad_input_still_renders_and_says_what_was_skipped(tmp_path: Path) -> No
     assert f"per-dataset test {STRONG} vs {BASE} on SynClassification-1: skipped, {STRONG} has no result" in skipped
     # single dataset per category (4 categories with 1-2 datasets): the paper's test is never run
     assert all(not r.tested for g in s.groups for r in g.wilcoxon)
-    assert "Wilcoxon, PairClassification: not tested for any config: 1 dataset(s)" in skipped
+    assert "Wilcoxon, PairClassification: not tested for any design: 1 dataset(s)" in skipped
     assert any("SynClassification-1.json: skipped" in p and "not valid JSON" in p for p in s.problems)
     assert any("someone__model/abc123: run_labels.json missing" in p for p in s.problems)
     # the unlabelled model is its own group, without the baseline: rendered in absolute terms, nothing tested
     stray_group = next(g for g in s.groups if g.base_model == "(no base model)")
     assert not stray_group.baseline_present and not stray_group.instance
-    assert "is not among this base model's configs" in skipped
+    assert "is not among this base model's designs" in skipped
     # what could still be compared was: the strong config on the other datasets
-    ok = {r.scope for g in s.groups for r in g.instance if r.config == STRONG and r.tested}
+    ok = {r.scope for g in s.groups for r in g.instance if r.design == STRONG and r.tested}
     assert ok == {"SynSTS-2", "SynPairClassification-1"}
     for line in s.skipped + s.problems:  # every reason is in the HTML report
         assert line.replace("&", "&amp;").replace("'", "&#x27;").replace('"', "&quot;").replace(
@@ -198,7 +198,7 @@ def test_bad_input_still_renders_and_says_what_was_skipped(tmp_path: Path) -> No
                       show_progress=False, plots=True)
     g = next(g for g in s2.groups if g.base_model == "synthetic/base-A")
     assert not g.baseline_present and not g.wilcoxon and not g.instance and not g.seeds
-    assert g.friedman.avg_ranks  # ranks across configs need no baseline
+    assert g.friedman.avg_ranks  # ranks across designs need no baseline
     assert "no comparison against a baseline" in (s2.out_dir / "report.md").read_text()
     assert "baseline mean+bidirectional missing" in console_table(s2)
 
@@ -276,8 +276,8 @@ def test_report_on_real_mteb_results(real_results) -> None:
         assert r.tested and r.n == 100
         assert r.delta == pytest.approx(pert_score - base_score, abs=2e-6)
         assert r.ci_low < r.delta < r.ci_high
-    assert any("Wilcoxon, STS: not tested for any config: 2 dataset(s)" in x for x in s.skipped)
-    assert "Friedman / Nemenyi: skipped, 2 config(s)" in "\n".join(s.skipped)
+    assert any("Wilcoxon, STS: not tested for any design: 2 dataset(s)" in x for x in s.skipped)
+    assert "Friedman / Nemenyi: skipped, 2 design(s)" in "\n".join(s.skipped)
     assert (s.out_dir / "report.html").is_file() and (s.out_dir / "heatmap_minilm-reference.png").is_file()
     assert f"{expected['STSBenchmark'][0]:.4f}" in console_table(s)
 
@@ -296,9 +296,24 @@ def test_records_written_before_the_design_rename_are_read_the_same(tmp_path, kn
     assert [t.to_dict() for t in layout.read_trials(old)] == [t.to_dict() for t in layout.read_trials(sweep.sweep_dir)]
     again = build_report(old, n_resamples=3000, show_progress=False, plots=False)
     assert [g.mean for g in again.groups] == [g.mean for g in summary.groups]
-    assert [(r.config, r.scope, r.p_value) for g in again.groups for r in g.wilcoxon] == \
-        [(r.config, r.scope, r.p_value) for g in summary.groups for r in g.wilcoxon]
+    assert [(r.design, r.scope, r.p_value) for g in again.groups for r in g.wilcoxon] == \
+        [(r.design, r.scope, r.p_value) for g in summary.groups for r in g.wilcoxon]
     assert again.best_per_cell == summary.best_per_cell
+
+
+def test_a_summary_written_before_the_design_rename_reads_as_a_new_one(known):
+    """summary.json of earlier versions calls the design ids ``configs`` (a group's, Friedman's) and ``config`` (each
+    test's, each best cell's): read through the layout, it equals the one written now."""
+    sweep, _ = known
+    path = sweep.sweep_dir / layout.REPORT_DIR / layout.SUMMARY_FILE
+    new = path.read_text()
+    assert '"configs":' not in new and '"config":' not in new and '"design":' in new
+    try:
+        path.write_text(new.replace('"designs":', '"configs":').replace('"design":', '"config":'))
+        old = layout.read_summary(sweep.sweep_dir)
+    finally:
+        path.write_text(new)
+    assert old == layout.read_summary(sweep.sweep_dir) == json.loads(new)
 
 
 def test_per_dataset_tests_in_a_process_pool_equal_the_serial_ones(tmp_path: Path, monkeypatch) -> None:
