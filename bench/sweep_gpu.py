@@ -126,10 +126,12 @@ def tune_finals(sweep_dir: Path) -> dict[str, dict]:
 
 def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -> dict:
     """Per trial, where the time to the first step went: Ray Train starting the worker group (trial start ->
-    worker function), the Trainer's construction (imports, data, model, DeepSpeed), the first step (compile)."""
+    worker function), the Trainer's construction (imports, data, model, DeepSpeed), the first step (compile).
+    A resumed trial's history holds each run's first step; the profile is the last run's, the one whose final
+    result (and ``trial_started_at``) Tune kept."""
     out = {}
     for run, hist in histories.items():
-        first = next((h for h in hist if "worker_started_at" in h), None)
+        first = next((h for h in reversed(hist) if "worker_started_at" in h), None)
         fin = next((f for name, f in finals.items() if run.rsplit("-", 1)[-1] in name), None)
         if first and fin and "trial_started_at" in fin:
             out[run] = {"worker_group_s": round(first["worker_started_at"] - fin["trial_started_at"], 1),

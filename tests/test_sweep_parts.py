@@ -78,6 +78,22 @@ def test_bench_throughput_counts_concurrent_trials():
     assert out["concurrent_trials_median"] == 2 and out["in_sweep_vs_isolated"] == pytest.approx(2.0)
 
 
+def test_bench_startup_profile_of_a_resumed_trial_is_its_last_run():
+    """A trial interrupted and resumed has two first steps in its history (one per run); its start-up profile is
+    the last run's, measured from the trial start Tune kept (the earlier run's would give a negative worker
+    group time and the first run's compile-cache counters)."""
+    from bench.sweep_gpu import startup_profile
+
+    hist = [{"step": 1, "worker_started_at": 100.0, "trainer_ready_at": 120.0, "wall_time": 250.0,
+             "compile_fxgraph_cache_miss": 4},
+            {"step": 2, "wall_time": 251.0},
+            {"step": 54, "worker_started_at": 1000.0, "trainer_ready_at": 1018.0, "wall_time": 1092.0,
+             "compile_fxgraph_cache_hit": 4}]
+    out = startup_profile({"t-137ef8dc": hist}, {"t_137ef8dc": {"trial_started_at": 990.0}})
+    assert out == {"t-137ef8dc": {"worker_group_s": 10.0, "trainer_build_s": 18.0, "first_step_s": 74.0,
+                                  "compile_fxgraph_cache_hit": 4}}
+
+
 def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
     """A part's GPU plan estimates the base models it runs (a part of one model once crashed the GPU planning
     with an empty max()); one estimate per model, the largest design's; the GPU share is raised only when needed."""
