@@ -19,9 +19,9 @@
 set -u
 STATE=${STATE:-/tmp/study_state}
 LIMIT=${LIMIT:-570}                      # seconds this call may use (the device's per-call limit is 600)
-# studies/h100 holds the first part (seed=0,base_model=smollm2-135m, 2026-12-06); the others, larger parts sharing
-# one start-up (7 trials at a time fit an 80 GB GPU):
-PARTS=${PARTS:-"seed=0,base_model=gemma3-270m seed=1|2,base_model=smollm2-135m seed=1|2,base_model=gemma3-270m"}
+# studies/h100 holds seed 0 of both base models (2026-12-06); the others, larger parts sharing one start-up
+# (7 trials at a time fit an 80 GB GPU):
+PARTS=${PARTS:-"seed=1|2,base_model=smollm2-135m seed=1|2,base_model=gemma3-270m"}
 PROBE=${PROBE:-0}                        # 1: probe Gemma's attention first (FlexAttention trained it on an H100)
 AFTER_TRAIN=${AFTER_TRAIN:-evaluate}     # the report is built after merging, on any machine
 PROBE_PART=${PROBE_PART:-seed=0,base_model=gemma3-270m}
