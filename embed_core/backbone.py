@@ -11,6 +11,8 @@ architecture is a decoder, LoRA targets exist, pooling head sizes fit.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -265,11 +267,26 @@ def _align_special_tokens(tok, config) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-def load_config(source: BackboneSource, cfg: EmbedConfig):
+def _file_stamp(source: BackboneSource) -> int | None:
+    """The modification time of the file a local config comes from (a rewritten file is read again)."""
+    f = Path(source.path) / (source.gguf_file or "config.json")
+    return f.stat().st_mtime_ns if source.is_local and f.is_file() else None
+
+
+@functools.lru_cache(maxsize=16)
+def _read_config(path: str, gguf_file: str | None, revision: str | None, trust_remote_code: bool, stamp: int | None):
+    # A GGUF's config is read from its whole metadata (Gemma-3's 262k-token vocabulary: ~20 s on one core), and
+    # a sweep checks one base model once per design: read once per process.
     from transformers import AutoConfig
 
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def load_config(source: BackboneSource, cfg: EmbedConfig):
     try:
-        hf_cfg = AutoConfig.from_pretrained(source.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+        hf_cfg = copy.deepcopy(_read_config(source.path, source.gguf_file, cfg.revision, cfg.trust_remote_code,
+                                            _file_stamp(source)))
     except (OSError, ValueError) as e:
         hint = "check the hub id and your network / HF_HUB_OFFLINE setting, or pass a local directory" if not source.is_local else "check the model folder"
         raise ConfigError(f"cannot load the config of base_model {cfg.base_model!r}: {e.__class__.__name__}: {str(e).splitlines()[0]} — {hint}") from e

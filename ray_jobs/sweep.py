@@ -66,9 +66,9 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
     elif resume and (sweep_dir / TUNE_DIR).exists():
         raise ConfigError(f"--resume: {sweep_dir} has a Tune experiment but no {layout.SWEEP_FILE}")
     sweep.check_storage()
-    if check_models:
-        sweep.preflight(check_data=False)
+    if check_models:  # converted first: the checks then read each model's config.json, not its GGUF's metadata
         convert_models_once(sweep)
+        sweep.preflight(check_data=False)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     # the training data of every distinct recipe, checked (DataError) and written once
     written: set[Path] = set()

@@ -107,3 +107,24 @@ def test_truncate_layers_is_checked_and_keeps_the_first_layers(smollm2_dir) -> N
     assert cut.info["num_layers"] == 4 and len(cut.backbone.layers) == 4
     full_sd = full.backbone.state_dict()
     assert all(torch.equal(v, full_sd[k]) for k, v in cut.backbone.state_dict().items())
+
+
+def test_a_models_config_is_read_once_per_process_and_again_when_rewritten(tiny_dirs, tmp_path):
+    """A sweep checks one base model once per design: its config is read once (a GGUF's costs ~20 s), each caller
+    gets its own copy (truncation mutates it), and a rewritten config.json is read again."""
+    import os
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama"], d)
+    cfg = EmbedConfig(base_model=str(d))
+    src = bb.resolve_source(cfg)
+    bb._read_config.cache_clear()
+    a = bb.load_config(src, cfg)
+    a.num_hidden_layers = 99
+    b = bb.load_config(src, cfg)
+    assert bb._read_config.cache_info().hits == 1 and b.num_hidden_layers == 2
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**raw, "num_hidden_layers": 1}))
+    os.utime(d / "config.json", ns=(time.time_ns() + 10**9,) * 2)
+    assert bb.load_config(src, cfg).num_hidden_layers == 1
