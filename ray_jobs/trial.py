@@ -123,6 +123,7 @@ class WallLedger(threading.Thread):
     def __init__(self, run_dir: Path) -> None:
         super().__init__(daemon=True)
         self.path, self.key, self.t0 = Path(run_dir) / WALL_FILE, uuid.uuid4().hex[:12], time.time()
+        self.earlier = read_wall(run_dir)  # the trial's earlier runs: no other run writes while this one runs
         self.halt = threading.Event()
 
     def __enter__(self) -> "WallLedger":
@@ -132,6 +133,7 @@ class WallLedger(threading.Thread):
 
     def __exit__(self, *exc) -> None:
         self.halt.set()
+        self.join()  # its last tick must not land after the final value
         self.write()
 
     def run(self) -> None:
@@ -139,7 +141,7 @@ class WallLedger(threading.Thread):
             self.write()
 
     def write(self) -> None:
-        atomic_write_json(self.path, {**read_wall(self.path.parent), self.key: round(time.time() - self.t0, 2)})
+        atomic_write_json(self.path, {**self.earlier, self.key: round(time.time() - self.t0, 2)})
 
 
 def is_cuda_oom(err: BaseException) -> bool:
