@@ -190,8 +190,9 @@ def convert_gguf(gguf: Path) -> Path:
     log.warning("converting GGUF %s to a cached safetensors model at %s (once)", gguf, out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = gguf_tokenizer(gguf) or AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModel.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with one_gguf_parse():
+        tok = gguf_tokenizer(gguf) or AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModel.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The dequantised weights are plain float32: the GGUF quantization config must not be saved with them.
     _drop_gguf_quantization(model)
     _align_special_tokens(tok, model.config)
@@ -201,6 +202,28 @@ def convert_gguf(gguf: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+@contextlib.contextmanager
+def one_gguf_parse():
+    """Inside: each GGUF file is parsed once. transformers parses a GGUF's whole metadata for the tokenizer, again
+    for the config and again for the weights (`from gguf import GGUFReader` in each call), and Gemma-3's 262k-token
+    vocabulary makes a parse ~20 s on one core; the reader only reads its memory map, so one can serve all."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield readers
+    finally:
+        gguf.GGUFReader = real
 
 
 # GGUF 'llama' (SentencePiece) vocabularies whose transformers reading is wrong, by architecture. Gemma3's
@@ -215,9 +238,9 @@ GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_BYTE = 3, 4, 6
 def gguf_tokenizer(gguf: Path):
     """The tokenizer of a GGUF whose architecture is in GGUF_TOKENIZER_REBUILD, rebuilt from its vocabulary and
     scores (BPE with merges, specials as added tokens, BOS added); None for any other GGUF."""
-    from gguf import GGUFReader
+    import gguf as gguf_lib  # its GGUFReader looked up at call time: one_gguf_parse may share one
 
-    fields = GGUFReader(str(gguf)).fields
+    fields = gguf_lib.GGUFReader(str(gguf)).fields
     arch = fields["general.architecture"].contents()
     if arch not in GGUF_TOKENIZER_REBUILD or fields["tokenizer.ggml.model"].contents() != "llama":
         return None

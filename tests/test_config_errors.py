@@ -128,3 +128,17 @@ def test_a_models_config_is_read_once_per_process_and_again_when_rewritten(tiny_
     (d / "config.json").write_text(json.dumps({**raw, "num_hidden_layers": 1}))
     os.utime(d / "config.json", ns=(time.time_ns() + 10**9,) * 2)
     assert bb.load_config(src, cfg).num_hidden_layers == 1
+
+
+def test_a_gguf_is_parsed_once_while_converting():
+    """Inside `one_gguf_parse` every `gguf.GGUFReader(path)` of one file is the same reader (transformers parses a
+    GGUF three times while converting it: ~20 s each for Gemma-3); outside it the real class is back."""
+    import gguf
+
+    path = bb.smollm2_gguf_path()
+    real = gguf.GGUFReader
+    with bb.one_gguf_parse() as readers:
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(path) is first and len(readers) == 1
+        assert first.fields["general.architecture"].contents() == "llama"
+    assert gguf.GGUFReader is real
