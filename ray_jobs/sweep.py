@@ -85,18 +85,18 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
         examples = load_examples(tcfg)
         TrainData(tcfg, examples)  # DataError: too few examples for one batch / for val_size
         write_jsonl(examples, f)  # atomic: a concurrent or killed prepare never leaves half a file
-    write_cell_plans(sweep, resume=stored.is_file())
+    write_cell_plans(sweep, from_sweep_json=stored.is_file())  # a resume: as its trials always read it
     if not stored.is_file():
         layout.atomic_write_json(stored, {"format": SWEEP_FORMAT, "fingerprint": sweep.fingerprint(),
                                           "config": sweep.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     return sweep_dir
 
 
-def write_cell_plans(sweep: SweepConfig, resume: bool) -> None:
+def write_cell_plans(sweep: SweepConfig, from_sweep_json: bool) -> None:
     """Each cell's plan (`layout.CellPlan`: its resolved TrainConfig, resources, ...), which its trials read instead
     of the sweep's config. A resumed sweep's come from its sweep.json, as its trials' always did (resources and
     retries may differ in the config it is resumed with); a sweep prepared before plans existed gets them here."""
-    resolved = layout.read_sweep(sweep.sweep_dir) if resume else sweep
+    resolved = layout.read_sweep(sweep.sweep_dir) if from_sweep_json else sweep
     for cell in sweep.cells():
         layout.write_cell_plan(sweep.sweep_dir, layout.CellPlan.of(resolved, cell))
 
