@@ -6,7 +6,8 @@ Stages, each idempotent and runnable alone on what the previous one left in ``<s
 (layout: `sweeps.layout`):
 
 1. **prepare** (driver, no Ray): validate the config, check every base model's structure and the training data,
-   write ``sweep.json`` and the training examples (one JSONL per distinct data recipe, under ``data/``).
+   write ``sweep.json``, the training examples (one JSONL per distinct data recipe, under ``data/``) and each
+   cell's plan (``cells/``: its resolved TrainConfig, which a trial completes with its own LoRA rank, LR and seed).
 2. **train**: one Tune experiment (``tune/``). The searcher (`ray_jobs.search.CellSearcher`) visits every grid
    cell (base model x design x seed) and samples LoRA rank / LR inside it with one Optuna study per cell; ASHA
    per cell stops weak trials on the trainer's held-out metric. Each Tune trial is a driver function
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 # ====================================================================================== prepare
 def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True) -> Path:
     """Validate everything checkable before Ray (models' structure, data), create the sweep folder, write
-    ``sweep.json`` and the training data. ``resume`` requires the folder to exist with the same config."""
+    ``sweep.json``, the training data and each cell's plan. ``resume`` requires the folder to exist with the same
+    config."""
     from embed_core.data import write_jsonl
     from embed_core.train_data import TrainData, load_examples
 
@@ -83,10 +85,20 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
         examples = load_examples(tcfg)
         TrainData(tcfg, examples)  # DataError: too few examples for one batch / for val_size
         write_jsonl(examples, f)  # atomic: a concurrent or killed prepare never leaves half a file
+    write_cell_plans(sweep, from_sweep_json=stored.is_file())  # a resume: as its trials always read it
     if not stored.is_file():
         layout.atomic_write_json(stored, {"format": SWEEP_FORMAT, "fingerprint": sweep.fingerprint(),
                                           "config": sweep.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     return sweep_dir
+
+
+def write_cell_plans(sweep: SweepConfig, from_sweep_json: bool) -> None:
+    """Each cell's plan (`layout.CellPlan`: its resolved TrainConfig, resources, ...), which its trials read instead
+    of the sweep's config. A resumed sweep's come from its sweep.json, as its trials' always did (resources and
+    retries may differ in the config it is resumed with); a sweep prepared before plans existed gets them here."""
+    resolved = layout.read_sweep(sweep.sweep_dir) if from_sweep_json else sweep
+    for cell in sweep.cells():
+        layout.write_cell_plan(sweep.sweep_dir, layout.CellPlan.of(resolved, cell))
 
 
 def convert_models_once(sweep: SweepConfig) -> None:

@@ -9,8 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
-from sweeps.layout import (COMPILE_CACHE_DIR, TRAIN_DIR, WALL_FILE, atomic_write_json, data_file, read_sweep,
-                           read_wall)
+from embed_core.train_config import TrainConfig
+from sweeps.layout import COMPILE_CACHE_DIR, TRAIN_DIR, WALL_FILE, CellPlan, atomic_write_json, read_cell_plan, read_wall
 from sweeps.search import cell_of
 
 from . import compat, test_hooks
@@ -56,10 +56,19 @@ def _report_callback_class():
     return SweepReportCallback
 
 
+def trial_config(config: dict, sweep_dir: str | Path, run_dir: Path) -> tuple[CellPlan, TrainConfig]:
+    """The plan `prepare` wrote for the trial's cell and the TrainConfig of the trial's workers: the cell's, with the
+    trial's own lora_r, lr and seed, reading the cell's training data file. The sweep's config is not read."""
+    plan = read_cell_plan(sweep_dir, cell_of(config).key)
+    return plan, plan.trial_config(config["lora_r"], config["lr"], config["seed"],
+                                   train_data=[str(plan.data_path(sweep_dir))], builders=[], max_bad_fraction=0.0,
+                                   log_dir=str(run_dir / "tensorboard"))
+
+
 def trial_driver(config: dict, sweep_dir: str) -> None:
-    """One Tune trial (Ray Train V2 pattern): build the trial's TrainConfig, start a `TorchTrainer` with the
-    trial's ScalingConfig, and report its final metrics + checkpoint path to Tune. A run that failed on a CUDA
-    out-of-memory error while other trials share the GPU is started again (from its last checkpoint) once
+    """One Tune trial (Ray Train V2 pattern): build the trial's TrainConfig (`trial_config`), start a `TorchTrainer`
+    with the trial's ScalingConfig, and report its final metrics + checkpoint path to Tune. A run that failed on a
+    CUDA out-of-memory error while other trials share the GPU is started again (from its last checkpoint) once
     memory has freed, up to ``OOM_RETRIES`` times, instead of ending as ERROR."""
     import ray.tune
 
@@ -68,22 +77,19 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
     from .train import build_trainer, fit
 
     started = time.time()
-    sweep = read_sweep(sweep_dir)
     cell = cell_of(config)
-    tcfg = sweep.train_config(cell, config["lora_r"], config["lr"])
-    res = sweep.resources_for(cell)
     run_dir = Path(sweep_dir) / TRAIN_DIR / f"{cell.key}-{ray.tune.get_context().get_trial_id()}"
-    worker_cfg = tcfg.replace(train_data=[str(data_file(Path(sweep_dir), tcfg))], builders=[],
-                              max_bad_fraction=0.0, log_dir=str(run_dir / "tensorboard"))
+    plan, worker_cfg = trial_config(config, sweep_dir, run_dir)
+    res, metric = plan.resources, plan.metric
     use_gpu = bool(config["use_gpu"])
     gpus = float(config.get("gpus_per_worker") or res.gpus_per_worker)
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if use_gpu else {})}
     with WallLedger(run_dir):  # this run's wall time, summed with the trial's other runs in trials.json
         for attempt in range(OOM_RETRIES + 1):
-            trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, sweep.failure.train_max_failures,
+            trainer = build_trainer(worker_cfg, run_dir, res.num_workers, use_gpu, plan.train_max_failures,
                                     num_to_keep=1, resources_per_worker=per_worker,
                                     fault_injection=test_hooks.train_fault(config.get("test_faults"), cell, run_dir),
-                                    callbacks=[_report_callback_class()(sweep.scheduler.metric)],
+                                    callbacks=[_report_callback_class()(metric)],
                                     env=compile_cache_env(Path(sweep_dir)))
             try:
                 result = fit(trainer, run_dir)
@@ -98,15 +104,15 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
     history = state.get("history") or [{}]
     final = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
     for h in reversed(history):  # the last held-out evaluation
-        if sweep.scheduler.metric in h:
-            final.setdefault(sweep.scheduler.metric, h[sweep.scheduler.metric])
+        if metric in h:
+            final.setdefault(metric, h[metric])
             break
     mine = [h["wall_time"] for h in history if h.get("wall_time", 0) >= started]
     final.update({CHECKPOINT_PATH_KEY: result.checkpoint.path, "step": state["step"], "final": True,
                   "resumes": len(state.get("resumes", [])), "trial_started_at": started,
                   "time_to_first_step_s": (mine[0] - started) if mine else float("nan")})
-    if sweep.scheduler.metric not in final:
-        final[sweep.scheduler.metric] = float("nan")
+    if metric not in final:
+        final[metric] = float("nan")
     ray.tune.report(final)
 
 

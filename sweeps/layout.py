@@ -1,3 +1,4 @@
+# Over 500 lines: every path and record a sweep writes, with their only readers, is in this one module.
 """Every path a sweep writes and the formats its stages exchange (prepare -> train -> evaluate -> report), with
 the only readers of them. Each path is named once, here.
 
@@ -7,6 +8,7 @@ files, and each stage can run alone on what an earlier stage left (a results fol
 Layout under the sweep's storage path (``<storage>/<sweep name>/``)::
 
     sweep.json                        the resolved sweep config + its fingerprint (:func:`read_sweep`)
+    cells/<cell>.json                 each cell's resolved TrainConfig + what its trials run with (:class:`CellPlan`)
     data/train-<key>.jsonl            training examples, one file per data recipe (:func:`data_file`)
     tune/                             the one Ray Tune experiment: trial dirs ``<cell>-<trial id>``, searcher state
     train/<cell>-<trial id>/          each trial's Ray Train run: checkpoint_*/ (model + DeepSpeed state)
@@ -55,12 +57,14 @@ import numpy as np
 from embed_core import files
 from embed_core.config import dataclass_from_dict, read_versioned_json
 from embed_core.errors import ConfigError, DataError
-from sweeps.config import SweepConfig
+from embed_core.train_config import TrainConfig
+from sweeps.config import Cell, ResourcesSection, SweepConfig
 from sweeps.config_parse import parse_sweep_config
 
 __all__ = [
     "AGGREGATES",
     "BASELINE_DESIGN",
+    "CellPlan",
     "CheckpointSpec",
     "InstanceScores",
     "RunLabels",
@@ -71,15 +75,19 @@ __all__ = [
     "DRIVER_FILE",
     "RESULT_META_FILES",
     "model_dir_name",
+    "read_cell_plan",
     "read_checkpoints",
     "read_summary",
     "read_trials",
     "result_dir",
+    "write_cell_plan",
     "write_checkpoints",
     "write_trials",
 ]
 
 SWEEP_FILE = "sweep.json"
+CELLS_DIR = "cells"  # cells/<cell key>.json: what prepare resolved for one cell's trials (:class:`CellPlan`)
+CELL_FORMAT = "embed_sweeps.cell/v1"
 TRIALS_FILE = "trials.json"
 CHECKPOINTS_FILE = "checkpoints.json"
 RESULTS_DIR = "results"
@@ -150,6 +158,15 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{what} {str(path)!r} is not valid JSON: {err}") from None
+
+
+def _without_format(d: dict[str, Any], fmt: str, what: str) -> dict[str, Any]:
+    """A record's fields: `d` without its "format", which must be `fmt` (DataError: "<what> format ...")."""
+    d = dict(d)
+    found = d.pop("format", None)
+    if found != fmt:
+        raise DataError(f"{what} format {found!r}, this version reads {fmt!r}")
+    return d
 
 
 # ====================================================================================== records
@@ -348,11 +365,7 @@ class InstanceScores:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InstanceScores":
-        d = dict(d)
-        fmt = d.pop("format", None)
-        if fmt != cls.FORMAT:
-            raise DataError(f"instance scores have format {fmt!r}, this version reads {cls.FORMAT!r}")
-        return dataclass_from_dict(cls, d)
+        return dataclass_from_dict(cls, _without_format(d, cls.FORMAT, "instance scores have"))
 
     @staticmethod
     def file_name(task: str, split: str = "test", subset: str = "default") -> str:
@@ -419,6 +432,85 @@ def data_key(tcfg) -> str:
 def data_file(sweep_dir: Path, tcfg) -> Path:
     """The JSONL file `prepare` writes for the training data of `tcfg` (a TrainConfig)."""
     return Path(sweep_dir) / DATA_DIR / f"train-{data_key(tcfg)}.jsonl"
+
+
+# ====================================================================================== each cell's plan
+@dataclass(frozen=True)
+class CellPlan:
+    """What `prepare` resolved for one grid cell, once, for each of its trials (``cells/<cell key>.json``): a
+    trial reads this instead of the sweep's config.
+
+    train_config: the cell's TrainConfig (``to_dict()``): the sweep's model and training sections with the cell's
+        overrides applied, validated for the cell's number of workers; the values a trial owns (``model.lora_r``,
+        ``lr``, ``seed``) are null until :meth:`trial_config` sets them.
+    data_file: the cell's training examples, relative to the sweep folder (:func:`data_file`).
+    resources / train_max_failures / metric: the cell's resources (after its overrides), Ray Train's restarts of
+        its worker group, the scheduler's metric. source: the config file it came from, for error messages.
+    """
+
+    cell: str
+    train_config: dict
+    data_file: str
+    resources: ResourcesSection
+    train_max_failures: int
+    metric: str
+    source: str = "<dict>"
+
+    FORMAT = CELL_FORMAT
+
+    @classmethod
+    def of(cls, sweep: SweepConfig, cell: Cell) -> "CellPlan":
+        """The plan of `cell` of `sweep` (ConfigError naming the cell)."""
+        tcfg = sweep.train_config(cell, *sweep.probe_values())  # validated here, for every trial of the cell
+        d = tcfg.to_dict()
+        d["model"]["lora_r"] = d["lr"] = d["seed"] = None  # placeholders: each trial sets its own
+        return cls(cell=cell.key, train_config=d, data_file=data_file(Path(), tcfg).as_posix(),
+                   resources=sweep.resources_for(cell), train_max_failures=sweep.failure.train_max_failures,
+                   metric=sweep.scheduler.metric, source=sweep.source)
+
+    def trial_config(self, lora_r: int, lr: float, seed: int, **worker: Any) -> TrainConfig:
+        """The trial's TrainConfig: this cell's with the trial's `lora_r`, `lr`, `seed` (equal to
+        ``SweepConfig.train_config(cell, lora_r, lr)``), and `worker`'s fields (what the trial's workers read
+        instead: the data file, say); validated once (ConfigError naming the cell)."""
+        d = dict(self.train_config, model=dict(self.train_config["model"], lora_r=int(lora_r)), lr=float(lr),
+                 seed=int(seed), **worker)
+        try:
+            return TrainConfig.from_dict(d)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"sweep config {self.source}: cell {self.cell}: {e}") from None
+
+    def data_path(self, sweep_dir: str | os.PathLike) -> Path:
+        """The cell's training data file in `sweep_dir` (wherever the sweep folder is now)."""
+        return Path(sweep_dir) / self.data_file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "format": self.FORMAT}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CellPlan":
+        d = _without_format(d, cls.FORMAT, "cell plan has")
+        d["resources"] = dataclass_from_dict(ResourcesSection, d.get("resources") or {})
+        return dataclass_from_dict(cls, d)
+
+
+def cell_plan_file(sweep_dir: str | os.PathLike, cell_key: str) -> Path:
+    return Path(sweep_dir) / CELLS_DIR / f"{cell_key}.json"
+
+
+def write_cell_plan(sweep_dir: str | os.PathLike, plan: CellPlan) -> Path:
+    return atomic_write_json(cell_plan_file(sweep_dir, plan.cell), plan.to_dict())
+
+
+def read_cell_plan(sweep_dir: str | os.PathLike, cell_key: str) -> CellPlan:
+    """The plan `prepare` wrote for cell `cell_key` of the sweep in `sweep_dir`; DataError naming the file."""
+    p = cell_plan_file(sweep_dir, cell_key)
+    if not p.is_file():
+        raise DataError(f"cell plan {str(p)!r} does not exist: the sweep was not prepared for cell {cell_key!r} "
+                        "(run it again with --resume: prepare writes it)")
+    try:
+        return CellPlan.from_dict(_read_json(p, "cell plan"))
+    except (AttributeError, TypeError, ConfigError) as err:
+        raise DataError(f"cell plan {str(p)!r} is not one (layout.write_cell_plan): {err}") from None
 
 
 # ====================================================================================== mteb results
