@@ -259,12 +259,16 @@ def _run_or_check(args) -> int:
     return 0
 
 
-def _train(args) -> int:
-    """One training run: the options as a TrainConfig (validated before Ray starts) and how to run it."""
+def train_config_from_args(args) -> TrainConfig:
+    """`train`'s options as a TrainConfig, validated before Ray starts (the run options stay in `args`)."""
     model = {k: getattr(args, k) for k in MODEL_FIELDS}
     skip = set(MODEL_FIELDS) | set(RUN_FIELDS) | {"command"}
-    cfg = TrainConfig(model=model, **{k: v for k, v in vars(args).items() if k not in skip})
-    return _ray_jobs().train(cfg, **{k: getattr(args, k) for k in RUN_FIELDS})
+    return TrainConfig(model=model, **{k: v for k, v in vars(args).items() if k not in skip})
+
+
+def _train(args) -> int:
+    """One training run: the options as a TrainConfig and how to run it."""
+    return _ray_jobs().train(train_config_from_args(args), **{k: getattr(args, k) for k in RUN_FIELDS})
 
 
 def _evaluate(args) -> int:

@@ -159,13 +159,13 @@ def test_run_training_rejects_bad_config_and_data_before_ray(tiny_dirs, train_fi
 
 
 def test_cli_arguments_build_the_config(tmp_path):
-    from ray_jobs.train import build_parser, config_from_args
+    from sweeps.cli import build_parser, train_config_from_args
 
     args = build_parser().parse_args(
-        ["--base-model", "/m", "--pooling", "mean", "--attention", "bidirectional", "--num-workers", "2",
+        ["train", "--base-model", "/m", "--pooling", "mean", "--attention", "bidirectional", "--num-workers", "2",
          "--zero-stage", "3", "--max-steps", "3", "--batch-size", "16", "--max-length", "64", "--chunk-size", "4",
          "--train-data", "a.jsonl", "b.jsonl", "--output", str(tmp_path)])
-    tcfg = config_from_args(args)
+    tcfg = train_config_from_args(args)
     assert (tcfg.model.pooling, tcfg.model.attention, tcfg.model.max_length) == ("mean", "bidirectional", 64)
     assert (tcfg.zero_stage, tcfg.max_steps, tcfg.batch_size, tcfg.chunk_size) == (3, 3, 16, 4)
     assert tcfg.train_data == ["a.jsonl", "b.jsonl"] and args.num_workers == 2
