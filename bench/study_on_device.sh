@@ -19,13 +19,12 @@
 set -u
 STATE=${STATE:-/tmp/study_state}
 LIMIT=${LIMIT:-570}                      # seconds this call may use (the device's per-call limit is 600)
-# studies/h100 holds seed 0 of both base models (2026-12-06); the others, larger parts sharing one start-up
-# (7 trials at a time fit an 80 GB GPU):
-PARTS=${PARTS:-"seed=1|2,base_model=smollm2-135m seed=1|2,base_model=gemma3-270m"}
+# studies/h100 holds seed 0 of both base models (2026-12-06); the other seeds, one a part (both models each):
+PARTS=${PARTS:-"seed=1 seed=2"}
 PROBE=${PROBE:-0}                        # 1: probe Gemma's attention first (FlexAttention trained it on an H100)
 AFTER_TRAIN=${AFTER_TRAIN:-evaluate}     # the report is built after merging, on any machine
 PROBE_PART=${PROBE_PART:-seed=0,base_model=gemma3-270m}
-ISOLATED=${ISOLATED:-1}                  # 0: skip the Trainer-alone baseline of a seed=0 part (its compile costs minutes)
+ISOLATED=${ISOLATED:-1}                  # 0: skip the Trainer-alone baseline of the first part's first model
 EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
 while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${STUDY_SETS:-}"
 START=$(date +%s)
@@ -73,7 +72,7 @@ for part in $PARTS; do
   done
   n=$(ls "$STATE"/bench_p${i}_*.json 2>/dev/null | wc -l)
   iso=(--skip-isolated)
-  [ "$ISOLATED" = 1 ] && [ "$n" = 0 ] && [[ "$part" == seed=0,* ]] && iso=(--isolated-steps 10 --warmup 4)   # the Trainer alone, once a model
+  [ "$ISOLATED" = 1 ] && [ "$n" = 0 ] && [ "$i" = 1 ] && iso=(--isolated-steps 20 --warmup 4)   # the Trainer alone, once
   echo "study: part $i ($part), call $((n + 1)) for it, $(left) s left"
   python -m bench.sweep_gpu --config study --part "$part" "${SETS[@]}" --storage "$storage" \
     --out "$STATE/bench_p${i}_$n.json" --archive "$STATE/part_p$i.tar.gz" --time-limit $(( $(left) - 25 )) --after-train "$AFTER_TRAIN" "${iso[@]}" \

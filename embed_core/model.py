@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import attention as attn
 from . import packing as pk
 from .backbone import Preflight, load_backbone, load_tokenizer, preflight, prepare_tokenizer, torch_dtype
-from .config import EmbedConfig, read_versioned_json
+from .config import RUNTIME_FIELDS, EmbedConfig, read_versioned_json
 from .errors import ConfigError
 from .fused_lora import fuse_lora
 from .pooling import PoolingHead, build_pooling
@@ -52,8 +52,6 @@ def _apply_lora(backbone: nn.Module, cfg: EmbedConfig, targets: list[str]) -> nn
     return get_peft_model(backbone, lcfg, autocast_adapter_dtype=False)
 
 
-# config fields that change how a model runs, not what it computes (the checkpoint's fingerprint keeps its name)
-RUNTIME_FIELDS = frozenset({"attn_implementation", "compile", "pack_tokens", "fused_lora"})
 
 
 class EmbeddingModel(nn.Module):

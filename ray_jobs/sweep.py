@@ -60,7 +60,7 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
         if not resume:
             raise ConfigError(f"sweep {sweep.name!r} already exists at {sweep_dir}: add --resume to continue it, "
                               "or give the sweep another name (--set name=...) or --storage path")
-        if old.get("fingerprint") != sweep.fingerprint():
+        if layout.read_sweep(sweep_dir).fingerprint() != sweep.fingerprint():  # as this version computes it
             diff = sorted(k for k in set(old["config"]) | set(sweep.raw)
                           if k != "storage_path" and old["config"].get(k) != sweep.raw.get(k))
             raise ConfigError(f"--resume: the config differs from the one sweep {sweep.name!r} was started with "

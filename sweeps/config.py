@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embed_core.config import is_int, is_number
+from embed_core.config import RUNTIME_FIELDS, is_int, is_number
 from embed_core.errors import ConfigError
 from embed_core.train_config import TrainConfig
 
@@ -256,6 +256,27 @@ class Override:
 
 
 FINGERPRINT_IGNORES = ("storage_path", "tracking", "description", "resources", "failure")
+EVAL_RESOURCES = ("num_cpus", "num_gpus")   # evaluation keys that say where it runs, not what it scores
+
+
+def _fingerprint_view(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config without what only decides how fast or where it runs: the model's runtime fields (attention
+    kernel, compile, fused LoRA, pack size compute the same function), the evaluation's resources, and the keys
+    of FINGERPRINT_IGNORES. Parts of one sweep may so run on other cards or kernels and still merge."""
+    d = {k: copy.deepcopy(v) for k, v in raw.items() if k not in FINGERPRINT_IGNORES}
+    for m in [d.get("model")] + [o.get("model") for o in d.get("overrides") or [] if isinstance(o, dict)]:
+        if isinstance(m, dict):
+            for k in RUNTIME_FIELDS:
+                m.pop(k, None)
+    if isinstance(d.get("overrides"), list):
+        d["overrides"] = [o for o in d["overrides"]
+                          if not isinstance(o, dict) or any(v for k, v in o.items() if k != "match")]
+        if not d["overrides"]:
+            del d["overrides"]
+    if isinstance(d.get("evaluation"), dict):
+        for k in EVAL_RESOURCES:
+            d["evaluation"].pop(k, None)
+    return {k: v for k, v in d.items() if v != {}}  # a section left empty is one not given
 
 
 # ====================================================================================== cells
@@ -373,9 +394,10 @@ class SweepConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that decides what the sweep trains and evaluates: not where it is stored or tracked,
-        its description, nor the resources and retries it runs with (a part run on a bigger GPU, or a resume with
-        another GPU share, is the same sweep)."""
-        d = {k: v for k, v in self.raw.items() if k not in FINGERPRINT_IGNORES}
+        its description, the resources and retries it runs with, nor the kernels that compute the same function
+        (:func:`_fingerprint_view`): a part run on a bigger GPU, with another GPU share or without compile, is the
+        same sweep."""
+        d = _fingerprint_view(self.raw)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:

@@ -133,6 +133,18 @@ def test_fingerprint_ignores_where_and_how_only() -> None:
     assert a.fingerprint() != cfg(training__max_steps=7).fingerprint()
 
 
+def test_fingerprint_ignores_the_kernels_that_compute_the_same_function() -> None:
+    """A part run without compile, with another attention kernel or evaluation share merges with the others;
+    anything that changes what is trained or scored does not."""
+    a = cfg()
+    same = [cfg(model__compile=True), cfg(model__attn_implementation="flash_varlen", model__fused_lora=True),
+            cfg(evaluation__num_gpus=0.5, evaluation__num_cpus=3),
+            cfg(overrides=[{"match": {"seed": 0}, "model": {"attn_implementation": "eager"}}])]
+    assert {c.fingerprint() for c in same} == {a.fingerprint()}
+    assert a.fingerprint() != cfg(model__max_length=64).fingerprint()
+    assert a.fingerprint() != cfg(overrides=[{"match": {"seed": 0}, "model": {"max_length": 64}}]).fingerprint()
+
+
 # ====================================================================================== searcher / scheduler
 def _drive(searcher: CellSearcher, n: int, start: int = 0) -> list[dict]:
     out = []
