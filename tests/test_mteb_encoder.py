@@ -73,3 +73,22 @@ def test_instructions_go_to_queries_not_documents(tiny_dirs):
     np.testing.assert_allclose(d, plain, atol=1e-6)
     assert np.abs(q - plain).max() > 1e-3
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, rtol=1e-5)
+
+
+def test_small_similarity_products_stay_on_the_cpu(monkeypatch):
+    """mteb's device choice is wrapped so that a one-row similarity never pays a GPU round trip; a product above
+    the threshold keeps mteb's choice, and wrapping twice is a no-op. The choice mteb would make is pinned to
+    CUDA (there is none here) to see the wrapper decide."""
+    import mteb.similarity_functions as sf
+    import torch
+
+    from embed_core.mteb_encoder import SMALL_SCORING_MACS, keep_small_scoring_on_cpu
+
+    monkeypatch.setattr(sf, "_select_device", lambda a, b: torch.device("cuda"))
+    keep_small_scoring_on_cpu()
+    keep_small_scoring_on_cpu()
+    one, few = torch.zeros(640), torch.zeros(11, 640)
+    assert sf._select_device(one, few) == torch.device("cpu")
+    rows = SMALL_SCORING_MACS // 640 + 1
+    assert sf._select_device(torch.zeros(rows, 640), torch.zeros(2, 640)) == torch.device("cuda")
+    assert sf._select_device.keeps_small_on_cpu and sf.cos_sim(one, few).shape == (1, 11)
