@@ -39,7 +39,8 @@ def trial_memory(sweep: SweepConfig, cell: Cell, examples: list) -> MemoryEstima
     texts = [[fmt(ex.query, ex.instruction), ex.positive, *ex.negatives[: tcfg.num_negatives]] for ex in examples]
     tokens = forward_tokens(texts, tcfg.batch_size, workers, tcfg.chunk_size, tcfg.packing, tcfg.model.max_length)
     dtype_bytes = 4 if tcfg.precision == "fp32" else 2
-    return estimate(c["params"], c["trainable"], c["layers"], c["hidden"], c["intermediate"], tokens, dtype_bytes)
+    return estimate(c["params"], c["trainable"], c["layers"], c["hidden"], c["intermediate"], tokens, dtype_bytes,
+                    compiled=tcfg.model.compile)
 
 
 def memory_plan(sweep: SweepConfig, examples: list) -> dict[str, MemoryEstimate]:
