@@ -312,12 +312,13 @@ def main() -> int:
     out["gpu_samples"] = [(round(t - start, 2), u, round(m)) for t, u, m in sampler.samples[::4]]
     save()
     if args.archive and sweep_dir.is_dir():
+        from sweeps import layout
         with tarfile.open(args.archive, "w:gz") as tar:
             for name in ("sweep.json", "trials.json", "checkpoints.json", "results", "report"):
                 if (sweep_dir / name).exists():
                     tar.add(sweep_dir / name, arcname=f"{sweep.name}/{name}")
             for run, h in hist.items():  # the training curves, without weights
-                tar.addfile(*_json_member(f"{sweep.name}/histories/{run}.json", h))
+                tar.addfile(*_json_member(f"{sweep.name}/{layout.HISTORIES_DIR}/{run}.json", h))
     print(json.dumps({k: out.get(k) for k in ("device", "isolated_step_s", "in_sweep_step_s", "in_sweep_vs_isolated",
                                                "gpu_busy_fraction_training", "train_stage_s", "eval_stage_s",
                                                "total_s", "trials_error")}, indent=1, default=str))

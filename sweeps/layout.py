@@ -20,6 +20,8 @@ Layout under the sweep's storage path (``<storage>/<sweep name>/``)::
     results/<model>/<revision>/run_labels.json      RunLabels: which design / seed / trial this is
     results/<model>/<revision>/instances/<Task>.json  InstanceScores: per-instance scores
     report/report.md, report.html, *.png, summary.json  the significance report
+    histories/<cell>-<trial id>.json  a trial's per-step metrics (a part brought back without its train/ folder)
+    parts.json                        a merged sweep: each part's cells and runtime settings (sweeps.merge)
     mlruns/mlflow.db, mlruns/artifacts/             MLflow's store when ``tracking.mlflow`` has no tracking_uri
     wandb/                                          W&B's run files (``tracking.wandb``; offline runs: wandb sync)
 
@@ -82,7 +84,9 @@ __all__ = [
     "result_dir",
     "write_cell_plan",
     "write_checkpoints",
+    "write_parts",
     "write_trials",
+    "read_parts",
 ]
 
 SWEEP_FILE = "sweep.json"
@@ -92,6 +96,8 @@ TRIALS_FILE = "trials.json"
 CHECKPOINTS_FILE = "checkpoints.json"
 RESULTS_DIR = "results"
 REPORT_DIR = "report"
+HISTORIES_DIR = "histories"  # histories/<trial run>.json: a trial's per-step metrics, kept when train/ is not
+PARTS_FILE = "parts.json"  # a merged sweep's parts: which cells each ran, with what runtime (sweeps.merge)
 SUMMARY_FILE = "summary.json"  # in REPORT_DIR: the report as JSON (:func:`read_summary`)
 LABELS_FILE = "run_labels.json"
 INSTANCES_DIR = "instances"
@@ -413,6 +419,20 @@ def aggregate(kind: str, *, values=None, pred=None, gold=None, index=None) -> fl
 
 
 # ====================================================================================== sweep.json, training data
+PARTS_FORMAT = "embed_sweeps.parts/v1"
+
+
+def read_parts(sweep_dir: str | os.PathLike) -> list[dict]:
+    """A merged sweep's parts.json entries ({from, cells, runs_with}); [] before its first merge."""
+    if not (Path(sweep_dir) / PARTS_FILE).is_file():
+        return []
+    return list(read_versioned_json(sweep_dir, PARTS_FILE, PARTS_FORMAT, "a merged sweep")["parts"])
+
+
+def write_parts(sweep_dir: str | os.PathLike, parts: list[dict]) -> None:
+    atomic_write_json(Path(sweep_dir) / PARTS_FILE, {"format": PARTS_FORMAT, "parts": parts})
+
+
 def read_sweep(sweep_dir: str | os.PathLike) -> SweepConfig:
     """The SweepConfig a sweep folder was started with (``sweep.json``)."""
     p = Path(sweep_dir) / SWEEP_FILE

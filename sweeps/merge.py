@@ -7,14 +7,40 @@ from pathlib import Path
 
 from embed_core.errors import ConfigError
 
+from embed_core.config import RUNTIME_FIELDS
+
 from . import layout
+from .config import EVAL_RESOURCES, SweepConfig
 from .layout import read_sweep
+
+def runs_with(sweep: SweepConfig) -> dict:
+    """What a part's fingerprint leaves out but a reader of the merged results should see: the model's runtime
+    fields (kernels, compile), its resources and the evaluation's."""
+    raw = sweep.raw
+    return {"model": {k: v for k, v in (raw.get("model") or {}).items() if k in RUNTIME_FIELDS},
+            "resources": dict(raw.get("resources") or {}),
+            "evaluation": {k: v for k, v in (raw.get("evaluation") or {}).items() if k in EVAL_RESOURCES}}
+
+
+def _record_parts(out: Path, parts: list[Path], sweeps: list[SweepConfig]) -> None:
+    """parts.json: one entry per merged folder (the first merge also records what `out` already held)."""
+    known = layout.read_parts(out)
+    if not known and (out / layout.TRIALS_FILE).is_file():
+        known.append({"from": str(out), "cells": sorted({t.cell for t in layout.read_trials(out)}),
+                      "runs_with": runs_with(read_sweep(out))})
+    for p, sw in zip(parts, sweeps):
+        cells = sorted({t.cell for t in layout.read_trials(p)}) if (p / layout.TRIALS_FILE).is_file() else []
+        known = [k for k in known if k["from"] != str(p)] + [{"from": str(p), "cells": cells, "runs_with": runs_with(sw)}]
+    layout.write_parts(out, known)
+
 
 def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) -> Path:
     """Merge sweep folders that each ran a part of the same sweep (``run --part``) into `out_dir`: one
-    ``sweep.json`` (the fingerprints must agree), the union of ``trials.json`` and ``checkpoints.json``, and every
-    result file (a checkpoint evaluated in two parts, the reference say, is kept once). ``sweeps report OUT``
-    then builds the report of the whole. Training folders (tune/, train/) are not copied."""
+    ``sweep.json`` (the fingerprints must agree), the union of ``trials.json`` and ``checkpoints.json``, every
+    result file (a checkpoint evaluated in two parts, the reference say, is kept once) and training history, and
+    ``parts.json`` saying which cells each part ran with which kernels and resources (the fingerprint allows
+    them to differ). ``sweeps report OUT`` then builds the report of the whole. Training folders (tune/, train/)
+    are not copied."""
 
     out = Path(out_dir)
     parts = [Path(p) for p in part_dirs]
@@ -28,18 +54,20 @@ def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) 
         shutil.copy2(parts[0] / layout.SWEEP_FILE, out / layout.SWEEP_FILE)
     elif read_sweep(out).fingerprint() not in prints:
         raise ConfigError(f"{out} holds another sweep (its sweep.json fingerprint differs from the parts')")
+    _record_parts(out, parts, sweeps)
     trials, specs = {}, {}
     for src in [out, *parts]:
         if (src / layout.TRIALS_FILE).is_file():
             trials.update({(t.cell, t.trial_id): t for t in layout.read_trials(src)})
         if (src / layout.CHECKPOINTS_FILE).is_file():
             specs.update({(s.name, s.labels.trial_id): s for s in layout.read_checkpoints(src)})
-        results = src / layout.RESULTS_DIR
-        for f in sorted(results.rglob("*")) if src != out and results.is_dir() else []:
-            dest = out / layout.RESULTS_DIR / f.relative_to(results)
-            if f.is_file() and not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, dest)
+        for sub in (layout.RESULTS_DIR, layout.HISTORIES_DIR) if src != out else ():
+            tree = src / sub
+            for f in sorted(tree.rglob("*")) if tree.is_dir() else []:
+                dest = out / sub / f.relative_to(tree)
+                if f.is_file() and not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, dest)
     layout.write_trials(out, sorted(trials.values(), key=lambda t: (t.cell, t.trial_id)))
     layout.write_checkpoints(out, sorted(specs.values(), key=lambda s: (s.name, s.labels.trial_id)))
     return out

@@ -60,9 +60,34 @@ def test_merge_parts_unions_records_and_results(tmp_path):
     assert f"{len(trials)} started" in shown and all(t.trial_id in shown for t in trials)
     merge_parts(out, [a])  # merging a part again changes nothing
     assert len(layout.read_trials(out)) == len(trials) and files(out) == sorted(files(a) + files(b))
+    assert [p["from"] for p in layout.read_parts(out)] == [str(b), str(a)]  # a part merged again: its latest entry
+    assert {c for p in layout.read_parts(out) for c in p["cells"]} == {t.cell for t in trials}
     other = _part(tmp_path, "c", load_sweep_config("demo"), "synthetic/base-C", 2)
     with pytest.raises(ConfigError, match="different sweep configs"):
         merge_parts(tmp_path / "m2" / "x", [a, other])
+
+
+def test_merge_keeps_histories_and_says_how_each_part_ran(tmp_path):
+    """Parts that ran with other kernels (compile, attention) or GPU shares merge -- the fingerprint leaves those
+    out -- and parts.json records each part's cells with them; the training histories come along; the folder's
+    own trials before its first recorded merge are an entry of their own."""
+    study = load_sweep_config("study")
+    a = _part(tmp_path, "a", study, "synthetic/base-A", 0)
+    eager = load_sweep_config("study", ["model.compile=false", "model.attn_implementation=flash_varlen",
+                                        "resources.gpus_per_worker=0.25"])
+    b = _part(tmp_path, "b", eager, "synthetic/base-B", 1)
+    (b / layout.HISTORIES_DIR).mkdir()
+    (b / layout.HISTORIES_DIR / "run-1.json").write_text("[]")
+    out = merge_parts(tmp_path / "merged" / "study", [a])
+    (out / layout.PARTS_FILE).unlink()  # as a folder merged before parts.json existed
+    merge_parts(out, [b])
+    parts = layout.read_parts(out)
+    assert [p["from"] for p in parts] == [str(out), str(b)]
+    assert parts[1]["runs_with"]["model"] == {"compile": False, "attn_implementation": "flash_varlen",
+                                              "fused_lora": True}
+    assert parts[1]["runs_with"]["resources"]["gpus_per_worker"] == 0.25
+    assert parts[0]["cells"] == sorted({t.cell for t in layout.read_trials(a)})
+    assert (out / layout.HISTORIES_DIR / "run-1.json").read_text() == "[]"
 
 
 def test_bench_throughput_counts_concurrent_trials():
