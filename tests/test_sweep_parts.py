@@ -71,8 +71,8 @@ def test_merge_keeps_histories_and_says_how_each_part_ran(tmp_path):
     """Parts that ran with other kernels (compile, attention) or GPU shares merge -- the fingerprint leaves those
     out -- and parts.json records each part's cells with them; the training histories come along; the folder's
     own trials before its first recorded merge are an entry of their own."""
-    study = load_sweep_config("study")
-    a = _part(tmp_path, "a", study, "synthetic/base-A", 0)
+    compiled = load_sweep_config("study", ["model.compile=true", "model.attn_implementation=flex_attention"])
+    a = _part(tmp_path, "a", compiled, "synthetic/base-A", 0)
     eager = load_sweep_config("study", ["model.compile=false", "model.attn_implementation=flash_varlen",
                                         "resources.gpus_per_worker=0.25"])
     b = _part(tmp_path, "b", eager, "synthetic/base-B", 1)
@@ -87,6 +87,7 @@ def test_merge_keeps_histories_and_says_how_each_part_ran(tmp_path):
                                               "fused_lora": True}
     assert parts[1]["runs_with"]["resources"]["gpus_per_worker"] == 0.25
     assert parts[0]["cells"] == sorted({t.cell for t in layout.read_trials(a)})
+    assert parts[0]["runs_with"]["model"]["compile"] is True
     assert (out / layout.HISTORIES_DIR / "run-1.json").read_text() == "[]"
 
 
