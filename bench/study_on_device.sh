@@ -19,8 +19,8 @@
 set -u
 STATE=${STATE:-/tmp/study_state}
 LIMIT=${LIMIT:-570}                      # seconds this call may use (the device's per-call limit is 600)
-# studies/h100 holds seed 0 of both base models (2026-12-06); the other seeds, one a part (both models each):
-PARTS=${PARTS:-"seed=1 seed=2"}
+# studies/h100 holds seeds 0 and 1 of both base models (2026-12-06); the last seed, both models in one part:
+PARTS=${PARTS:-"seed=2"}
 PROBE=${PROBE:-0}                        # 1: probe Gemma's attention first (FlexAttention trained it on an H100)
 AFTER_TRAIN=${AFTER_TRAIN:-evaluate}     # the report is built after merging, on any machine
 PROBE_PART=${PROBE_PART:-seed=0,base_model=gemma3-270m}
