@@ -125,7 +125,7 @@ def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
     with an empty max()); one estimate per model, the largest design's; the GPU share is raised only when needed."""
     import yaml
 
-    from embed_core.memory import gpu_share
+    from embed_core.memory import EAGER_ACTIVATIONS, estimate, gpu_share
     from embed_core.train_data import load_examples
     from sweeps.config_parse import load_sweep_config
     from sweeps.resources import memory_plan
@@ -143,6 +143,15 @@ def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
     assert list(plan) == [str(tiny_dirs["qwen2"])]
     est = plan[str(tiny_dirs["qwen2"])]
     assert 0 < est.tokens_per_forward and est.total_gib > est.activations_gib > 0
+    compiled_sweep = load_sweep_config(str(tmp_path / "mem.yaml"), ["model.compile=true"])
+    compiled = memory_plan(compiled_sweep.with_part(f"base_model={tiny_dirs['qwen2']},seed=1"),
+                           examples)[str(tiny_dirs["qwen2"])]
+    # eager layers keep every elementwise op's output: more activations than compiled ones, same weights
+    assert est.activations_gib > compiled.activations_gib and est.weights_gib == compiled.weights_gib
+    smollm2 = dict(n_params=134_515_008, n_trainable=4_884_480, num_layers=30, hidden=576, intermediate=1536,
+                   tokens=15_000)
+    eager, fused = estimate(**smollm2, compiled=False), estimate(**smollm2)
+    assert eager.activations_gib == pytest.approx(fused.activations_gib * EAGER_ACTIVATIONS, rel=1e-3)
     assert gpu_share(10.0, 80.0, 0.125) == 0.125          # 10 GiB of an 80 GiB GPU holds it
     assert gpu_share(12.0, 80.0, 0.125) == pytest.approx(1 / 6)  # raised to the largest 1/k that does
     with pytest.raises(ValueError, match="needs"):
