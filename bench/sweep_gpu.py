@@ -141,6 +141,26 @@ def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -
     return out
 
 
+def eval_profile(results_dir: Path, since: float) -> dict:
+    """Per task, where the evaluation's time went, from mteb's own phases in each task JSON written after `since`
+    (this call's): mean seconds a checkpoint of the whole task, its encoding and mteb's scoring, over n files."""
+    acc: dict[str, list[tuple[float, float, float]]] = {}
+    for f in results_dir.glob("*/*/*.json"):
+        if f.stat().st_mtime < since:
+            continue
+        d = json.loads(f.read_text())
+        phases = d.get("evaluation_phases") if isinstance(d, dict) else None
+        if not phases:
+            continue
+        span = lambda p: p["end"] - p["start"]  # noqa: E731
+        acc.setdefault(d["task_name"], []).append(
+            (d.get("evaluation_time", 0.0), sum(span(p) for p in phases if p["name"].startswith("Encoding")),
+             sum(span(p) for p in phases if p["name"] == "Scoring")))
+    return {t: {"n": len(v), **{k: round(statistics.mean(x[i] for x in v), 2)
+                                for i, k in enumerate(("task_s", "encoding_s", "scoring_s"))}}
+            for t, v in sorted(acc.items())}
+
+
 def throughput(histories: dict[str, list[dict]], iso_tokens_per_s: float | None) -> dict:
     """Per-trial step times and, second by second, the tokens/s of all trials stepping, against the Trainer alone."""
     spans, per_trial = [], {}
@@ -291,6 +311,7 @@ def main() -> int:
         out["after_train"] = args.after_train
         out["eval_rc"] = rc
         out["eval_gpu_busy"] = sampler.busy(t_train_end, time.time())
+        out["eval_profile"] = eval_profile(Path(args.storage) / sweep.name / "results", t_train_end)
     sampler.halt.set()
     out["total_s"] = round(time.time() - start, 1)
     sweep_dir = Path(args.storage) / sweep.name

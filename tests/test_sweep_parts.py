@@ -104,6 +104,28 @@ def test_bench_throughput_counts_concurrent_trials():
     assert out["concurrent_trials_median"] == 2 and out["in_sweep_vs_isolated"] == pytest.approx(2.0)
 
 
+def test_bench_eval_profile_reads_mteb_phases_of_this_call(tmp_path):
+    """The bench's evaluation profile: per task, mean whole / encoding / scoring seconds from mteb's phases,
+    only from the task files this call wrote (a reference evaluated in an earlier call does not count)."""
+    import os
+
+    from bench.sweep_gpu import eval_profile
+
+    def task_json(path, t, enc, score):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task_name": t, "evaluation_time": enc + score + 1, "evaluation_phases": [
+            {"name": "Data loading", "start": 0, "end": 1}, {"name": "Encoding queries", "start": 1, "end": 1 + enc},
+            {"name": "Scoring", "start": 1 + enc, "end": 1 + enc + score}]}))
+
+    task_json(tmp_path / "m1" / "r1" / "SummEval.json", "SummEval", 2.0, 90.0)
+    task_json(tmp_path / "m2" / "r2" / "SummEval.json", "SummEval", 4.0, 2.0)
+    task_json(tmp_path / "ref" / "r0" / "SummEval.json", "SummEval", 100.0, 100.0)
+    (tmp_path / "m1" / "r1" / "run_labels.json").write_text("{}")
+    os.utime(tmp_path / "ref" / "r0" / "SummEval.json", (1000, 1000))
+    prof = eval_profile(tmp_path, since=2000)
+    assert prof == {"SummEval": {"n": 2, "task_s": 50.0, "encoding_s": 3.0, "scoring_s": 46.0}}
+
+
 def test_bench_startup_profile_of_a_resumed_trial_is_its_last_run():
     """A trial interrupted and resumed has two first steps in its history (one per run); its start-up profile is
     the last run's, measured from the trial start Tune kept (the earlier run's would give a negative worker
