@@ -144,6 +144,9 @@ def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -
 def eval_profile(results_dir: Path, since: float) -> dict:
     """Per task, where the evaluation's time went, from mteb's own phases in each task JSON written after `since`
     (this call's): mean seconds a checkpoint of the whole task, its encoding and mteb's scoring, over n files."""
+    def span(p: dict) -> float:
+        return p["end"] - p["start"]
+
     acc: dict[str, list[tuple[float, float, float]]] = {}
     for f in results_dir.glob("*/*/*.json"):
         if f.stat().st_mtime < since:
@@ -152,7 +155,6 @@ def eval_profile(results_dir: Path, since: float) -> dict:
         phases = d.get("evaluation_phases") if isinstance(d, dict) else None
         if not phases:
             continue
-        span = lambda p: p["end"] - p["start"]  # noqa: E731
         acc.setdefault(d["task_name"], []).append(
             (d.get("evaluation_time", 0.0), sum(span(p) for p in phases if p["name"].startswith("Encoding")),
              sum(span(p) for p in phases if p["name"] == "Scoring")))

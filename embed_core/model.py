@@ -52,8 +52,6 @@ def _apply_lora(backbone: nn.Module, cfg: EmbedConfig, targets: list[str]) -> nn
     return get_peft_model(backbone, lcfg, autocast_adapter_dtype=False)
 
 
-
-
 class EmbeddingModel(nn.Module):
     """backbone (PeftModel when lora_r > 0) + pooling head + tokenizer + config."""
 

@@ -315,7 +315,11 @@ class _ArrowLabels:
 
     def __init__(self, split: Any, column: str) -> None:
         self._split, self._column = split, column
-        self._labels = split.with_format("arrow")[column].to_pylist()
+        self._labels = self.read(split, column)
+
+    @staticmethod
+    def read(split: Any, column: str) -> list:
+        return split.with_format("arrow")[column].to_pylist()
 
     def __getitem__(self, key: Any) -> Any:
         return self._labels if key == self._column else self._split[key]
@@ -338,7 +342,7 @@ class _FastLabelsMixin:
 
     def _calculate_scores(self, y_test: Any, y_pred: Any) -> Any:
         if isinstance(y_test, Column):
-            y_test = y_test.source.with_format("arrow")[y_test.column_name].to_pylist()
+            y_test = _ArrowLabels.read(y_test.source, y_test.column_name)
         return super()._calculate_scores(y_test, y_pred)  # type: ignore[misc]
 
 

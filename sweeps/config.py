@@ -256,27 +256,26 @@ class Override:
 
 
 FINGERPRINT_IGNORES = ("storage_path", "tracking", "description", "resources", "failure")
-EVAL_RESOURCES = ("num_cpus", "num_gpus")   # evaluation keys that say where it runs, not what it scores
+# keys of a section that say how a sweep runs, not what it trains or scores: the fingerprint leaves them out (with
+# FINGERPRINT_IGNORES), a merged sweep records them per part (``parts.json``)
+RUNS_WITH = {"model": RUNTIME_FIELDS, "evaluation": frozenset({"num_cpus", "num_gpus"})}
 
 
 def _fingerprint_view(raw: dict[str, Any]) -> dict[str, Any]:
-    """The config without what only decides how fast or where it runs: the model's runtime fields (attention
-    kernel, compile, fused LoRA, pack size compute the same function), the evaluation's resources, and the keys
-    of FINGERPRINT_IGNORES. Parts of one sweep may so run on other cards or kernels and still merge."""
+    """The config without what only decides how fast or where it runs: the keys of FINGERPRINT_IGNORES and of
+    RUNS_WITH (the model's runtime fields compute the same function; the evaluation's resources), also inside
+    overrides. Parts of one sweep may so run on other cards or kernels and still merge."""
     d = {k: copy.deepcopy(v) for k, v in raw.items() if k not in FINGERPRINT_IGNORES}
-    for m in [d.get("model")] + [o.get("model") for o in d.get("overrides") or [] if isinstance(o, dict)]:
-        if isinstance(m, dict):
-            for k in RUNTIME_FIELDS:
-                m.pop(k, None)
+    overrides = [o for o in d.get("overrides") or [] if isinstance(o, dict)]
+    for section, keys in RUNS_WITH.items():
+        for sec in [d.get(section)] + [o.get(section) for o in overrides]:
+            if isinstance(sec, dict):
+                for k in keys:
+                    sec.pop(k, None)
     if isinstance(d.get("overrides"), list):
         d["overrides"] = [o for o in d["overrides"]
                           if not isinstance(o, dict) or any(v for k, v in o.items() if k != "match")]
-        if not d["overrides"]:
-            del d["overrides"]
-    if isinstance(d.get("evaluation"), dict):
-        for k in EVAL_RESOURCES:
-            d["evaluation"].pop(k, None)
-    return {k: v for k, v in d.items() if v != {}}  # a section left empty is one not given
+    return {k: v for k, v in d.items() if v not in ({}, [])}  # a section left empty is one not given
 
 
 # ====================================================================================== cells
@@ -399,6 +398,12 @@ class SweepConfig:
         same sweep."""
         d = _fingerprint_view(self.raw)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def runs_with(self) -> dict[str, Any]:
+        """What the fingerprint leaves out but a reader of merged results should see: the RUNS_WITH keys that
+        were given and the resources."""
+        out = {sec: {k: v for k, v in (self.raw.get(sec) or {}).items() if k in keys} for sec, keys in RUNS_WITH.items()}
+        return {**out, "resources": dict(self.raw.get("resources") or {})}
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.raw)

@@ -79,6 +79,7 @@ __all__ = [
     "model_dir_name",
     "read_cell_plan",
     "read_checkpoints",
+    "read_parts",
     "read_summary",
     "read_trials",
     "result_dir",
@@ -86,7 +87,6 @@ __all__ = [
     "write_checkpoints",
     "write_parts",
     "write_trials",
-    "read_parts",
 ]
 
 SWEEP_FILE = "sweep.json"

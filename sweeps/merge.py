@@ -7,30 +7,20 @@ from pathlib import Path
 
 from embed_core.errors import ConfigError
 
-from embed_core.config import RUNTIME_FIELDS
-
 from . import layout
-from .config import EVAL_RESOURCES, SweepConfig
+from .config import SweepConfig
 from .layout import read_sweep
 
-def runs_with(sweep: SweepConfig) -> dict:
-    """What a part's fingerprint leaves out but a reader of the merged results should see: the model's runtime
-    fields (kernels, compile), its resources and the evaluation's."""
-    raw = sweep.raw
-    return {"model": {k: v for k, v in (raw.get("model") or {}).items() if k in RUNTIME_FIELDS},
-            "resources": dict(raw.get("resources") or {}),
-            "evaluation": {k: v for k, v in (raw.get("evaluation") or {}).items() if k in EVAL_RESOURCES}}
 
-
-def _record_parts(out: Path, parts: list[Path], sweeps: list[SweepConfig]) -> None:
-    """parts.json: one entry per merged folder (the first merge also records what `out` already held)."""
+def _record_parts(out: Path, parts: list[Path], sweeps: list[SweepConfig], cells: dict[Path, list[str]]) -> None:
+    """parts.json: one entry per merged folder with its cells and `runs_with` (the first merge also records what
+    `out` already held)."""
     known = layout.read_parts(out)
-    if not known and (out / layout.TRIALS_FILE).is_file():
-        known.append({"from": str(out), "cells": sorted({t.cell for t in layout.read_trials(out)}),
-                      "runs_with": runs_with(read_sweep(out))})
+    if not known and cells.get(out):
+        known.append({"from": str(out), "cells": cells[out], "runs_with": read_sweep(out).runs_with()})
     for p, sw in zip(parts, sweeps):
-        cells = sorted({t.cell for t in layout.read_trials(p)}) if (p / layout.TRIALS_FILE).is_file() else []
-        known = [k for k in known if k["from"] != str(p)] + [{"from": str(p), "cells": cells, "runs_with": runs_with(sw)}]
+        known = [k for k in known if k["from"] != str(p)]
+        known.append({"from": str(p), "cells": cells.get(p, []), "runs_with": sw.runs_with()})
     layout.write_parts(out, known)
 
 
@@ -54,11 +44,12 @@ def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) 
         shutil.copy2(parts[0] / layout.SWEEP_FILE, out / layout.SWEEP_FILE)
     elif read_sweep(out).fingerprint() not in prints:
         raise ConfigError(f"{out} holds another sweep (its sweep.json fingerprint differs from the parts')")
-    _record_parts(out, parts, sweeps)
-    trials, specs = {}, {}
+    trials, specs, cells = {}, {}, {}
     for src in [out, *parts]:
         if (src / layout.TRIALS_FILE).is_file():
-            trials.update({(t.cell, t.trial_id): t for t in layout.read_trials(src)})
+            records = layout.read_trials(src)
+            cells[src] = sorted({t.cell for t in records})
+            trials.update({(t.cell, t.trial_id): t for t in records})
         if (src / layout.CHECKPOINTS_FILE).is_file():
             specs.update({(s.name, s.labels.trial_id): s for s in layout.read_checkpoints(src)})
         for sub in (layout.RESULTS_DIR, layout.HISTORIES_DIR) if src != out else ():
@@ -68,6 +59,7 @@ def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) 
                 if f.is_file() and not dest.exists():
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, dest)
+    _record_parts(out, parts, sweeps, cells)
     layout.write_trials(out, sorted(trials.values(), key=lambda t: (t.cell, t.trial_id)))
     layout.write_checkpoints(out, sorted(specs.values(), key=lambda s: (s.name, s.labels.trial_id)))
     return out
