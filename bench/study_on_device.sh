@@ -25,6 +25,11 @@ PROBE=${PROBE:-0}                        # 1: probe Gemma's attention first (Fle
 AFTER_TRAIN=${AFTER_TRAIN:-evaluate}     # the report is built after merging, on any machine
 PROBE_PART=${PROBE_PART:-seed=0,base_model=gemma3-270m}
 ISOLATED=${ISOLATED:-1}                  # 0: skip the Trainer-alone baseline of the first part's first model
+LR_CHECK=${LR_CHECK:-1}                  # 1: after the parts, the learning-rate check (below)
+KILL_AFTER=${KILL_AFTER:-120}            # seconds into the lr check's train stage of its SIGKILL
+LR_SETS=(--set name=lr_check --set "seeds=[0]" --set "grid.designs=[multi_layer_trainable+bidirectional]"
+         --set "search.lr=[5.0e-5, 1.0e-4, 2.0e-4, 4.0e-4, 8.0e-4]" --set search.sampler=grid
+         --set search.samples_per_cell=5 --set report.baseline=multi_layer_trainable+bidirectional)
 EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
 while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${STUDY_SETS:-}"
 START=$(date +%s)
@@ -93,3 +98,18 @@ EOF
   fi
 done
 echo "study: all parts done"
+
+# The learning-rate check (README: Findings): five learning rates x both base models on the design with the most
+# freshly initialised parameters, seed 0, the study's budget, training only (val_acc curves); its train stage is
+# SIGKILLed once KILL_AFTER s in and resumed, which measures what a kill costs each trial (`kill_loss_s`).
+[ "$LR_CHECK" = 1 ] || exit 0
+[ -f "$STATE/done_lr" ] && { echo "study: lr check done"; exit 0; }
+[ "$(left)" -lt 90 ] && { echo "study: $(left) s left in this call; the lr check next call"; exit 0; }
+n=$(ls "$STATE"/bench_lr_*.json 2>/dev/null | wc -l)
+echo "study: lr check, call $((n + 1)) for it, $(left) s left"
+python -m bench.sweep_gpu --config study "${SETS[@]}" "${LR_SETS[@]}" --storage /tmp/sweeps/lr \
+  --out "$STATE/bench_lr_$n.json" --archive "$STATE/lr_check.tar.gz" --time-limit $(( $(left) - 25 )) \
+  --after-train none --skip-isolated --kill-after "$KILL_AFTER" | tail -12
+cp "$STATE/bench_lr_$n.json" "$STATE/bench_lr_$n.log" "$STATE/lr_check.tar.gz" "$OUT/" 2>/dev/null
+python -c "import json, sys; d = json.load(open(sys.argv[1])); sys.exit(d.get('train_rc') != 0 or d.get('train_interrupted'))" \
+  "$STATE/bench_lr_$n.json" && touch "$STATE/done_lr" && echo "study: lr check done"

@@ -228,9 +228,29 @@ def device_name() -> str:
         return "unknown"
 
 
-def run_stage(args, stages: str, deadline: float, log) -> tuple[int, float, bool]:
+def kill_loss(sweep_dir: Path, killed_at: float) -> dict[str, float]:
+    """Per trial run that the SIGKILL at `killed_at` interrupted, the seconds of training it lost: from the wall
+    time of the step its resumed run continued from (the last checkpoint before the kill) to the kill. A run
+    with no checkpoint yet starts again from scratch: it loses all of its first run (wall.json's first entry)."""
+    from sweeps.layout import read_wall
+
+    out = {}
+    for run in sorted((sweep_dir / "train").glob("*")):
+        states = sorted(run.glob("checkpoint_0*/trainer_state.json"))
+        state = json.loads(states[-1].read_text()) if states else {}
+        at = {h["step"]: h["wall_time"] for h in state.get("history", []) if "wall_time" in h}
+        resumed = [r for r in state.get("resumes", []) if r in at and at[r] <= killed_at]
+        if resumed:
+            out[run.name] = round(killed_at - at[resumed[-1]], 1)
+        elif len(read_wall(run)) > 1:
+            out[run.name] = round(list(read_wall(run).values())[0], 1)
+    return out
+
+
+def run_stage(args, stages: str, deadline: float, log, kill: bool = False) -> tuple[int, float, bool]:
     """Run stages of the sweep in a subprocess; at the deadline, SIGINT it (the sweep records what it has and
-    `--resume` continues). Returns (exit status, seconds, interrupted)."""
+    `--resume` continues), or with `kill`, SIGKILL its whole process group (Ray included) as a lost machine
+    would. Returns (exit status, seconds, interrupted)."""
     cmd = [sys.executable, "-m", "sweeps", "run", args.config, "--storage", args.storage, "--stages", stages,
            "--resume", *(["--part", args.part] if args.part else []), *[f"--set={x}" for x in args.sets]]
     t0 = time.time()
@@ -240,6 +260,9 @@ def run_stage(args, stages: str, deadline: float, log) -> tuple[int, float, bool
         rc = proc.wait(timeout=max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
         interrupted = True
+        if kill:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait(), round(time.time() - t0, 1), True
         os.killpg(proc.pid, signal.SIGINT)  # the sweep stops and records what it has; --resume continues
         try:
             rc = proc.wait(timeout=60)
@@ -262,7 +285,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--skip-isolated", action="store_true")
     p.add_argument("--after-train", default="evaluate,report",
-                   help="the stages after training (`evaluate` alone: a part whose report is built after merging)")
+                   help="the stages after training (`evaluate` alone: a part whose report is built after merging; "
+                        "`none`: training only, e.g. a learning-rate check)")
+    p.add_argument("--kill-after", type=float, default=None,
+                   help="SIGKILL the train stage this many seconds in, then --resume it: kill_loss_s per trial")
     p.add_argument("--isolated", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.isolated:
@@ -304,11 +330,19 @@ def main() -> int:
     if convert is not None:
         convert.wait()
     t_train = time.time()
+    sweep_dir = Path(args.storage) / sweep.name
+    if args.kill_after and not (sweep_dir / "trials.json").is_file():  # a part that has not finished training
+        rc, out["killed_after_s"], killed = run_stage(args, "train", min(deadline - 30, t_train + args.kill_after),
+                                                      log, kill=True)
+        out["killed_at"] = time.time() if killed else None
     rc, out["train_stage_s"], cut = run_stage(args, "train", deadline - 30, log)
     out["train_rc"], out["train_interrupted"], t_train_end = rc, cut, time.time()
     out["gpu_busy_fraction_training"] = sampler.busy(t_train, t_train_end)
     save()
-    if rc == 0 and not cut:
+    if out.get("killed_at"):
+        out["kill_loss_s"] = kill_loss(sweep_dir, out["killed_at"])
+        save()
+    if rc == 0 and not cut and args.after_train != "none":
         rc, out["eval_stage_s"], out["eval_interrupted"] = run_stage(args, args.after_train, deadline, log)
         out["after_train"] = args.after_train
         out["eval_rc"] = rc
@@ -316,7 +350,6 @@ def main() -> int:
         out["eval_profile"] = eval_profile(Path(args.storage) / sweep.name / "results", t_train_end)
     sampler.halt.set()
     out["total_s"] = round(time.time() - start, 1)
-    sweep_dir = Path(args.storage) / sweep.name
     hist = trial_histories(sweep_dir)
     iso = (out.get("isolated") or {}).get("tokens_per_s")
     out.update(throughput(hist, iso))

@@ -52,8 +52,12 @@ class CellSearcher(Searcher):
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "study created" INFO line per cell otherwise
             seed = cell_seed(self._seed, key)
-            sampler = (optuna.samplers.TPESampler(seed=seed) if self._sampler == "tpe"
-                       else optuna.samplers.RandomSampler(seed=seed))
+            if self._sampler == "grid":  # trial k of a cell takes grid point k (config_parse: one trial each)
+                sampler = optuna.samplers.GridSampler({k: d.choices for k, d in self._space.items()}, seed=seed)
+            elif self._sampler == "tpe":
+                sampler = optuna.samplers.TPESampler(seed=seed)
+            else:
+                sampler = optuna.samplers.RandomSampler(seed=seed)
             self._studies[key] = OptunaSearch(space=dict(self._space), metric=self.metric, mode=self.mode,
                                               sampler=sampler)
         return self._studies.get(key)

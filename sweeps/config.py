@@ -10,7 +10,7 @@
     search:                                # inside each cell: Optuna TPE over what is a range or a list
       lora_r: [8, 16, 32]                  # a list: categorical; a number: fixed
       lr: {low: 1.0e-5, high: 1.0e-3, log: true}
-      samples_per_cell: 4
+      samples_per_cell: 4                  # sampler: tpe (default), random, or grid (lists only, all combinations)
     scheduler: {type: asha, metric: val_margin, mode: max, grace_period: 2, reduction_factor: 2}
     training: {builders: [snli, stsb], batch_size: 16, chunk_size: 4, max_steps: 8, eval_every: 2, val_size: 32}
     resources: {num_workers: 1, use_gpu: auto, cpus_per_worker: 1, gpus_per_worker: 1, max_concurrent_trials: null}
@@ -47,7 +47,7 @@ from embed_core.train_config import TrainConfig
 
 SCHEDULERS = ("asha", "fifo")
 _KERNEL_FS = ("/proc/", "/sys/", "/dev/")
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random", "grid")  # grid: every combination of the searched lists, once each
 MODES = ("max", "min")
 # model fields a trial sets itself (grid / search), not the shared `model:` section
 _TRIAL_MODEL_FIELDS = ("base_model", "pooling", "attention", "lora_r")

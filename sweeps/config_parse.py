@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -126,6 +127,14 @@ def _check_search(ctx: _Ctx, raw: dict) -> tuple[SearchSection, Param, Param]:
     if not lr.searched and not lr.value < 1 or lr.high is not None and lr.high >= 1 or \
             lr.choices and max(lr.choices) >= 1:
         raise ctx.err("search.lr", "learning rates must be < 1")
+    if search.sampler == "grid":
+        ranges = [p.name for p in (lora_r, lr) if p.searched and p.choices is None]
+        if ranges:
+            raise ctx.err(f"search.{ranges[0]}", "the grid sampler needs a list of values, not a range")
+        combos = math.prod(len(p.choices) for p in (lora_r, lr) if p.searched)
+        if search.samples_per_cell != combos:
+            raise ctx.err("search.samples_per_cell", f"the grid sampler runs each of the {combos} combinations once: "
+                                                     f"set {combos}, got {search.samples_per_cell}")
     return search, lora_r, lr
 
 

@@ -71,7 +71,10 @@ def test_pooling_times_attention_grid() -> None:
     ({"search__lora_r": [4, "x"]}, r"search.lora_r\[1\]: must be an int"),
     ({"search__lora_r": []}, "search.lora_r: an empty list"),
     ({"search__samples_per_cell": 0}, "search.samples_per_cell: must be an int >= 1"),
-    ({"search__sampler": "grid"}, "search.sampler: unknown sampler 'grid'"),
+    ({"search__sampler": "sobol"}, "search.sampler: unknown sampler 'sobol'"),
+    ({"search": {"lr": {"low": 1e-4, "high": 1e-3}, "sampler": "grid"}}, "search.lr: the grid sampler needs a list"),
+    ({"search": {"lr": [1e-4, 2e-4], "lora_r": [4, 8], "sampler": "grid", "samples_per_cell": 2}},
+      "search.samples_per_cell: the grid sampler runs each of the 4 combinations once: set 4, got 2"),
     ({"scheduler__type": "pbt"}, "scheduler.type: unknown scheduler 'pbt'"),
     ({"scheduler__metric": "ndcg"}, "scheduler.metric: 'ndcg' is not a trainer metric"),
     ({"training__eval_every": 0}, "training.eval_every: scheduler.metric 'val_margin' needs the held-out evaluation"),
@@ -189,6 +192,22 @@ def test_fixed_parameters_need_no_optuna() -> None:
     xs = _drive(s, len(c.cells()) + 1)
     assert xs[-1] == CellSearcher.FINISHED
     assert all(x["lora_r"] == 16 and x["lr"] == 1e-5 for x in xs[:-1])
+
+
+def test_grid_sampler_runs_each_combination_of_a_cell_once(tmp_path) -> None:
+    """sampler: grid (e.g. a learning-rate check): every cell gets every (lora_r, lr) pair exactly once, in
+    whatever order, also across a save / restore."""
+    c = cfg(search={"lora_r": [4, 8], "lr": [1e-4, 3e-4, 1e-3], "sampler": "grid", "samples_per_cell": 6})
+    s = CellSearcher(c, "val_margin", "max")
+    xs = _drive(s, 7)
+    s.save(str(tmp_path / "s.pkl"))
+    again = CellSearcher(c, "val_margin", "max")
+    again.restore(str(tmp_path / "s.pkl"))
+    xs += _drive(again, c.num_trials() - 7 + 1, start=100)
+    assert xs[-1] == CellSearcher.FINISHED
+    want = sorted((r, lr) for r in (4, 8) for lr in (1e-4, 3e-4, 1e-3))
+    for cell in c.cells():
+        assert sorted((x["lora_r"], x["lr"]) for x in xs[:-1] if x["cell_key"] == cell.key) == want
 
 
 def test_asha_compares_trials_within_their_cell_only() -> None:

@@ -142,6 +142,26 @@ def test_bench_startup_profile_of_a_resumed_trial_is_its_last_run():
                                   "compile_fxgraph_cache_hit": 4}}
 
 
+def test_bench_kill_loss_is_the_work_since_the_checkpoint_a_trial_resumed_from(tmp_path):
+    """A trial resumed from step 3 after a SIGKILL at t=110 lost the training since step 3's wall time; one
+    that had no checkpoint yet lost its whole first run; one that started after the kill lost nothing."""
+    from bench.sweep_gpu import kill_loss
+    from sweeps.layout import WALL_FILE
+
+    def run(name, history, resumes=(), wall=None):
+        d = tmp_path / "train" / name / "checkpoint_00000009"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"history": history, "resumes": list(resumes)}))
+        if wall:
+            (d.parent / WALL_FILE).write_text(json.dumps(wall))
+
+    steps = lambda ts: [{"step": i + 1, "wall_time": t} for i, t in enumerate(ts)]  # noqa: E731
+    run("a", steps([80, 90, 100, 140, 150]), resumes=[3], wall={"r1": 60.0, "r2": 50.0})
+    run("b", steps([150, 160]), wall={"r1": 25.0, "r2": 30.0})
+    run("c", steps([150, 160]), wall={"r2": 30.0})
+    assert kill_loss(tmp_path, killed_at=110.0) == {"a": 10.0, "b": 25.0}
+
+
 def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
     """A part's GPU plan estimates the base models it runs (a part of one model once crashed the GPU planning
     with an empty max()); one estimate per model, the largest design's; the GPU share is raised only when needed."""
