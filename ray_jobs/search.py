@@ -36,8 +36,9 @@ class CellSearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self._cells = sweep.cells()
         self._samples = sweep.search.samples_per_cell
-        self._fixed = {p.name: p.value for p in (sweep.lora_r, sweep.lr) if not p.searched}
-        self._space = optuna_space([sweep.lora_r, sweep.lr])
+        # each cell's own parameters: an override may give a base model its own learning rate
+        self._fixed = {c.key: {p.name: p.value for p in sweep.params_for(c) if not p.searched} for c in self._cells}
+        self._space = {c.key: optuna_space(list(sweep.params_for(c))) for c in self._cells}
         self._sampler = sweep.search.sampler
         self._seed = sweep.search.seed
         self._suggested: dict[str, int] = {c.key: 0 for c in self._cells}
@@ -46,19 +47,20 @@ class CellSearcher(Searcher):
 
     # ------------------------------------------------------------------ Optuna per cell
     def _study(self, key: str):
-        if key not in self._studies and self._space:
+        space = self._space[key]
+        if key not in self._studies and space:
             import optuna
             from ray.tune.search.optuna import OptunaSearch
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "study created" INFO line per cell otherwise
             seed = cell_seed(self._seed, key)
             if self._sampler == "grid":  # trial k of a cell takes grid point k (config_parse: one trial each)
-                sampler = optuna.samplers.GridSampler({k: d.choices for k, d in self._space.items()}, seed=seed)
+                sampler = optuna.samplers.GridSampler({k: d.choices for k, d in space.items()}, seed=seed)
             elif self._sampler == "tpe":
                 sampler = optuna.samplers.TPESampler(seed=seed)
             else:
                 sampler = optuna.samplers.RandomSampler(seed=seed)
-            self._studies[key] = OptunaSearch(space=dict(self._space), metric=self.metric, mode=self.mode,
+            self._studies[key] = OptunaSearch(space=dict(space), metric=self.metric, mode=self.mode,
                                               sampler=sampler)
         return self._studies.get(key)
 
@@ -73,7 +75,7 @@ class CellSearcher(Searcher):
         # round-robin: the cell with the fewest suggestions so far (grid order breaks ties)
         cell = min(open_cells, key=lambda c: self._suggested[c.key])
         study = self._study(cell.key)
-        params = dict(self._fixed)
+        params = dict(self._fixed[cell.key])
         if study is not None:
             params.update(study.suggest(trial_id))
         sample = self._suggested[cell.key]

@@ -22,6 +22,7 @@
       - match: {base_model: mistralai/Mistral-7B-v0.1}
         resources: {num_workers: 4}
         training: {chunk_size: 16}
+        search: {lr: 1.0e-5}               # its own lora_r / lr
 
 This module holds the typed sections, `Cell` and `SweepConfig`; sweeps/config_parse.py reads a YAML file or a
 preset (``sweeps/presets/<name>.yaml``) with ``key.path=value`` overrides and validates it, one checker per
@@ -250,6 +251,7 @@ class Override:
     model: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)   # {lora_r, lr}: Params (config_parse), e.g. a learning rate per base model
 
     def matches(self, cell: "Cell") -> bool:
         return all(str(getattr(cell, k)) == str(v) for k, v in self.match.items())
@@ -267,6 +269,9 @@ def _fingerprint_view(raw: dict[str, Any]) -> dict[str, Any]:
     overrides. Parts of one sweep may so run on other cards or kernels and still merge."""
     d = {k: copy.deepcopy(v) for k, v in raw.items() if k not in FINGERPRINT_IGNORES}
     overrides = [o for o in d.get("overrides") or [] if isinstance(o, dict)]
+    for o in overrides:
+        for k in FINGERPRINT_IGNORES:
+            o.pop(k, None)
     for section, keys in RUNS_WITH.items():
         for sec in [d.get(section)] + [o.get(section) for o in overrides]:
             if isinstance(sec, dict):
@@ -385,11 +390,19 @@ class SweepConfig:
         except (ConfigError, TypeError) as e:
             raise ConfigError(f"sweep config {self.source}: cell {cell.key}: {e}") from None
 
-    def probe_values(self) -> tuple[int, float]:
-        """A (lora_r, lr) inside the search space, for checks that need concrete values."""
+    def params_for(self, cell: Cell) -> tuple[Param, Param]:
+        """The (lora_r, lr) parameters a cell's trials search or fix: ``search``, then the matching overrides'."""
+        params = {"lora_r": self.lora_r, "lr": self.lr}
+        for o in self._overrides_for(cell):
+            params.update(o.search)
+        return params["lora_r"], params["lr"]
+
+    def probe_values(self, cell: Cell | None = None) -> tuple[int, float]:
+        """A (lora_r, lr) inside the search space (of `cell`, with its overrides), for checks that need values."""
         def first(p: Param):
             return p.value if not p.searched else (p.choices[0] if p.choices else p.low)
-        return int(first(self.lora_r)), float(first(self.lr))
+        lora_r, lr = self.params_for(cell) if cell is not None else (self.lora_r, self.lr)
+        return int(first(lora_r)), float(first(lr))
 
     def fingerprint(self) -> str:
         """Hash of everything that decides what the sweep trains and evaluates: not where it is stored or tracked,
@@ -444,10 +457,10 @@ class SweepConfig:
         self.check_storage()
 
         seen_models: set[str] = set()
-        lora_values = self.lora_r.choices or [self.probe_values()[0]]
         for cell in self.cells():
-            for r in lora_values:
-                tcfg = self.train_config(cell, r, self.probe_values()[1])  # raises ConfigError naming the cell
+            lora_r, lr = self.probe_values(cell)
+            for r in self.params_for(cell)[0].choices or [lora_r]:
+                tcfg = self.train_config(cell, r, lr)  # raises ConfigError naming the cell
                 key = json.dumps(tcfg.model.to_dict(), sort_keys=True)
                 if key in seen_models:
                     continue

@@ -60,8 +60,10 @@ def parse_sweep_config(raw: dict, source: str = "<dict>") -> SweepConfig:
     for o in overrides:
         if not any(o.matches(c) for c in cfg.cells()):
             raise ctx.err("overrides", f"match {o.match} selects no grid cell")
+    if search.sampler == "grid":
+        _check_grid_sampler(ctx, cfg)
     for cell in cfg.cells():  # every cell's TrainConfig is valid (batch divides by its workers, ...)
-        cfg.train_config(cell, *cfg.probe_values())
+        cfg.train_config(cell, *cfg.probe_values(cell))
     return cfg
 
 
@@ -122,20 +124,36 @@ def _check_search(ctx: _Ctx, raw: dict) -> tuple[SearchSection, Param, Param]:
         raise ctx.err("search.samples_per_cell", f"must be an int >= 1, got {search.samples_per_cell!r}")
     if search.sampler not in SAMPLERS:
         raise ctx.err("search.sampler", f"unknown sampler {search.sampler!r}: one of {SAMPLERS}")
-    lora_r = Param.parse(ctx, "search.lora_r", "lora_r", search.lora_r, integer=True)
-    lr = Param.parse(ctx, "search.lr", "lr", search.lr, integer=False)
-    if not lr.searched and not lr.value < 1 or lr.high is not None and lr.high >= 1 or \
-            lr.choices and max(lr.choices) >= 1:
-        raise ctx.err("search.lr", "learning rates must be < 1")
-    if search.sampler == "grid":
-        ranges = [p.name for p in (lora_r, lr) if p.searched and p.choices is None]
+    params = _check_params(ctx, "search", {"lora_r": search.lora_r, "lr": search.lr})
+    return search, params["lora_r"], params["lr"]
+
+
+def _check_params(ctx: _Ctx, path: str, raw: dict) -> dict[str, Param]:
+    """The searched / fixed parameters of `search:` or an override's `search:` (lora_r, lr)."""
+    out = {}
+    if "lora_r" in raw:
+        out["lora_r"] = Param.parse(ctx, f"{path}.lora_r", "lora_r", raw["lora_r"], integer=True)
+    if "lr" in raw:
+        lr = out["lr"] = Param.parse(ctx, f"{path}.lr", "lr", raw["lr"], integer=False)
+        if not lr.searched and not lr.value < 1 or lr.high is not None and lr.high >= 1 or \
+                lr.choices and max(lr.choices) >= 1:
+            raise ctx.err(f"{path}.lr", "learning rates must be < 1")
+    return out
+
+
+def _check_grid_sampler(ctx: _Ctx, cfg: SweepConfig) -> None:
+    """sampler: grid runs every combination of each cell's searched lists once: lists only, and as many samples."""
+    for cell in cfg.cells():
+        params = cfg.params_for(cell)
+        ranges = [p.name for p in params if p.searched and p.choices is None]
         if ranges:
-            raise ctx.err(f"search.{ranges[0]}", "the grid sampler needs a list of values, not a range")
-        combos = math.prod(len(p.choices) for p in (lora_r, lr) if p.searched)
-        if search.samples_per_cell != combos:
+            raise ctx.err(f"search.{ranges[0]}", f"the grid sampler needs a list of values, not a range (cell "
+                                                 f"{cell.key})")
+        combos = math.prod(len(p.choices) for p in params if p.searched)
+        if cfg.search.samples_per_cell != combos:
             raise ctx.err("search.samples_per_cell", f"the grid sampler runs each of the {combos} combinations once: "
-                                                     f"set {combos}, got {search.samples_per_cell}")
-    return search, lora_r, lr
+                                                     f"set {combos}, got {cfg.search.samples_per_cell} (cell "
+                                                     f"{cell.key})")
 
 
 def _check_scheduler(ctx: _Ctx, raw: dict) -> SchedulerSection:
@@ -196,7 +214,7 @@ def _check_overrides(ctx: _Ctx, raw: dict, resources: ResourcesSection) -> list[
     overrides = []
     raw_over = raw.get("overrides") or []
     if not isinstance(raw_over, list):
-        raise ctx.err("overrides", "must be a list of {match, model, training, resources}")
+        raise ctx.err("overrides", "must be a list of {match, model, training, resources, search}")
     for i, o in enumerate(raw_over):
         path = f"overrides[{i}]"
         ov = _fields(ctx, path, _mapping(ctx, path, o), Override)
@@ -205,9 +223,13 @@ def _check_overrides(ctx: _Ctx, raw: dict, resources: ResourcesSection) -> list[
         bad = sorted(set(ov.match) - {"base_model", "pooling", "attention", "seed"})
         if bad:
             raise ctx.err(f"{path}.match", f"unknown key(s) {bad}: match on base_model, pooling, attention, seed")
-        for sect in ("model", "training", "resources"):
+        for sect in ("model", "training", "resources", "search"):
             if not isinstance(getattr(ov, sect), dict):
                 raise ctx.err(f"{path}.{sect}", "must be a mapping")
+        bad = sorted(set(ov.search) - {"lora_r", "lr"})
+        if bad:  # the sampler and the number of samples are the sweep's (one searcher, round-robin over cells)
+            raise ctx.err(f"{path}.search", f"unknown key(s) {bad}: an override may set lora_r and lr")
+        ov.search = _check_params(ctx, f"{path}.search", ov.search)
         for sect, owned in (("model", _TRIAL_MODEL_FIELDS), ("training", _TRIAL_TRAINING_FIELDS)):
             clash = [k for k in owned if k in getattr(ov, sect)]
             if clash:  # applied after the trial's values, it would train something else than trials.json says

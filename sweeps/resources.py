@@ -31,8 +31,8 @@ def _counts(tcfg: TrainConfig) -> dict[str, int]:
 
 def trial_memory(sweep: SweepConfig, cell: Cell, examples: list) -> MemoryEstimate:
     """The GPU memory one worker of `cell`'s trials needs at its largest step (the LoRA rank's largest choice)."""
-    rank = max(sweep.lora_r.choices or [sweep.probe_values()[0]])
-    tcfg = sweep.train_config(cell, rank, sweep.probe_values()[1])
+    lora_r, lr = sweep.probe_values(cell)
+    tcfg = sweep.train_config(cell, max(sweep.params_for(cell)[0].choices or [lora_r]), lr)
     c = _counts(tcfg)
     workers = sweep.resources_for(cell).num_workers
     fmt = tcfg.model.format_query

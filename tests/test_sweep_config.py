@@ -75,6 +75,12 @@ def test_pooling_times_attention_grid() -> None:
     ({"search": {"lr": {"low": 1e-4, "high": 1e-3}, "sampler": "grid"}}, "search.lr: the grid sampler needs a list"),
     ({"search": {"lr": [1e-4, 2e-4], "lora_r": [4, 8], "sampler": "grid", "samples_per_cell": 2}},
       "search.samples_per_cell: the grid sampler runs each of the 4 combinations once: set 4, got 2"),
+    ({"overrides": [{"match": {"seed": 0}, "search": {"samples_per_cell": 2}}]},
+     r"overrides\[0\].search: unknown key\(s\) \['samples_per_cell'\]"),
+    ({"overrides": [{"match": {"seed": 0}, "search": {"lr": 3.0}}]}, r"overrides\[0\].search.lr: learning rates"),
+    ({"search": {"lr": [1e-4, 2e-4], "sampler": "grid", "samples_per_cell": 2},
+      "overrides": [{"match": {"seed": 0}, "search": {"lr": [1e-4, 2e-4, 4e-4]}}]},
+     "the grid sampler runs each of the 3 combinations once: set 3, got 2 \\(cell "),
     ({"scheduler__type": "pbt"}, "scheduler.type: unknown scheduler 'pbt'"),
     ({"scheduler__metric": "ndcg"}, "scheduler.metric: 'ndcg' is not a trainer metric"),
     ({"training__eval_every": 0}, "training.eval_every: scheduler.metric 'val_margin' needs the held-out evaluation"),
@@ -142,7 +148,8 @@ def test_fingerprint_ignores_the_kernels_that_compute_the_same_function() -> Non
     a = cfg()
     same = [cfg(model__compile=True), cfg(model__attn_implementation="flash_varlen", model__fused_lora=True),
             cfg(evaluation__num_gpus=0.5, evaluation__num_cpus=3),
-            cfg(overrides=[{"match": {"seed": 0}, "model": {"attn_implementation": "eager"}}])]
+            cfg(overrides=[{"match": {"seed": 0}, "model": {"attn_implementation": "eager"}}]),
+            cfg(overrides=[{"match": {"seed": 0}, "resources": {"gpus_per_worker": 0.5}}])]
     assert {c.fingerprint() for c in same} == {a.fingerprint()}
     assert a.fingerprint() != cfg(model__max_length=64).fingerprint()
     assert a.fingerprint() != cfg(overrides=[{"match": {"seed": 0}, "model": {"max_length": 64}}]).fingerprint()
@@ -208,6 +215,24 @@ def test_grid_sampler_runs_each_combination_of_a_cell_once(tmp_path) -> None:
     want = sorted((r, lr) for r in (4, 8) for lr in (1e-4, 3e-4, 1e-3))
     for cell in c.cells():
         assert sorted((x["lora_r"], x["lr"]) for x in xs[:-1] if x["cell_key"] == cell.key) == want
+
+
+def test_an_override_gives_its_cells_their_own_learning_rate() -> None:
+    """overrides[].search: a base model's own learning rate (fixed or searched), used by the searcher for its
+    cells only; the other cells keep `search:`. It changes what is trained, so the fingerprint too."""
+    seed1 = {"match": {"seed": 1}, "search": {"lr": 4e-4}}
+    c = cfg(search={"lora_r": 16, "lr": 2e-4, "samples_per_cell": 1}, overrides=[seed1])
+    s = CellSearcher(c, "val_margin", "max")
+    xs = _drive(s, len(c.cells()) + 1)
+    assert xs[-1] == CellSearcher.FINISHED
+    assert sorted({(x["seed"], x["lr"]) for x in xs[:-1]}) == [(0, 2e-4), (1, 4e-4)]
+    assert all(c.train_config(cell, *c.probe_values(cell)).lr == (4e-4 if cell.seed else 2e-4) for cell in c.cells())
+    assert c.fingerprint() != cfg(search={"lora_r": 16, "lr": 2e-4, "samples_per_cell": 1}).fingerprint()
+    searched = cfg(search={"lora_r": 16, "lr": 2e-4, "samples_per_cell": 3},
+                   overrides=[{"match": {"seed": 1}, "search": {"lr": {"low": 1e-4, "high": 1e-3, "log": True}}}])
+    xs = _drive(CellSearcher(searched, "val_margin", "max"), searched.num_trials())
+    assert {x["lr"] for x in xs if x["seed"] == 0} == {2e-4}
+    assert all(1e-4 <= x["lr"] <= 1e-3 for x in xs if x["seed"] == 1) and len({x["lr"] for x in xs}) > 2
 
 
 def test_asha_compares_trials_within_their_cell_only() -> None:
