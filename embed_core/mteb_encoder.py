@@ -163,16 +163,23 @@ def cached(encoder):
 SMALL_SCORING_MACS = 50_000_000  # below this many multiply-adds a host <-> GPU round trip costs more than the product
 
 
-def keep_small_scoring_on_cpu() -> None:
-    """Make mteb score small similarity products on the CPU, where the embeddings are.
+def fast_mteb_scoring() -> None:
+    """Make mteb's similarity scoring cost what the product costs. Two things in mteb 2.x cost ~2 ms a call on an
+    H100 machine, and SummEval scores 100 texts through ~53k one-row similarities (~100 s a checkpoint; encoding
+    2-4 s):
 
-    mteb 2.x sends every similarity to CUDA when one is available (``similarity_functions._select_device``; its
-    docstring promises a size threshold that its code does not apply). SummEval scores 100 texts through ~53k
-    one-row similarities: on an H100 shared by ten evaluation workers that took 110 s of the task's 112 s
-    (encoding: 1.8 s). Products below SMALL_SCORING_MACS stay on the CPU; large ones (a retrieval corpus) still
-    go to the GPU. Idempotent; without that private function (another mteb) nothing changes."""
+    1. every similarity goes to CUDA when there is one (``similarity_functions._select_device``; its docstring
+       promises a size threshold that its code does not apply): products below SMALL_SCORING_MACS now stay on
+       the CPU, where the embeddings are; large ones (a retrieval corpus) still go to the GPU;
+    2. on compute capability 7.0 / 8.0 / 9.0 (``_use_torch_compile``) each ``cos_sim`` / ``dot_score`` call wraps
+       a fresh closure in ``torch.compile``: dynamo's per-call wrapping and guard checks cost more than a
+       normalise-and-matmul ever saves, so mteb is told not to (the same function, eagerly).
+
+    Idempotent; without those private functions (another mteb) nothing changes."""
     import mteb.similarity_functions as sf
 
+    if getattr(sf, "_use_torch_compile", None) is not None:
+        sf._use_torch_compile = lambda: False
     chosen = getattr(sf, "_select_device", None)
     if chosen is None or getattr(chosen, "keeps_small_on_cpu", False):
         return

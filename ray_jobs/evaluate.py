@@ -347,7 +347,7 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, run_tmp: str, revision:
     import torch
     from sklearn.exceptions import UndefinedMetricWarning
 
-    from embed_core.mteb_encoder import cached, keep_small_scoring_on_cpu
+    from embed_core.mteb_encoder import cached, fast_mteb_scoring
 
     from .console import drop_superseded_warnings
 
@@ -356,7 +356,7 @@ def _evaluate_one(spec_d: dict, ref: TaskRef, root: str, run_tmp: str, revision:
     drop_superseded_warnings()
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    keep_small_scoring_on_cpu()
+    fast_mteb_scoring()
     enc = cached(_load_encoder(spec, revision, batch_size, device))
     task = ref.build(data_dir, subsample=subsample, seed=seed)
     if quick and subsample is not None and hasattr(task, "n_experiments"):

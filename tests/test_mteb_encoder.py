@@ -82,13 +82,34 @@ def test_small_similarity_products_stay_on_the_cpu(monkeypatch):
     import mteb.similarity_functions as sf
     import torch
 
-    from embed_core.mteb_encoder import SMALL_SCORING_MACS, keep_small_scoring_on_cpu
+    from embed_core.mteb_encoder import SMALL_SCORING_MACS, fast_mteb_scoring
 
     monkeypatch.setattr(sf, "_select_device", lambda a, b: torch.device("cuda"))
-    keep_small_scoring_on_cpu()
-    keep_small_scoring_on_cpu()
+    fast_mteb_scoring()
+    fast_mteb_scoring()
     one, few = torch.zeros(640), torch.zeros(11, 640)
     assert sf._select_device(one, few) == torch.device("cpu")
     rows = SMALL_SCORING_MACS // 640 + 1
     assert sf._select_device(torch.zeros(rows, 640), torch.zeros(2, 640)) == torch.device("cuda")
     assert sf._select_device.keeps_small_on_cpu and sf.cos_sim(one, few).shape == (1, 11)
+
+
+def test_mteb_scoring_is_not_compiled_call_by_call(monkeypatch):
+    """On an H100 (capability 9.0) mteb wraps each cos_sim / dot_score call in torch.compile (~2 ms a call: SummEval's
+    ~53k calls took ~100 s a checkpoint). The capability check is pinned to say yes (there is no GPU here): mteb
+    compiles, and after fast_mteb_scoring it does not, with the same scores."""
+    import mteb.similarity_functions as sf
+    import torch
+
+    from embed_core.mteb_encoder import fast_mteb_scoring
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    monkeypatch.setattr(sf, "_use_torch_compile", lambda: True)
+    monkeypatch.setattr(sf, "_select_device", sf._select_device)  # restored after the test
+    a, b = np.random.default_rng(0).normal(size=(1, 64)), np.random.default_rng(1).normal(size=(11, 64))
+    before = sf.cos_sim(a, b)
+    assert len(compiled) == 1
+    fast_mteb_scoring()
+    after = sf.cos_sim(a, b), sf.dot_score(a, b)
+    assert len(compiled) == 1 and torch.equal(after[0], before)
