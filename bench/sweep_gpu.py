@@ -82,7 +82,7 @@ def isolated(config: str, part: str | None, sets: list[str], steps: int, warmup:
     sweep = load_sweep_config(config, sets)
     sweep = sweep.with_part(part) if part else sweep
     cell = sweep.cells()[0]
-    tcfg = sweep.train_config(cell, *sweep.probe_values()).replace(
+    tcfg = sweep.train_config(cell, *sweep.probe_values(cell)).replace(
         max_steps=warmup + steps, warmup_steps=0, eval_every=0, checkpoint_every=0, checkpoint_every_s=0.0,
         log_dir=None)
     examples = load_examples(tcfg)
@@ -201,7 +201,7 @@ def memory_estimates(sweep) -> dict:
         from sweeps.resources import memory_plan
 
         first = sweep.cells()[0]
-        examples = read_jsonl(data_file(sweep.sweep_dir, sweep.train_config(first, *sweep.probe_values())))
+        examples = read_jsonl(data_file(sweep.sweep_dir, sweep.train_config(first, *sweep.probe_values(first))))
         return {m: e.total_gib for m, e in memory_plan(sweep, examples).items()}
     except Exception as err:  # noqa: BLE001 - the estimate is a side figure
         return {"error": repr(err)}

@@ -187,7 +187,7 @@ def trial_statuses(sweep_dir: str | os.PathLike) -> list[TrialStatus]:
             status = "INTERRUPTED"
         step = max(int(last.get("step") or 0), _checkpoint_step(Path(sweep_dir), cell, tid))
         out.append(TrialStatus(tid, cell.key, params.get("lora_r"), params.get("lr"), status, step,
-                               sweep.train_config(cell, *sweep.probe_values()).max_steps, last.get(metric)))
+                               sweep.train_config(cell, *sweep.probe_values(cell)).max_steps, last.get(metric)))
     return out
 
 

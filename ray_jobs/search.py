@@ -172,7 +172,7 @@ def make_scheduler(sweep: SweepConfig) -> TrialScheduler:
     s = sweep.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
-    max_t = max(sweep.train_config(c, *sweep.probe_values()).max_steps for c in sweep.cells())
+    max_t = max(sweep.train_config(c, *sweep.probe_values(c)).max_steps for c in sweep.cells())
     grace = min(s.grace_period, max_t)
 
     def make() -> AsyncHyperBandScheduler:

@@ -75,7 +75,7 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
     # the training data of every distinct recipe, checked (DataError) and written once
     written: set[Path] = set()
     for cell in sweep.cells():
-        tcfg = sweep.train_config(cell, *sweep.probe_values())
+        tcfg = sweep.train_config(cell, *sweep.probe_values(cell))
         f = data_file(sweep_dir, tcfg)
         if f in written:
             continue
@@ -110,7 +110,7 @@ def convert_models_once(sweep: SweepConfig) -> None:
     for cell in sweep.cells():
         first.setdefault(cell.base_model, cell)
     for cell in first.values():
-        resolve_source(sweep.train_config(cell, *sweep.probe_values()).model)
+        resolve_source(sweep.train_config(cell, *sweep.probe_values(cell)).model)
 
 
 # ====================================================================================== the console
@@ -186,7 +186,7 @@ def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
     if not use_gpu:
         return {}
     first = sweep.cells()[0]
-    examples = read_jsonl(data_file(sweep.sweep_dir, sweep.train_config(first, *sweep.probe_values())))
+    examples = read_jsonl(data_file(sweep.sweep_dir, sweep.train_config(first, *sweep.probe_values(first))))
     gpu = gpu_total_gib()
     out = {}
     for model, est in memory_plan(sweep, examples).items():
@@ -237,7 +237,7 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
     # The trial driver only starts the TorchTrainer, whose workers hold the CPUs / GPUs in their own placement
     # group. Tune needs a non-empty bundle per trial: a token amount of memory (1 MiB), no CPU.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
-    max_steps = {c.key: sweep.train_config(c, *sweep.probe_values()).max_steps for c in sweep.cells()}
+    max_steps = {c.key: sweep.train_config(c, *sweep.probe_values(c)).max_steps for c in sweep.cells()}
     printer = _status_printer_class()(sweep.scheduler.metric, max_steps, sweep.num_trials())
     if resume and tune.Tuner.can_restore(str(exp_dir)):
         _say(f"resuming the Tune experiment at {exp_dir}")

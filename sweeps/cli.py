@@ -209,7 +209,7 @@ def _memory_lines(sweep) -> str:
     from embed_core.train_data import load_examples
     from sweeps.resources import memory_plan
 
-    examples = load_examples(sweep.train_config(sweep.cells()[0], *sweep.probe_values()))
+    examples = load_examples(sweep.train_config(sweep.cells()[0], *sweep.probe_values(sweep.cells()[0])))
     gpu = gpu_total_gib()
     lines = ["GPU memory per trial worker (estimate; embed_core/memory.py):"]
     for model, est in memory_plan(sweep, examples).items():

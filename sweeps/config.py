@@ -397,11 +397,11 @@ class SweepConfig:
             params.update(o.search)
         return params["lora_r"], params["lr"]
 
-    def probe_values(self, cell: Cell | None = None) -> tuple[int, float]:
-        """A (lora_r, lr) inside the search space (of `cell`, with its overrides), for checks that need values."""
+    def probe_values(self, cell: Cell) -> tuple[int, float]:
+        """A (lora_r, lr) inside `cell`'s search space (its overrides included), for checks that need values."""
         def first(p: Param):
             return p.value if not p.searched else (p.choices[0] if p.choices else p.low)
-        lora_r, lr = self.params_for(cell) if cell is not None else (self.lora_r, self.lr)
+        lora_r, lr = self.params_for(cell)
         return int(first(lora_r)), float(first(lr))
 
     def fingerprint(self) -> str:
@@ -472,7 +472,8 @@ class SweepConfig:
         sizes: dict[str, Any] = {}
         if check_data:
             for seed in self.seeds:
-                tcfg = self.train_config(Cell(self.base_models[0], *self.designs[0], seed), *self.probe_values())
+                cell = Cell(self.base_models[0], *self.designs[0], seed)
+                tcfg = self.train_config(cell, *self.probe_values(cell))
                 examples = load_examples(tcfg)
                 TrainData(tcfg, examples)  # DataError: too few examples for a batch / val_size
                 sizes[str(seed)] = len(examples)

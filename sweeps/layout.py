@@ -481,7 +481,7 @@ class CellPlan:
     @classmethod
     def of(cls, sweep: SweepConfig, cell: Cell) -> "CellPlan":
         """The plan of `cell` of `sweep` (ConfigError naming the cell)."""
-        tcfg = sweep.train_config(cell, *sweep.probe_values())  # validated here, for every trial of the cell
+        tcfg = sweep.train_config(cell, *sweep.probe_values(cell))  # validated here, for every trial of the cell
         d = tcfg.to_dict()
         d["model"]["lora_r"] = d["lr"] = d["seed"] = None  # placeholders: each trial sets its own
         return cls(cell=cell.key, train_config=d, data_file=data_file(Path(), tcfg).as_posix(),

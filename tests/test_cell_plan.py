@@ -48,7 +48,7 @@ def test_prepare_writes_one_resolved_config_per_cell(prepared) -> None:
         assert plan.train_config["seed"] is None
         assert plan.resources == sweep.resources_for(cell) and plan.train_max_failures == 3
         assert plan.metric == "val_margin" and plan.data_path(sweep_dir) == layout.data_file(
-            sweep_dir, sweep.train_config(cell, *sweep.probe_values()))
+            sweep_dir, sweep.train_config(cell, *sweep.probe_values(cell)))
         for r, lr in ((4, 1e-4), (8, 3.3e-3)):
             assert plan.trial_config(r, lr, cell.seed) == sweep.train_config(cell, r, lr)
     plan = layout.read_cell_plan(sweep_dir, overridden[0].key)

@@ -119,13 +119,13 @@ def test_presets_validate_and_cli_sets_apply() -> None:
                                                 "multi_layer_trainable+causal", "last_layer_trainable+bidirectional",
                                                 "multi_layer_trainable+bidirectional"]
     paper = load_sweep_config("paper")
-    t = paper.train_config(paper.cells()[0], *paper.probe_values())
+    t = paper.train_config(paper.cells()[0], *paper.probe_values(paper.cells()[0]))
     assert (t.batch_size, t.max_steps, t.lr, t.model.lora_r, t.temperature) == (2048, 1000, 1e-5, 16, 0.05)
     assert {c.base_model for c in paper.cells()} == {"Qwen/Qwen2-0.5B", "mistralai/Mistral-7B-v0.1"}
     assert len({c.design for c in paper.cells()}) == 5
     # Qwen2-0.5B trains on the fast GPU path, GradCache in merged chunks; Mistral-7B (ZeRO-3, 4 GPUs) padded
     for cell in paper.cells():
-        t = paper.train_config(cell, *paper.probe_values())
+        t = paper.train_config(cell, *paper.probe_values(cell))
         fast = cell.base_model == "Qwen/Qwen2-0.5B"
         assert (t.packing, t.model.packing, t.model.compile, t.model.fused_lora) == (fast,) * 4
         assert t.model.attn_implementation == ("flex_attention" if fast else "sdpa")

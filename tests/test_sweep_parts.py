@@ -180,7 +180,7 @@ def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
                         "eval_every": 1, "val_size": 8}}
     (tmp_path / "mem.yaml").write_text(yaml.safe_dump(raw))
     sweep = load_sweep_config(str(tmp_path / "mem.yaml")).with_part(f"base_model={tiny_dirs['qwen2']},seed=1")
-    examples = load_examples(sweep.train_config(sweep.cells()[0], *sweep.probe_values()))
+    examples = load_examples(sweep.train_config(sweep.cells()[0], *sweep.probe_values(sweep.cells()[0])))
     plan = memory_plan(sweep, examples)
     assert list(plan) == [str(tiny_dirs["qwen2"])]
     est = plan[str(tiny_dirs["qwen2"])]
