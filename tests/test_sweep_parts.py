@@ -58,7 +58,10 @@ def test_merge_parts_unions_records_and_results(tmp_path):
     assert read_sweep(out).fingerprint() == study.fingerprint()
     shown = status_text(out)  # no Tune folder in a merged sweep: status shows its records
     assert f"{len(trials)} started" in shown and all(t.trial_id in shown for t in trials)
-    merge_parts(out, [a])  # merging a part again changes nothing
+    stored = json.loads((out / layout.SWEEP_FILE).read_text())  # an older fingerprint definition's value
+    (out / layout.SWEEP_FILE).write_text(json.dumps({**stored, "fingerprint": "0123456789abcdef"}))
+    merge_parts(out, [a])  # merging a part again changes nothing but that stale value
+    assert json.loads((out / layout.SWEEP_FILE).read_text())["fingerprint"] == study.fingerprint()
     assert len(layout.read_trials(out)) == len(trials) and files(out) == sorted(files(a) + files(b))
     assert [p["from"] for p in layout.read_parts(out)] == [str(b), str(a)]  # a part merged again: its latest entry
     assert {c for p in layout.read_parts(out) for c in p["cells"]} == {t.cell for t in trials}
