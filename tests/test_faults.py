@@ -296,7 +296,10 @@ def test_ctrl_c_beside_another_ray_stops_then_resume_runs_each_trial_once(tmp_pa
     cfg = write_config(tmp_path / "c.yaml", tiny, tmp_path / "runs", "ctrlc", ["eos_last+causal", "mean+causal"],
                        search={"lora_r": 4, "lr": [1e-4, 3e-3], "samples_per_cell": 2},
                        scheduler={"type": "asha", "metric": "val_margin", "grace_period": 2, "reduction_factor": 2},
-                       training={"max_steps": 6})
+                       training={"max_steps": 6},
+                       # the second trial (mean) is the one cut: with 6 steps it could end before the SIGINT lands
+                       overrides=[{"match": {"pooling": "mean"},
+                                   "training": {"max_steps": 16, "checkpoint_every": 4}}])
     sweep_dir = tmp_path / "runs" / "ctrlc"
     raytmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # this sweep's Ray logs (short: AF_UNIX paths)
     log = tmp_path / "first.log"
