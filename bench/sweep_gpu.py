@@ -240,10 +240,11 @@ def kill_loss(sweep_dir: Path, killed_at: float) -> dict[str, float]:
         state = json.loads(states[-1].read_text()) if states else {}
         at = {h["step"]: h["wall_time"] for h in state.get("history", []) if "wall_time" in h}
         resumed = [r for r in state.get("resumes", []) if r in at and at[r] <= killed_at]
+        runs = list(read_wall(run).values())
         if resumed:
             out[run.name] = round(killed_at - at[resumed[-1]], 1)
-        elif len(read_wall(run)) > 1:
-            out[run.name] = round(list(read_wall(run).values())[0], 1)
+        elif len(runs) > 1:
+            out[run.name] = round(runs[0], 1)
     return out
 
 
@@ -347,7 +348,7 @@ def main() -> int:
         out["after_train"] = args.after_train
         out["eval_rc"] = rc
         out["eval_gpu_busy"] = sampler.busy(t_train_end, time.time())
-        out["eval_profile"] = eval_profile(Path(args.storage) / sweep.name / "results", t_train_end)
+        out["eval_profile"] = eval_profile(sweep_dir / "results", t_train_end)
     sampler.halt.set()
     out["total_s"] = round(time.time() - start, 1)
     hist = trial_histories(sweep_dir)

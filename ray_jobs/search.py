@@ -37,8 +37,9 @@ class CellSearcher(Searcher):
         self._cells = sweep.cells()
         self._samples = sweep.search.samples_per_cell
         # each cell's own parameters: an override may give a base model its own learning rate
-        self._fixed = {c.key: {p.name: p.value for p in sweep.params_for(c) if not p.searched} for c in self._cells}
-        self._space = {c.key: optuna_space(list(sweep.params_for(c))) for c in self._cells}
+        params = {c.key: sweep.params_for(c) for c in self._cells}
+        self._fixed = {k: {p.name: p.value for p in ps if not p.searched} for k, ps in params.items()}
+        self._space = {k: optuna_space(list(ps)) for k, ps in params.items()}
         self._sampler = sweep.search.sampler
         self._seed = sweep.search.seed
         self._suggested: dict[str, int] = {c.key: 0 for c in self._cells}

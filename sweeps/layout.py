@@ -82,6 +82,7 @@ __all__ = [
     "read_parts",
     "read_summary",
     "read_trials",
+    "restate_fingerprint",
     "result_dir",
     "write_cell_plan",
     "write_checkpoints",
@@ -440,6 +441,16 @@ def read_sweep(sweep_dir: str | os.PathLike) -> SweepConfig:
     cfg = parse_sweep_config(obj["config"], source=str(p))
     cfg.storage_path = str(Path(sweep_dir).resolve().parent)  # the folder may have moved (copied off a cluster)
     return cfg
+
+
+def restate_fingerprint(sweep_dir: str | os.PathLike, fingerprint: str) -> None:
+    """Set ``sweep.json``'s `fingerprint` field. It is written when a sweep is created and only informs a reader
+    (every check recomputes it from the config): a sweep created before the fingerprint left out some runtime
+    keys shows an older value until its folder is restated (``sweeps merge`` does)."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    stored = json.loads(path.read_text())
+    if stored.get("fingerprint") != fingerprint:
+        atomic_write_json(path, {**stored, "fingerprint": fingerprint})
 
 
 def data_key(tcfg) -> str:

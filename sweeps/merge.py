@@ -1,7 +1,6 @@
 """Merging the folders of a sweep run in parts (``run --part``) into one: records, results, one sweep.json."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -25,15 +24,6 @@ def _record_parts(out: Path, parts: list[Path], sweeps: list[SweepConfig], cells
     layout.write_parts(out, known)
 
 
-def _refresh_fingerprint(out: Path, fingerprint: str) -> None:
-    """sweep.json's `fingerprint` field is written when a sweep is created and only informs a reader (every
-    check recomputes it from the config); a sweep created before the fingerprint left out some runtime keys
-    shows an older value: the merged folder states the one the checks use."""
-    stored = json.loads((out / layout.SWEEP_FILE).read_text())
-    if stored.get("fingerprint") != fingerprint:
-        layout.atomic_write_json(out / layout.SWEEP_FILE, {**stored, "fingerprint": fingerprint})
-
-
 def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) -> Path:
     """Merge sweep folders that each ran a part of the same sweep (``run --part``) into `out_dir`: one
     ``sweep.json`` (the fingerprints must agree), the union of ``trials.json`` and ``checkpoints.json``, every
@@ -54,7 +44,7 @@ def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) 
         shutil.copy2(parts[0] / layout.SWEEP_FILE, out / layout.SWEEP_FILE)
     elif read_sweep(out).fingerprint() not in prints:
         raise ConfigError(f"{out} holds another sweep (its sweep.json fingerprint differs from the parts')")
-    _refresh_fingerprint(out, prints.pop())
+    layout.restate_fingerprint(out, prints.pop())
     trials, specs, cells = {}, {}, {}
     for src in [out, *parts]:
         if (src / layout.TRIALS_FILE).is_file():
