@@ -397,6 +397,14 @@ class SweepConfig:
             params.update(o.search)
         return params["lora_r"], params["lr"]
 
+    def param_source(self, cell: Cell, name: str) -> str:
+        """The config key that gives `cell` its parameter `name` (the last matching override wins, as above)."""
+        source = f"search.{name}"
+        for i, o in enumerate(self.overrides):
+            if o.matches(cell) and name in o.search:
+                source = f"overrides[{i}].search.{name}"
+        return source
+
     def probe_values(self, cell: Cell) -> tuple[int, float]:
         """A (lora_r, lr) inside `cell`'s search space (its overrides included), for checks that need values."""
         def first(p: Param):

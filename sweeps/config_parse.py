@@ -147,8 +147,8 @@ def _check_grid_sampler(ctx: _Ctx, cfg: SweepConfig) -> None:
         params = cfg.params_for(cell)
         ranges = [p.name for p in params if p.searched and p.choices is None]
         if ranges:
-            raise ctx.err(f"search.{ranges[0]}", f"the grid sampler needs a list of values, not a range (cell "
-                                                 f"{cell.key})")
+            raise ctx.err(cfg.param_source(cell, ranges[0]), f"the grid sampler needs a list of values, not a "
+                                                             f"range (cell {cell.key})")
         combos = math.prod(len(p.choices) for p in params if p.searched)
         if cfg.search.samples_per_cell != combos:
             raise ctx.err("search.samples_per_cell", f"the grid sampler runs each of the {combos} combinations once: "
