@@ -89,6 +89,8 @@ def prepare(sweep: SweepConfig, resume: bool = False, check_models: bool = True)
     if not stored.is_file():
         layout.atomic_write_json(stored, {"format": SWEEP_FORMAT, "fingerprint": sweep.fingerprint(),
                                           "config": sweep.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    else:  # started by a version whose fingerprint left out fewer keys: the field shows the value checks compute
+        layout.restate_fingerprint(sweep_dir, sweep.fingerprint())
     return sweep_dir
 
 

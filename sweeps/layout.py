@@ -446,7 +446,7 @@ def read_sweep(sweep_dir: str | os.PathLike) -> SweepConfig:
 def restate_fingerprint(sweep_dir: str | os.PathLike, fingerprint: str) -> None:
     """Set ``sweep.json``'s `fingerprint` field. It is written when a sweep is created and only informs a reader
     (every check recomputes it from the config): a sweep created before the fingerprint left out some runtime
-    keys shows an older value until its folder is restated (``sweeps merge`` does)."""
+    keys shows an older value until its folder is restated (``prepare --resume`` and ``sweeps merge`` do)."""
     path = Path(sweep_dir) / SWEEP_FILE
     stored = json.loads(path.read_text())
     if stored.get("fingerprint") != fingerprint:

@@ -2,6 +2,7 @@
 reads its cell's and sets only its own LoRA rank, LR and seed, without the sweep's config. No Ray, no model."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -92,7 +93,10 @@ def test_resuming_a_sweep_prepared_before_plans_writes_them_from_its_sweep_json(
     shutil.rmtree(sweep_dir / layout.CELLS_DIR)
     resumed = parse_sweep_config(raw_config(tmp_path, cpus_per_worker=2), source="plans.yaml")
     assert resumed.fingerprint() == sweep.fingerprint()
+    stored = json.loads((sweep_dir / layout.SWEEP_FILE).read_text())  # an older fingerprint definition's value
+    (sweep_dir / layout.SWEEP_FILE).write_text(json.dumps({**stored, "fingerprint": "0123456789abcdef"}))
     prepare(resumed.with_part("seed=0"), resume=True, check_models=False)
+    assert json.loads((sweep_dir / layout.SWEEP_FILE).read_text())["fingerprint"] == sweep.fingerprint()
     plans = {p.stem for p in (sweep_dir / layout.CELLS_DIR).glob("*.json")}
     assert plans == {c.key for c in sweep.cells() if c.seed == 0}
     cell = next(c for c in sweep.cells() if c.seed == 0)
