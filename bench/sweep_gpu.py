@@ -137,7 +137,9 @@ def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -
             out[run] = {"worker_group_s": round(first["worker_started_at"] - fin["trial_started_at"], 1),
                         "trainer_build_s": round(first["trainer_ready_at"] - first["worker_started_at"], 1),
                         "first_step_s": round(first["wall_time"] - first["trainer_ready_at"], 1),
-                        **{k: v for k, v in first.items() if k.startswith("compile_")}}  # Inductor cache hits
+                        # the Trainer's data / model / DeepSpeed phases (the rest of the build: imports, CUDA),
+                        # Inductor cache hits
+                        **{k: v for k, v in first.items() if k.startswith(("build_", "compile_"))}}
     return out
 
 

@@ -124,11 +124,16 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(tcfg, self.on_gpu)
         self.allocator_setting = configure_cuda_allocator() if self.on_gpu else None
+        t = time.perf_counter()
         self.data = TrainData(tcfg, examples)
+        t_data = time.perf_counter()
         self.model = model if model is not None else EmbeddingModel.from_config(
             model_config(tcfg, self.on_gpu), device=self.device, seed=tcfg.seed)
+        t_model = time.perf_counter()
         self.engine = build_engine(self.model, tcfg, self.world_size, self.on_gpu)
         self.engine.train()
+        # where a trial's start-up goes (bench/sweep_gpu.py's startup profile reads it from the first step's metrics)
+        self.build_s = {"data": t_data - t, "model": t_model - t_data, "engine": time.perf_counter() - t_model}
         # the Trainer's own fused gradient check (train_step) wherever DeepSpeed's per-tensor one is off (the config
         # the engine was built with); under fp16 DeepSpeed's loss scaler owns overflow
         ds_checks = self.engine.config.get("bf16", {}).get("check_grad_overflow", True)

@@ -196,6 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = trainer.run_step()
             if first:  # where a trial's start-up time goes (bench/sweep_gpu.py reads it from the history)
                 metrics.update({"worker_started_at": started, "trainer_ready_at": ready,
+                                **{f"build_{k}_s": round(v, 2) for k, v in trainer.build_s.items()},
                                 **{f"compile_{k}": v for k, v in compat.compile_cache_counts().items()}})
             metrics["world_size"] = world
             metrics["resumed_from_step"] = trainer.resumes[-1] if trainer.resumes else -1
