@@ -32,6 +32,10 @@ LR_SETS=(--set name=lr_check --set "seeds=[0]" --set "grid.designs=[multi_layer_
          --set search.samples_per_cell=5 --set report.baseline=multi_layer_trainable+bidirectional)
 EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
 while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${STUDY_SETS:-}"
+NAME=$(printf '%s\n' "${STUDY_SETS:-}" | sed -n 's/^name=//p' | tail -1)
+NAME=${NAME:-study}                      # the sweep's folder in each part's storage
+REUSE_REFERENCE=${REUSE_REFERENCE:-0}    # 1: STUDY_SETS change what is trained, not the evaluation: reuse the
+                                         # committed reference's results
 START=$(date +%s)
 left() { echo $(( START + LIMIT - $(date +%s) )); }
 mkdir -p "$STATE" /tmp/sweeps/.compile_cache "${OUT:=/tmp/study_out}"
@@ -69,11 +73,11 @@ for part in $PARTS; do
   storage=/tmp/sweeps/p$i
   mkdir -p "$storage"
   ln -sfn /tmp/sweeps/.compile_cache "$storage/.compile_cache"
-  mkdir -p "$storage/study/results"
-  refs=(/tmp/sweeps/p*/study/results/reference__*)       # the reference is the same model in every part, and in
-  [ ${#EXTRA[@]} = 0 ] && refs+=(studies/*/study/results/reference__*)   # the committed study (same settings)
-  for ref in "${refs[@]}"; do
-    [ -d "$ref" ] && [ ! -e "$storage/study/results/$(basename "$ref")" ] && cp -r "$ref" "$storage/study/results/"
+  mkdir -p "$storage/$NAME/results"
+  refs=(/tmp/sweeps/p*/"$NAME"/results/reference__*)     # the reference is the same model in every part, and in
+  { [ ${#EXTRA[@]} = 0 ] || [ "$REUSE_REFERENCE" = 1 ]; } && refs+=(studies/*/study/results/reference__*)  # the
+  for ref in "${refs[@]}"; do                                               # committed study (same evaluation)
+    [ -d "$ref" ] && [ ! -e "$storage/$NAME/results/$(basename "$ref")" ] && cp -r "$ref" "$storage/$NAME/results/"
   done
   n=$(ls "$STATE"/bench_p${i}_*.json 2>/dev/null | wc -l)
   iso=(--skip-isolated)
