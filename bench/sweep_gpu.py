@@ -128,12 +128,13 @@ def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -
     """Per trial, where the time to the first step went: Ray Train starting the worker group (trial start ->
     worker function), the Trainer's construction (imports, data, model, DeepSpeed), the first step (compile).
     A resumed trial's history holds each run's first step; the profile is the last run's, the one whose final
-    result (and ``trial_started_at``) Tune kept."""
+    result (and ``trial_started_at``) Tune kept. A last run that took no step (restored after its final step)
+    has no start-up to profile: the trial is left out."""
     out = {}
     for run, hist in histories.items():
         first = next((h for h in reversed(hist) if "worker_started_at" in h), None)
         fin = next((f for name, f in finals.items() if run.rsplit("-", 1)[-1] in name), None)
-        if first and fin and "trial_started_at" in fin:
+        if first and fin and "trial_started_at" in fin and first["worker_started_at"] >= fin["trial_started_at"]:
             out[run] = {"worker_group_s": round(first["worker_started_at"] - fin["trial_started_at"], 1),
                         "trainer_build_s": round(first["trainer_ready_at"] - first["worker_started_at"], 1),
                         "first_step_s": round(first["wall_time"] - first["trainer_ready_at"], 1),
