@@ -6,10 +6,7 @@
 #   source .devstageN/gpu_env.sh && bash bench/study_on_device.sh      # repeat until it prints "study: all parts done"
 #
 # Steps, each skipped once its mark is in $STATE:
-#   1. (PROBE=1) attention: the Gemma cell as a plain Trainer (2 steps after 1 of warm-up) with FlexAttention; if that fails
-#      (head_dim 256 is the Flex backward's largest), with flash_varlen. The choice becomes an `overrides` entry of
-#      every part, so all parts keep one sweep fingerprint and merge.
-#   2. the parts, one base model x seed(s) each, in PARTS order, each a `bench.sweep_gpu` run in its own storage
+#   1. the parts, one base model x seed(s) each, in PARTS order, each a `bench.sweep_gpu` run in its own storage
 #      (`--resume` inside it continues an interrupted part). A part starts with the Inductor / Triton caches of
 #      the parts before (one shared folder) and with the reference's results already computed (the evaluation
 #      skips finished checkpoint x task pairs); a part ends with its evaluation (AFTER_TRAIN), the report is
@@ -19,15 +16,12 @@
 set -u
 STATE=${STATE:-/tmp/study_state}
 LIMIT=${LIMIT:-570}                      # seconds this call may use (the device's per-call limit is 600)
-# studies/h100 holds seeds 0 and 1 of both base models (2026-12-06); the last seed, both models in one part:
-PARTS=${PARTS:-"seed=2"}
-PROBE=${PROBE:-0}                        # 1: probe Gemma's attention first (FlexAttention trained it on an H100)
+PARTS=${PARTS:-"seed=0 seed=1 seed=2"}   # both models a part: 10 trials, ~11 minutes of an H100 with the evaluation
 AFTER_TRAIN=${AFTER_TRAIN:-evaluate}     # the report is built after merging, on any machine
-PROBE_PART=${PROBE_PART:-seed=0,base_model=gemma3-270m}
 ISOLATED=${ISOLATED:-1}                  # 0: skip the Trainer-alone baseline of the first part's first model
 LR_CHECK=${LR_CHECK:-1}                  # 1: after the parts, the learning-rate check (below)
 KILL_AFTER=${KILL_AFTER:-120}            # seconds into the lr check's train stage of its SIGKILL
-LR_SETS=(--set name=lr_check --set "seeds=[0]" --set "grid.designs=[multi_layer_trainable+bidirectional]"
+LR_SETS=(--set name=lr_check --set "seeds=[0]" --set "grid.designs=[multi_layer_trainable+bidirectional]" --set "overrides=[]"
          --set "search.lr=[5.0e-5, 1.0e-4, 2.0e-4, 4.0e-4, 8.0e-4]" --set search.sampler=grid
          --set search.samples_per_cell=5 --set report.baseline=multi_layer_trainable+bidirectional)
 EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
@@ -44,26 +38,7 @@ export EMBED_DATA_DIR=${EMBED_DATA_DIR:-/tmp/site/embed_data}
 export TORCHINDUCTOR_CACHE_DIR=/tmp/sweeps/.compile_cache/inductor TRITON_CACHE_DIR=/tmp/sweeps/.compile_cache/triton
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>/dev/null | tee -a "$STATE/device.txt"
 
-next=""                                  # the first part not done yet: the probe waits until a Gemma part is next
-i=0; for part in $PARTS; do i=$((i + 1)); [ -f "$STATE/done_$i" ] || { next=$part; break; }; done
-if [ "$PROBE" = 1 ] && [ ! -f "$STATE/attn" ] && [[ "$next" == *"${PROBE_PART#*base_model=}"* ]]; then
-  for impl in flex_attention flash_varlen; do
-    t=$(date +%s)
-    if timeout $(( $(left) - 60 )) python -m bench.sweep_gpu --isolated --config study \
-         --part "$PROBE_PART" "${EXTRA[@]}" --set model.attn_implementation=$impl --isolated-steps 2 --warmup 1 \
-         --out "$STATE/probe.json" > "$STATE/probe_$impl.out" 2> "$STATE/probe_$impl.err"; then
-      echo "$impl" > "$STATE/attn"
-      echo "study: gemma3-270m trains with $impl ($(( $(date +%s) - t )) s): $(tail -1 "$STATE/probe_$impl.out")"
-      break
-    fi
-    echo "study: gemma3-270m with $impl failed after $(( $(date +%s) - t )) s:"; tail -5 "$STATE/probe_$impl.err"
-  done
-  cp "$STATE"/probe_* "$OUT/" 2>/dev/null
-  [ -f "$STATE/attn" ] || { echo "study: no attention implementation trains gemma3-270m here"; exit 1; }
-fi
-ATTN=$(cat "$STATE/attn" 2>/dev/null || echo flex_attention)
 SETS=("${EXTRA[@]}")
-[ "$ATTN" = flex_attention ] || SETS+=(--set "overrides=[{match: {base_model: gemma3-270m}, model: {attn_implementation: $ATTN}}]")
 
 i=0
 for part in $PARTS; do

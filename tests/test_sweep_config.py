@@ -121,6 +121,9 @@ def test_presets_validate_and_cli_sets_apply() -> None:
     assert [c.design for c in demo.cells()] == ["eos_last+causal", "last_layer_trainable+causal",
                                                 "multi_layer_trainable+causal", "last_layer_trainable+bidirectional",
                                                 "multi_layer_trainable+bidirectional"]
+    study = load_sweep_config("study")  # each base model at its learning-rate check's choice
+    assert {c.base_model: study.probe_values(c)[1] for c in study.cells()} == {"smollm2-135m": 4e-4,
+                                                                             "gemma3-270m": 2e-4}
     paper = load_sweep_config("paper")
     t = paper.train_config(paper.cells()[0], *paper.probe_values(paper.cells()[0]))
     assert (t.batch_size, t.max_steps, t.lr, t.model.lora_r, t.temperature) == (2048, 1000, 1e-5, 16, 0.05)

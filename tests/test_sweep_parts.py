@@ -15,6 +15,8 @@ from sweeps.layout import SWEEP_FORMAT, read_sweep
 from sweeps.synthetic_results import write_synthetic_sweep
 from sweeps.config_parse import load_sweep_config
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def test_study_preset_runs_in_parts():
     study = load_sweep_config("study")
@@ -218,3 +220,11 @@ def test_cuda_oom_is_recognised_through_rays_wrapping():
     assert is_cuda_oom(Failed("Training failed due to worker errors", {0: oom}))
     assert is_cuda_oom(RuntimeError("...\ntorch.OutOfMemoryError: CUDA out of memory"))
     assert not is_cuda_oom(Failed("Training failed", {0: FloatingPointError("non-finite training loss")}))
+
+
+@pytest.mark.parametrize("folder, sets", [("study", ["overrides=[]"]),  # run before the check: both models at 2e-4
+                                          ("study_smollm2_lr4e-4", ["name=study_smollm2_lr4e-4"])])
+def test_committed_studies_are_the_preset_with_the_readmes_sets(folder, sets):
+    """The README's commands reproduce the committed sweeps: the preset with those --set values is the same sweep."""
+    assert read_sweep(REPO / "studies" / "h100" / folder).fingerprint() == load_sweep_config("study", sets).fingerprint()
+
