@@ -19,11 +19,8 @@ LIMIT=${LIMIT:-570}                      # seconds this call may use (the device
 PARTS=${PARTS:-"seed=0 seed=1 seed=2"}   # both models a part: 10 trials, ~11 minutes of an H100 with the evaluation
 AFTER_TRAIN=${AFTER_TRAIN:-evaluate}     # the report is built after merging, on any machine
 ISOLATED=${ISOLATED:-1}                  # 0: skip the Trainer-alone baseline of the first part's first model
-LR_CHECK=${LR_CHECK:-1}                  # 1: after the parts, the learning-rate check (below)
+LR_CHECK=${LR_CHECK:-1}                  # 1: after the parts, the learning-rate check (the lr_check preset)
 KILL_AFTER=${KILL_AFTER:-120}            # seconds into the lr check's train stage of its SIGKILL
-LR_SETS=(--set name=lr_check --set "seeds=[0]" --set "grid.designs=[multi_layer_trainable+bidirectional]" --set "overrides=[]"
-         --set "search.lr=[5.0e-5, 1.0e-4, 2.0e-4, 4.0e-4, 8.0e-4]" --set search.sampler=grid
-         --set search.samples_per_cell=5 --set report.baseline=multi_layer_trainable+bidirectional)
 EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
 while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${STUDY_SETS:-}"
 NAME=$(printf '%s\n' "${STUDY_SETS:-}" | sed -n 's/^name=//p' | tail -1)
@@ -86,7 +83,7 @@ echo "study: all parts done"
 [ "$(left)" -lt 90 ] && { echo "study: $(left) s left in this call; the lr check next call"; exit 0; }
 n=$(ls "$STATE"/bench_lr_*.json 2>/dev/null | wc -l)
 echo "study: lr check, call $((n + 1)) for it, $(left) s left"
-python -m bench.sweep_gpu --config study "${SETS[@]}" "${LR_SETS[@]}" --storage /tmp/sweeps/lr \
+python -m bench.sweep_gpu --config lr_check "${SETS[@]}" --storage /tmp/sweeps/lr \
   --out "$STATE/bench_lr_$n.json" --archive "$STATE/lr_check.tar.gz" --time-limit $(( $(left) - 25 )) \
   --after-train none --skip-isolated --kill-after "$KILL_AFTER" | tail -12
 cp "$STATE/bench_lr_$n.json" "$STATE/bench_lr_$n.log" "$STATE/lr_check.tar.gz" "$OUT/" 2>/dev/null

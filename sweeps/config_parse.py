@@ -376,16 +376,40 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(f"sweep config {str(name_or_path)!r}: no such file and no such preset; presets: {presets()}")
 
 
-def load_sweep_config(name_or_path: str | os.PathLike, sets: Sequence[str] = (),
-                      storage_path: str | None = None) -> SweepConfig:
-    """Read a YAML file (or a preset by name), apply ``--set`` overrides and ``--storage``, validate."""
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`: mappings merge key by key (as ``--set`` on each key would), anything else is replaced."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
-    path = resolve_config_path(name_or_path)
+
+def _read_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, with ``extends: <preset or path>`` resolved: the file is applied over the config it
+    names (a path relative to the file first), so a variant states only what it changes."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"sweep config {path}: not valid YAML: {e}") from None
-    raw = apply_sets(raw or {}, sets)
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw
+    raw = dict(raw)
+    base = raw.pop("extends")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"sweep config {path}: extends: must be a preset name or a config path, got {base!r}")
+    base_path = path.parent / base if (path.parent / base).is_file() else resolve_config_path(base)
+    if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+        raise ConfigError(f"sweep config {path}: extends: {base!r} extends this file again (a cycle)")
+    return _merge(_read_raw(base_path, (*chain, path)), raw)
+
+
+def load_sweep_config(name_or_path: str | os.PathLike, sets: Sequence[str] = (),
+                      storage_path: str | None = None) -> SweepConfig:
+    """Read a YAML file (or a preset by name; ``extends`` applies it over another), apply ``--set`` overrides and
+    ``--storage``, validate."""
+
+    path = resolve_config_path(name_or_path)
+    raw = apply_sets(_read_raw(path), sets)
     if storage_path is not None:
         raw["storage_path"] = storage_path
     return parse_sweep_config(raw, source=str(path))

@@ -105,6 +105,23 @@ def test_bad_config_names_file_and_field(changes, match) -> None:
     assert str(info.value).startswith("sweep config t.yaml: ")
 
 
+def test_a_config_extends_a_preset_or_file_and_states_only_what_it_changes(tmp_path) -> None:
+    (tmp_path / "base.yaml").write_text("extends: demo\nname: base\ntraining: {max_steps: 3}\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\nname: top\nseeds: [4]\ngrid: {designs: [eos_last+causal]}\n")
+    demo, top = load_sweep_config("demo"), load_sweep_config(tmp_path / "top.yaml")
+    assert (top.name, top.seeds, top.training["max_steps"]) == ("top", [4], 3)  # each level's own keys win
+    assert [c.design for c in top.cells()] == ["eos_last+causal"]            # a list is replaced, not merged
+    assert top.base_models == demo.base_models and top.training["batch_size"] == demo.training["batch_size"]
+    assert load_sweep_config(tmp_path / "top.yaml", ["training.max_steps=5"]).training["max_steps"] == 5
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends: 'loop.yaml' extends this file again"):
+        load_sweep_config(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(ConfigError, match="'nowhere': no such file and no such preset"):
+        load_sweep_config(tmp_path / "bad.yaml")
+
+
 def test_overrides_apply_to_matching_cells_only() -> None:
     c = cfg(overrides=[{"match": {"base_model": "m2"}, "training": {"batch_size": 4}, "resources": {"num_workers": 2},
                         "model": {"num_latents": 8}}])

@@ -222,9 +222,12 @@ def test_cuda_oom_is_recognised_through_rays_wrapping():
     assert not is_cuda_oom(Failed("Training failed", {0: FloatingPointError("non-finite training loss")}))
 
 
-@pytest.mark.parametrize("folder, sets", [("study", ["overrides=[]"]),  # run before the check: both models at 2e-4
-                                          ("study_smollm2_lr4e-4", ["name=study_smollm2_lr4e-4"])])
-def test_committed_studies_are_the_preset_with_the_readmes_sets(folder, sets):
+@pytest.mark.parametrize("folder, preset, sets", [
+    ("study", "study", ["overrides=[]"]),  # run before the learning-rate check: both models at 2e-4
+    ("study_smollm2_lr4e-4", "study", ["name=study_smollm2_lr4e-4"]),
+    ("lr_check", "lr_check", []),
+])
+def test_committed_studies_are_the_preset_with_the_readmes_sets(folder, preset, sets):
     """The README's commands reproduce the committed sweeps: the preset with those --set values is the same sweep."""
-    assert read_sweep(REPO / "studies" / "h100" / folder).fingerprint() == load_sweep_config("study", sets).fingerprint()
+    assert read_sweep(REPO / "studies" / "h100" / folder).fingerprint() == load_sweep_config(preset, sets).fingerprint()
 
