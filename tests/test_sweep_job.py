@@ -256,6 +256,26 @@ def ray_head(tmp_path):
     shutil.rmtree(raytmp, ignore_errors=True)
 
 
+JOB_REQUEST_LIMIT = 100 * 2**20  # the Ray job server's limit on a request body: the zipped working_dir
+
+
+def test_the_repo_uploads_as_a_job_working_dir_far_below_the_job_servers_limit() -> None:
+    """`ray job submit --working-dir .` zips what Ray's own traversal keeps (.gitignore, .rayignore): the committed
+    studies and git's history stay out (with them the upload passed 100 MiB and the job server refused it)."""
+    from ray._private.runtime_env import packaging
+
+    sizes: dict[str, int] = {}
+
+    def add(p: Path) -> None:
+        if p.is_file():
+            top = p.relative_to(REPO).parts[0]
+            sizes[top] = sizes.get(top, 0) + p.stat().st_size
+
+    packaging._dir_travel(REPO, [packaging._get_excludes(REPO, [])], add, include_gitignore=True)
+    assert "sweeps" in sizes and "studies" not in sizes and ".git" not in sizes
+    assert sum(sizes.values()) < JOB_REQUEST_LIMIT / 4, sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+
+
 def test_ray_job_submit_runs_the_whole_pipeline(tmp_path, tiny, ray_head) -> None:
     cfg = write_config(tmp_path / "job.yaml", tiny, tmp_path / "runs", "job", ["eos_last+causal", "mean+bidirectional"],
                        search={"lora_r": [4, 8], "lr": {"low": 1e-4, "high": 1e-2, "log": True},
