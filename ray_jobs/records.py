@@ -265,8 +265,12 @@ def status_text(sweep_dir: str | os.PathLike) -> str:
         max_steps = int(sweep.training.get("max_steps") or 0)
         rows = [TrialStatus(t.trial_id, t.cell, t.lora_r, t.lr, t.status, t.steps, max_steps, t.val_metric)
                 for t in layout.read_trials(sweep_dir)]
-    lines = [f"sweep {sweep.name} at {sweep_dir}: {len(sweep.cells())} cells, {sweep.num_trials()} trials planned, "
-             f"{len(rows)} started; {driver_state(sweep_dir)[1]}"]
+    parts = layout.read_parts(sweep_dir)  # a merged sweep plans what its parts ran, not the config's whole grid
+    cells = {c for p in parts for c in p["cells"]} if parts else {c.key for c in sweep.cells()}
+    merged = f" (from {len(parts)} merged part(s); the config's grid has {len(sweep.cells())})" if parts else ""
+    lines = [f"sweep {sweep.name} at {sweep_dir}: {len(cells)} cells{merged}, "
+             f"{len(cells) * sweep.search.samples_per_cell} trials planned, {len(rows)} started; "
+             f"{driver_state(sweep_dir)[1]}"]
     lines.append(f"{'trial':10s} {'cell':52s} {'lora_r':>6s} {'lr':>9s} {'status':10s} {'step':>9s} "
                  f"{sweep.scheduler.metric:>10s}")
     for r in rows:

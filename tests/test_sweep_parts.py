@@ -60,6 +60,9 @@ def test_merge_parts_unions_records_and_results(tmp_path):
     assert read_sweep(out).fingerprint() == study.fingerprint()
     shown = status_text(out)  # no Tune folder in a merged sweep: status shows its records
     assert f"{len(trials)} started" in shown and all(t.trial_id in shown for t in trials)
+    cells = {t.cell for t in trials}  # what the parts ran is what was planned, not the preset's whole grid
+    assert (f"{len(cells)} cells (from 2 merged part(s); the config's grid has {len(study.cells())}), "
+            f"{len(cells) * study.search.samples_per_cell} trials planned") in shown
     stored = json.loads((out / layout.SWEEP_FILE).read_text())  # an older fingerprint definition's value
     (out / layout.SWEEP_FILE).write_text(json.dumps({**stored, "fingerprint": "0123456789abcdef"}))
     merge_parts(out, [a])  # merging a part again changes nothing but that stale value
