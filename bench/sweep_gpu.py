@@ -362,6 +362,15 @@ def main() -> int:
     finals = tune_finals(sweep_dir)
     out["time_to_first_step_s"] = {k: round(v.get("time_to_first_step_s", float("nan")), 1) for k, v in finals.items()}
     out["startup_profile_s"] = startup_profile(hist, finals)
+    # a trial admitted ahead of its turn (resources.start_ahead) waits for GPU memory on purpose: its start-up
+    # proper is the time to its first step less that wait
+    out["time_to_first_step_less_gpu_wait_s"] = {
+        k: round(v["worker_group_s"] + v["trainer_build_s"] + v["first_step_s"] - v.get("build_gpu_wait_s", 0.0), 1)
+        for k, v in out["startup_profile_s"].items()}
+    starts = [f["trial_started_at"] for f in finals.values() if "trial_started_at" in f]
+    if starts and t_train_end > min(starts):  # from the first trial's start: without prepare and Ray's start
+        out["gpu_busy_fraction_trials"] = sampler.busy(max(t_train, min(starts)), t_train_end)
+        out["trials_span_s"] = round(t_train_end - max(t_train, min(starts)), 1)
     trials = sweep_dir / "trials.json"
     if trials.is_file():
         recs = json.loads(trials.read_text())["trials"]
@@ -380,7 +389,8 @@ def main() -> int:
             for run, h in hist.items():  # the training curves, without weights
                 tar.addfile(*_json_member(f"{sweep.name}/{layout.HISTORIES_DIR}/{run}.json", h))
     print(json.dumps({k: out.get(k) for k in ("device", "isolated_step_s", "in_sweep_step_s", "in_sweep_vs_isolated",
-                                               "gpu_busy_fraction_training", "train_stage_s", "eval_stage_s",
+                                               "gpu_busy_fraction_training", "gpu_busy_fraction_trials",
+                                               "train_stage_s", "eval_stage_s",
                                                "total_s", "trials_error")}, indent=1, default=str))
     return 0
 

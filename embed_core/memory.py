@@ -119,4 +119,37 @@ def gpu_share(need_gib: float, gpu_gib: float, requested: float) -> float:
     return 1.0 / k
 
 
-__all__ = ["MemoryEstimate", "estimate", "forward_tokens", "gpu_share", "gpu_total_gib"]
+# A trial admitted ahead of its turn (ray_jobs/gpu_ledger.py) waits with the CUDA context Ray Train's worker created
+# (cudaSetDevice) before its training function ran: ~0.5 GiB, with a margin.
+WAITING_GIB = 0.6
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How many trials of one estimate a GPU takes: ``training`` at once (their estimates fit) and ``ahead`` more
+    starting up beside them (their waiting contexts fit in what the training ones leave)."""
+
+    training: int
+    ahead: int
+
+    @property
+    def total(self) -> int:
+        return self.training + self.ahead
+
+    @property
+    def share(self) -> float:
+        """The GPU fraction each trial asks Ray for, so that Ray places ``total`` of them on one GPU."""
+        return 1.0 / self.total
+
+
+def admission(need_gib: float, gpu_gib: float, share: float, ahead: bool = True) -> Admission:
+    """Trials of `need_gib` on a GPU of `gpu_gib` given the share each trial was planned (`gpu_share`): 1/share
+    of them train at once (at most as many as hold), and, with `ahead`, as many more start up beside them as the
+    memory left over holds waiting contexts, at most a whole next wave."""
+    k = max(1, min(round(1 / share) if share < 1 else 1, math.floor(gpu_gib / need_gib)))
+    spare = gpu_gib - k * need_gib
+    return Admission(k, min(k, max(0, math.floor(spare / WAITING_GIB))) if ahead else 0)
+
+
+__all__ = ["Admission", "MemoryEstimate", "WAITING_GIB", "admission", "estimate", "forward_tokens", "gpu_share",
+           "gpu_total_gib"]

@@ -53,7 +53,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -103,12 +103,13 @@ class Trainer:
 
     `model` / `examples` may be passed in (otherwise built from the config). ``step`` counts
     completed optimizer steps; ``history`` holds one metrics dict per step (with the global batch's
-    fingerprint); ``resumes`` lists the steps this run was resumed from.
+    fingerprint); ``resumes`` lists the steps this run was resumed from. ``gate``, if given, is called once the
+    data and the model are built on the host and before anything of the model goes to the device.
     """
 
     def __init__(self, tcfg: TrainConfig, model: EmbeddingModel | None = None, examples: Sequence | None = None,
                  *, device: str | torch.device | None = None, log_dir: str | None = None,
-                 prefetch: bool | None = None) -> None:
+                 prefetch: bool | None = None, gate: Callable[[], None] | None = None) -> None:
         if not dist.is_initialized():
             init_single_process_group()
         self.rank, self.world_size = dist_world()
@@ -127,13 +128,20 @@ class Trainer:
         t = time.perf_counter()
         self.data = TrainData(tcfg, examples)
         t_data = time.perf_counter()
+        # the model is built on the host; `gate` (a sweep's GPU memory ledger) may hold it there while earlier
+        # trials train, so that this trial's start-up overlaps their steps
         self.model = model if model is not None else EmbeddingModel.from_config(
-            model_config(tcfg, self.on_gpu), device=self.device, seed=tcfg.seed)
+            model_config(tcfg, self.on_gpu), seed=tcfg.seed)
         t_model = time.perf_counter()
+        if gate is not None:
+            gate()
+        t_gate = time.perf_counter()
+        self.model.to(self.device)
         self.engine = build_engine(self.model, tcfg, self.world_size, self.on_gpu)
         self.engine.train()
         # where a trial's start-up goes (bench/sweep_gpu.py's startup profile reads it from the first step's metrics)
-        self.build_s = {"data": t_data - t, "model": t_model - t_data, "engine": time.perf_counter() - t_model}
+        self.build_s = {"data": t_data - t, "model": t_model - t_data, "gpu_wait": t_gate - t_model,
+                        "engine": time.perf_counter() - t_gate}
         # the Trainer's own fused gradient check (train_step) wherever DeepSpeed's per-tensor one is off (the config
         # the engine was built with); under fp16 DeepSpeed's loss scaler owns overflow
         ds_checks = self.engine.config.get("bf16", {}).get("check_grad_overflow", True)

@@ -178,11 +178,13 @@ def _resolve_use_gpu(sweep: SweepConfig) -> bool:
 
 
 def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
-    """base model -> {gpus_per_worker, need_gib}: each trial's estimated GPU memory (`sweeps.resources`) and the
-    GPU share its workers get: the configured ``gpus_per_worker``, raised to the largest 1/k of this machine's GPU
-    that holds the estimate when trials sharing a GPU would not fit (a ConfigError when one GPU cannot hold it)."""
+    """base model -> {gpus_per_worker, need_gib, training, ahead}: each trial's estimated GPU memory
+    (`sweeps.resources`), how many of its trials train on one GPU at once (the configured ``gpus_per_worker``, raised
+    to the largest 1/k of this machine's GPU that holds the estimate; a ConfigError when one GPU cannot hold it),
+    how many more start up ahead of their turn (``resources.start_ahead``, one-worker trials:
+    `embed_core.memory.admission`), and the GPU share each trial asks Ray for, so that Ray places both."""
     from embed_core.data import read_jsonl
-    from embed_core.memory import gpu_share, gpu_total_gib
+    from embed_core.memory import admission, gpu_share, gpu_total_gib
     from sweeps.resources import memory_plan
 
     if not use_gpu:
@@ -192,7 +194,8 @@ def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
     gpu = gpu_total_gib()
     out = {}
     for model, est in memory_plan(sweep, examples).items():
-        want = sweep.resources_for(next(c for c in sweep.cells() if c.base_model == model)).gpus_per_worker
+        res = sweep.resources_for(next(c for c in sweep.cells() if c.base_model == model))
+        want = res.gpus_per_worker
         try:
             share = gpu_share(est.total_gib, gpu, want) if gpu else want
         except ValueError as e:
@@ -202,7 +205,13 @@ def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
             _say(f"WARNING: resources.gpus_per_worker {want} gives a trial of {model} {want * gpu:.1f} GiB of this "
                  f"{gpu:.0f} GiB GPU, but it needs {est.describe()}: raised to {share:.3g} "
                  f"({round(1 / share)} trials at a time)")
-        out[model] = {"gpus_per_worker": share, "need_gib": est.total_gib}
+        entry = {"gpus_per_worker": share, "need_gib": est.total_gib, "training": None, "ahead": 0}
+        if gpu and share <= 1:
+            adm = admission(est.total_gib, gpu, share, ahead=res.start_ahead and res.num_workers == 1)
+            entry.update(training=adm.training, ahead=adm.ahead)
+            if adm.ahead:
+                entry["gpus_per_worker"] = adm.share
+        out[model] = entry
     return out
 
 
@@ -247,8 +256,11 @@ def train_stage(sweep: SweepConfig, resume: bool = False):
                                    resume_errored=False, restart_errored=False)
     else:
         concurrency = max_concurrent(sweep, use_gpu, plan)
+        ahead = "".join(f"; {m}: {p['training']} train on a GPU at once, {p['ahead']} more start up ahead"
+                        for m, p in plan.items() if p.get("ahead"))
         _say(f"{len(sweep.cells())} cells x {sweep.search.samples_per_cell} samples = {sweep.num_trials()} trials, "
-             f"{concurrency} at a time, {'GPU' if use_gpu else 'CPU'}; TensorBoard: tensorboard --logdir {sweep_dir}")
+             f"{concurrency} at a time, {'GPU' if use_gpu else 'CPU'}{ahead}; "
+             f"TensorBoard: tensorboard --logdir {sweep_dir}")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

@@ -162,12 +162,23 @@ def _report(trainer, metrics: dict, checkpoint: bool) -> None:
                          checkpoint_dir_name=checkpoint_dir_name(trainer.step))
 
 
+def _gpu_gate(config: dict, device):
+    """The Trainer's gate of a trial admitted ahead of its turn: wait in the GPU's memory ledger (None otherwise)."""
+    if not config.get("gpu_need_gib") or device.type != "cuda":
+        return None
+    from .gpu_ledger import device_gate
+
+    return device_gate(device, float(config["gpu_need_gib"]), say=log.warning)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker function (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``).
 
     config keys: ``train_config`` (TrainConfig.to_dict()), optional ``run_dir`` and ``run_token``
     (divergence marker), optional ``fault_injection`` ({step, rank, marker, delay_s}; tests only),
-    optional ``env`` (variables set before the model is built: compile caches shared by a sweep's trials).
+    optional ``env`` (variables set before the model is built: compile caches shared by a sweep's trials),
+    optional ``gpu_need_gib`` (a sweep trial admitted ahead of its turn: the model waits on the host until the GPU
+    memory ledger, `ray_jobs.gpu_ledger`, has room for this estimate).
     """
     started = time.time()
     import ray.train
@@ -181,7 +192,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _raise_if_diverged_before(config)
 
-    trainer = Trainer(tcfg, device=ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    trainer = Trainer(tcfg, device=device, gate=_gpu_gate(config, device))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -282,10 +294,12 @@ def prepare_run(tcfg: TrainConfig, num_workers: int, storage_path: str | os.Path
 def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, use_gpu: bool = False,
                   max_failures: int = 0, *, num_to_keep: int | None = 2,
                   resources_per_worker: dict[str, float] | None = None, fault_injection: dict | None = None,
-                  callbacks: list | None = None, env: dict[str, str] | None = None):
+                  callbacks: list | None = None, env: dict[str, str] | None = None,
+                  gpu_need_gib: float | None = None):
     """The `TorchTrainer` of one training run whose data is ready (`prepare_run`): ``num_workers`` Ray Train
     workers running `train_loop_per_worker`, Train run ``run_dir.name`` stored under ``run_dir.parent``;
-    ``env``: variables every worker sets before it builds the model (a sweep's shared compile caches).
+    ``env``: variables every worker sets before it builds the model (a sweep's shared compile caches);
+    ``gpu_need_gib``: each worker waits for this much room in its GPU's memory ledger before its model goes there.
 
     A TorchTrainer built again with the same ``run_dir`` (a restarted sweep trial, say) resumes from that
     run's latest checkpoint: Ray Train V2 restores its checkpoint manager from storage."""
@@ -298,7 +312,8 @@ def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, 
         raise ConfigError(f"num_to_keep must be an int >= 1 or None (keep all), got {num_to_keep!r}")
     resources = resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
     loop_config = {"train_config": worker_cfg.to_dict(), "run_dir": str(run_dir), "run_token": uuid.uuid4().hex,
-                   "fault_injection": fault_injection, "env": dict(env or {})}
+                   "fault_injection": fault_injection, "env": dict(env or {}),
+                   "gpu_need_gib": gpu_need_gib}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -205,7 +205,7 @@ def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
 def _memory_lines(sweep) -> str:
     """Each base model's GPU memory per trial worker (estimate) and how many share one GPU."""
     # torch: only `check` of a GPU sweep measures the GPU and reads the data
-    from embed_core.memory import gpu_total_gib
+    from embed_core.memory import admission, gpu_total_gib
     from embed_core.train_data import load_examples
     from sweeps.resources import memory_plan
 
@@ -213,9 +213,17 @@ def _memory_lines(sweep) -> str:
     gpu = gpu_total_gib()
     lines = ["GPU memory per trial worker (estimate; embed_core/memory.py):"]
     for model, est in memory_plan(sweep, examples).items():
+        res = sweep.resources_for(next(c for c in sweep.cells() if c.base_model == model))
         sizes = [(gpu, "this machine's")] if gpu else []
         fits = ", ".join(f"{est.fits(g)} fit {how} {g:.0f} GiB GPU" for g, how in sizes + [(80.0, "an")])
-        lines.append(f"  {model}: {est.describe()}; {fits}")
+        line = f"  {model}: {est.describe()}; {fits}"
+        g = gpu or 80.0
+        if est.total_gib <= g and min(res.gpus_per_worker, 1.0) > 0:
+            adm = admission(est.total_gib, g, res.gpus_per_worker, ahead=res.start_ahead and res.num_workers == 1)
+            where = "this machine's" if gpu else "an 80 GiB"
+            line += (f"; with gpus_per_worker {res.gpus_per_worker:g} on {where} GPU: {adm.training} train at once"
+                     + (f", {adm.ahead} more start up ahead" if adm.ahead else ""))
+        lines.append(line)
     return "\n".join(lines)
 
 

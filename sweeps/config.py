@@ -13,7 +13,8 @@
       samples_per_cell: 4                  # sampler: tpe (default), random, or grid (lists only, all combinations)
     scheduler: {type: asha, metric: val_margin, mode: max, grace_period: 2, reduction_factor: 2}
     training: {builders: [snli, stsb], batch_size: 16, chunk_size: 4, max_steps: 8, eval_every: 2, val_size: 32}
-    resources: {num_workers: 1, use_gpu: auto, cpus_per_worker: 1, gpus_per_worker: 1, max_concurrent_trials: null}
+    resources: {num_workers: 1, use_gpu: auto, cpus_per_worker: 1, gpus_per_worker: 1, max_concurrent_trials: null,
+                start_ahead: true}        # trials sharing a GPU start up while earlier ones train (README: Sweeps)
     failure: {train_max_failures: 1, trial_max_failures: 0}
     evaluation: {tasks: [STSBenchmark, SciFact], quick: true, num_cpus: 1, num_gpus: 0}
     report: {baseline: eos_last+causal, correction: holm, alpha: 0.05}
@@ -168,6 +169,9 @@ class ResourcesSection:
     cpus_per_worker: float = 1
     gpus_per_worker: float = 1
     max_concurrent_trials: int | None = None
+    # one-worker GPU trials: admit more than the GPU's memory holds at once; each builds its model on the host
+    # while earlier trials train and waits for memory in the GPU's ledger (ray_jobs/gpu_ledger.py)
+    start_ahead: bool = True
 
 
 @dataclass

@@ -316,6 +316,8 @@ def _check_resources(ctx: _Ctx, path: str, r: ResourcesSection) -> None:
     if r.max_concurrent_trials is not None and (not is_int(r.max_concurrent_trials) or r.max_concurrent_trials < 1):
         raise ctx.err(f"{path}.max_concurrent_trials", f"must be an int >= 1 or null (fit the cluster), "
                                                        f"got {r.max_concurrent_trials!r}")
+    if not isinstance(r.start_ahead, bool):
+        raise ctx.err(f"{path}.start_ahead", f"must be true or false, got {r.start_ahead!r}")
 
 
 def _check_evaluation(ctx: _Ctx, e: EvaluationSection) -> None:

@@ -72,6 +72,7 @@ def test_pooling_times_attention_grid() -> None:
     ({"search__lora_r": []}, "search.lora_r: an empty list"),
     ({"search__samples_per_cell": 0}, "search.samples_per_cell: must be an int >= 1"),
     ({"search__sampler": "sobol"}, "search.sampler: unknown sampler 'sobol'"),
+    ({"resources__start_ahead": "yes"}, "resources.start_ahead: must be true or false"),
     ({"search": {"lr": {"low": 1e-4, "high": 1e-3}, "sampler": "grid"}}, "search.lr: the grid sampler needs a list"),
     ({"search": {"lr": [1e-4, 2e-4], "lora_r": [4, 8], "sampler": "grid", "samples_per_cell": 2}},
       "search.samples_per_cell: the grid sampler runs each of the 4 combinations once: set 4, got 2"),

@@ -210,6 +210,34 @@ def test_memory_plan_covers_only_the_parts_models(tiny_dirs, tmp_path):
         gpu_share(90.0, 80.0, 0.5)
 
 
+def test_gpu_plan_admits_trials_ahead_of_their_turn(tiny_dirs, tmp_path, monkeypatch):
+    """On an (assumed) 80 GiB GPU the plan lets a whole second wave of one-worker trials start up beside the first
+    when their waiting contexts fit, asks Ray for the smaller share that places them, and admits none ahead when
+    `resources.start_ahead` is off or a trial has several workers (they could hold one GPU each and wait on another's)."""
+    import yaml
+
+    import embed_core.memory
+    from ray_jobs.sweep import gpu_plan, prepare
+    from sweeps.config_parse import load_sweep_config
+
+    monkeypatch.setattr(embed_core.memory, "gpu_total_gib", lambda: 80.0)
+    raw = {"name": "ahead", "storage_path": str(tmp_path), "seeds": [0],
+           "grid": {"base_models": [str(tiny_dirs["llama"])], "designs": ["eos_last+causal"]},
+           "model": {"max_length": 32}, "search": {"lora_r": 4, "lr": 1e-3},
+           "training": {"builders": ["stsb"], "max_per_source": 100, "batch_size": 8, "max_steps": 2,
+                        "eval_every": 1, "val_size": 8},
+           "resources": {"gpus_per_worker": 0.2, "use_gpu": True}}
+    (tmp_path / "ahead.yaml").write_text(yaml.safe_dump(raw))
+    sweep = load_sweep_config(str(tmp_path / "ahead.yaml"))
+    prepare(sweep, check_models=False)
+    (entry,) = gpu_plan(sweep, True).values()
+    assert (entry["training"], entry["ahead"]) == (5, 5)  # a tiny model: 5 x ~4.3 GiB leaves room for 5 contexts
+    assert entry["gpus_per_worker"] == pytest.approx(0.1)
+    for sets in (["resources.start_ahead=false"], ["resources.num_workers=2"]):
+        (entry,) = gpu_plan(load_sweep_config(str(tmp_path / "ahead.yaml"), sets), True).values()
+        assert entry["ahead"] == 0 and entry["gpus_per_worker"] == 0.2
+
+
 def test_cuda_oom_is_recognised_through_rays_wrapping():
     """A trial is retried only for a CUDA OOM (found in the text Ray wraps a worker's error in), nothing else."""
     from ray_jobs.trial import is_cuda_oom

@@ -486,6 +486,30 @@ def test_prefetched_batches_train_like_the_plain_loop(single_process, tiny_dirs,
     assert fetched[-1]["val_acc"] == pytest.approx(plain[-1]["val_acc"])
 
 
+def test_gate_holds_the_host_built_model_before_the_engine_and_is_timed(single_process, tiny_dirs, train_file,
+                                                                        monkeypatch):
+    """A sweep trial admitted ahead of its turn waits in `gate` (the GPU memory ledger) with its data and model
+    built on the host and its DeepSpeed engine not yet: the wait is timed apart from the build, and it trains."""
+    import time
+
+    import embed_core.trainer as trainer_mod
+
+    order = []
+    real_build_engine = trainer_mod.build_engine
+    monkeypatch.setattr(trainer_mod, "build_engine", lambda *a, **k: order.append("engine") or real_build_engine(*a, **k))
+
+    def gate():
+        order.append("gate")
+        time.sleep(0.3)
+
+    trainer = Trainer(make_config(tiny_dirs, train_file, max_steps=2), gate=gate)
+    assert order == ["gate", "engine"]
+    assert set(trainer.build_s) == {"data", "model", "gpu_wait", "engine"}
+    assert trainer.build_s["gpu_wait"] >= 0.3
+    assert math.isfinite(trainer.run_step()["loss"])
+    trainer.close()
+
+
 def test_ray_time_based_checkpoint_limits_lost_work(ray_local, ray_config, tmp_path):
     """No step-based checkpoint, one every (tiny) wall-clock interval instead: rank 1 SIGKILLs itself after step 3
     and the restarted workers resume from the step-2 checkpoint, not from scratch. Reports reach the driver at
