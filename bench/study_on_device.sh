@@ -22,9 +22,10 @@ ISOLATED=${ISOLATED:-1}                  # 0: skip the Trainer-alone baseline of
 LR_CHECK=${LR_CHECK:-1}                  # 1: after the parts, the learning-rate check (the lr_check preset)
 KILL_AFTER=${KILL_AFTER:-120}            # seconds into the lr check's train stage of its SIGKILL
 EXTRA=()                                 # STUDY_SETS: more --set values, one a line (a CPU rehearsal's small models)
-while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${STUDY_SETS:-}"
-NAME=$(printf '%s\n' "${STUDY_SETS:-}" | sed -n 's/^name=//p' | tail -1)
-NAME=${NAME:-study}                      # the sweep's folder in each part's storage
+VALUES=()
+while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s") && VALUES+=("$s"); done <<< "${STUDY_SETS:-}"
+NAME=$(python -c 'import sys; from sweeps.config_parse import load_sweep_config
+print(load_sweep_config("study", sys.argv[1:]).name)' "${VALUES[@]}")   # the sweep's folder in each part's storage
 REUSE_REFERENCE=${REUSE_REFERENCE:-0}    # 1: STUDY_SETS change what is trained, not the evaluation: reuse the
                                          # committed reference's results
 START=$(date +%s)

@@ -269,7 +269,7 @@ def status_text(sweep_dir: str | os.PathLike) -> str:
     cells = {c for p in parts for c in p["cells"]} if parts else {c.key for c in sweep.cells()}
     merged = f" (from {len(parts)} merged part(s); the config's grid has {len(sweep.cells())})" if parts else ""
     lines = [f"sweep {sweep.name} at {sweep_dir}: {len(cells)} cells{merged}, "
-             f"{len(cells) * sweep.search.samples_per_cell} trials planned, {len(rows)} started; "
+             f"{sweep.num_trials(len(cells))} trials planned, {len(rows)} started; "
              f"{driver_state(sweep_dir)[1]}"]
     lines.append(f"{'trial':10s} {'cell':52s} {'lora_r':>6s} {'lr':>9s} {'status':10s} {'step':>9s} "
                  f"{sweep.scheduler.metric:>10s}")

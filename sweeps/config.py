@@ -433,8 +433,9 @@ class SweepConfig:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.raw)
 
-    def num_trials(self) -> int:
-        return len(self.cells()) * self.search.samples_per_cell
+    def num_trials(self, cells: int | None = None) -> int:
+        """Trials of the whole grid, or of ``cells`` of it (a merged sweep plans the cells its parts ran)."""
+        return (len(self.cells()) if cells is None else cells) * self.search.samples_per_cell
 
     # ---------------------------------------------------------------- checks that read the backbone / data
     def check_storage(self) -> Path:
