@@ -13,8 +13,9 @@ entry file there, holding the GiB it reserves, and keeps an exclusive ``flock`` 
    the device before the training function ran;
 2. under the folder's own lock, sum the reservations of the other live entries; an entry whose lock can be taken
    belongs to a process that died (a SIGKILL releases a ``flock`` too) and is deleted;
-3. if the others' sum plus this trial's estimated need fits the GPU (or no other entry is live), become
-   *holding* with that need and return; otherwise release the folder lock, wait ``poll_s``, go to 2.
+3. if the others' sum plus this trial's reservation fits the GPU (or no other entry is live), become *holding*
+   with that reservation and return; otherwise release the folder lock, wait ``poll_s``, go to 2. A sweep
+   reserves 1/k of what its waiting contexts leave (`ray_jobs.sweep.gpu_plan`): k train at once, as planned.
 
 The entry stays until the process ends or calls `release`. Progress is guaranteed when the plan that admitted the
 trials fits: with nobody holding, the first waiter's need plus the other waiters' contexts fit
@@ -106,7 +107,7 @@ class GpuLedger:
             try:
                 others = self._others()
                 reserved = sum(float(o.get("gib", 0)) for o in others)
-                if not others or reserved + need_gib <= self.budget:
+                if not others or reserved + need_gib <= self.budget * (1 + 1e-9):
                     self._write("holding", float(need_gib))
                     return time.monotonic() - t0
             finally:
