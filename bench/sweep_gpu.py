@@ -251,10 +251,11 @@ def kill_loss(sweep_dir: Path, killed_at: float) -> dict[str, float]:
     return out
 
 
-def run_stage(args, stages: str, deadline: float, log, kill: bool = False) -> tuple[int, float, bool]:
+def run_stage(args, stages: str, deadline: float, log, kill: bool = False,
+              grace: float = 30.0) -> tuple[int, float, bool]:
     """Run stages of the sweep in a subprocess; at the deadline, SIGINT it (the sweep records what it has and
-    `--resume` continues), or with `kill`, SIGKILL its whole process group (Ray included) as a lost machine
-    would. Returns (exit status, seconds, interrupted)."""
+    `--resume` continues; SIGKILL after `grace` s more), or with `kill`, SIGKILL its whole process group (Ray
+    included) as a lost machine would. Returns (exit status, seconds, interrupted)."""
     cmd = [sys.executable, "-m", "sweeps", "run", args.config, "--storage", args.storage, "--stages", stages,
            "--resume", *(["--part", args.part] if args.part else []), *[f"--set={x}" for x in args.sets]]
     t0 = time.time()
@@ -269,7 +270,7 @@ def run_stage(args, stages: str, deadline: float, log, kill: bool = False) -> tu
             return proc.wait(), round(time.time() - t0, 1), True
         os.killpg(proc.pid, signal.SIGINT)  # the sweep stops and records what it has; --resume continues
         try:
-            rc = proc.wait(timeout=60)
+            rc = proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
@@ -307,7 +308,11 @@ def main() -> int:
     sweep = sweep.with_part(args.part) if args.part else sweep
     out = {"device": device_name(), "versions": versions(), "config": sweep.raw, "part": args.part,
            "storage": args.storage}
-    save = lambda: Path(args.out).write_text(json.dumps(out, indent=1, default=str))  # noqa: E731
+
+    def save() -> None:  # the GPU samples so far too: a call cut short keeps its timeline
+        out["gpu_samples"] = [(round(t - start, 2), u, round(m)) for t, u, m in sampler.samples[::4]]
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+
     sampler = Sampler()
     sampler.start()
     log = open(Path(args.out).with_suffix(".log"), "a")
@@ -352,6 +357,7 @@ def main() -> int:
         out["eval_rc"] = rc
         out["eval_gpu_busy"] = sampler.busy(t_train_end, time.time())
         out["eval_profile"] = eval_profile(sweep_dir / "results", t_train_end)
+        save()
     sampler.halt.set()
     out["total_s"] = round(time.time() - start, 1)
     hist = trial_histories(sweep_dir)
@@ -378,7 +384,6 @@ def main() -> int:
         out["trials_status"] = {t["cell"]: t["status"] for t in recs}
     out["gpu_mem_peak_per_process_gib"] = sorted(round(v / 1024, 2) for v in sampler.peaks.values())
     out["memory_estimate_gib"] = memory_estimates(sweep)
-    out["gpu_samples"] = [(round(t - start, 2), u, round(m)) for t, u, m in sampler.samples[::4]]
     save()
     if args.archive and sweep_dir.is_dir():
         from sweeps import layout

@@ -9,7 +9,7 @@ import math
 import multiprocessing
 import os
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,7 +282,22 @@ def _run_instance_tests(g: GroupReport, jobs: list[tuple[str, str]], progress, *
     # spawn: forking a process that holds Ray's gRPC threads can deadlock the child
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_instance_tests, _slim(g, c, t), c, t, **kw) for c, t in jobs]
-        return [r for f in progress(futures, desc=desc) for r in f.result()]
+        for _ in progress(_Completed(futures), desc=desc):  # the bar counts tests as they finish...
+            pass
+        return [r for f in futures for r in f.result()]  # ...the results keep the jobs' order
+
+
+class _Completed:
+    """Futures in the order they finish, with a length (a progress bar's total)."""
+
+    def __init__(self, futures: list) -> None:
+        self.futures = futures
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def __iter__(self):
+        return as_completed(self.futures)
 
 
 def _slim(g: GroupReport, design: str, task: str) -> GroupReport:
