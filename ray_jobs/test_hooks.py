@@ -12,6 +12,10 @@
   * ``evaluate``: the (checkpoint, task) evaluation raises its first ``times`` attempts (``checkpoint``: only
     that checkpoint's; default every checkpoint's).
 
+``EMBED_TEST_CPU_LEDGER``: JSON ``{"key": ..., "budget_gib": ..., "root": ...}``: a training run's CPU workers given
+``gpu_need_gib`` wait in that ledger (`ray_jobs.gpu_ledger`) as GPU workers wait in their GPU's, so that the
+start-ahead path runs on a machine without a GPU (read where the run is built, passed in the workers' config).
+
 ``EMBED_EVAL_RAY_CPUS``: the CPUs of the local Ray that the evaluation fan-out starts when no Ray is running
 (default: every core of the machine); the tests pin it so that results do not depend on the machine.
 
@@ -29,6 +33,7 @@ from embed_core.errors import ConfigError
 from sweeps.layout import model_dir_name
 
 FAULTS_ENV = "EMBED_TEST_FAULTS"
+CPU_LEDGER_ENV = "EMBED_TEST_CPU_LEDGER"
 EVAL_RAY_CPUS_ENV = "EMBED_EVAL_RAY_CPUS"
 FAULT_MARKER = "FAULT_INJECTED.json"
 _KINDS = ("train", "evaluate")
@@ -60,6 +65,12 @@ def train_fault(entries: list[dict[str, Any]] | None, cell, run_dir: Path) -> di
     f = mine[-1]
     return {"step": int(f.get("step", 1)), "rank": int(f.get("rank", 0)), "delay_s": float(f.get("delay_s", 2.0)),
             "marker": str(run_dir / FAULT_MARKER)}
+
+
+def cpu_ledger() -> dict[str, Any] | None:
+    """$EMBED_TEST_CPU_LEDGER as a dict, or None."""
+    raw = os.environ.get(CPU_LEDGER_ENV)
+    return json.loads(raw) if raw else None
 
 
 def eval_ray_cpus() -> int | None:

@@ -54,7 +54,7 @@ from embed_core.train_config import TrainConfig
 from embed_core.train_data import TrainData, load_examples
 from embed_core.trainer import MODEL_DIR, read_trainer_state
 
-from . import compat
+from . import compat, test_hooks
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,17 @@ def _report(trainer, metrics: dict, checkpoint: bool) -> None:
 
 
 def _gpu_gate(config: dict, device):
-    """The Trainer's gate of a trial admitted ahead of its turn: wait in the GPU's memory ledger (None otherwise)."""
-    if not config.get("gpu_need_gib") or device.type != "cuda":
+    """The Trainer's gate of a trial admitted ahead of its turn: wait in the GPU's memory ledger (None otherwise;
+    on a CPU, the tests' ledger of ``test_ledger`` if given: ray_jobs/test_hooks.py)."""
+    need, test = config.get("gpu_need_gib"), config.get("test_ledger")
+    if not need or (device.type != "cuda" and not test):
         return None
-    from .gpu_ledger import device_gate
+    from .gpu_ledger import GpuLedger, device_gate
 
-    return device_gate(device, float(config["gpu_need_gib"]), say=log.warning)
+    if device.type == "cuda":
+        return device_gate(device, float(need), say=log.warning)
+    ledger = GpuLedger(test["key"], float(test["budget_gib"]), root=Path(test["root"]), say=log.warning)
+    return lambda: ledger.acquire(float(need))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -313,7 +318,7 @@ def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, 
     resources = resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
     loop_config = {"train_config": worker_cfg.to_dict(), "run_dir": str(run_dir), "run_token": uuid.uuid4().hex,
                    "fault_injection": fault_injection, "env": dict(env or {}),
-                   "gpu_need_gib": gpu_need_gib}
+                   "gpu_need_gib": gpu_need_gib, "test_ledger": test_hooks.cpu_ledger()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -352,12 +357,14 @@ def run_training(tcfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
                  storage_path: str | os.PathLike = "~/ray_results", name: str | None = None,
                  max_failures: int = 0, *, num_to_keep: int | None = 2,
                  resources_per_worker: dict[str, float] | None = None,
-                 fault_injection: dict | None = None, ray_init_kwargs: dict | None = None) -> TrainingResult:
+                 fault_injection: dict | None = None, ray_init_kwargs: dict | None = None,
+                 gpu_need_gib: float | None = None) -> TrainingResult:
     """Validate, then run `train_loop_per_worker` on `num_workers` Ray Train workers; return the result.
 
     Config (ConfigError) and data (DataError) problems are raised here before Ray starts. A run
     whose loss turns NaN / inf raises FloatingPointError. Other failures beyond ``max_failures``
     raise Ray's TrainingFailedError. ``ray.init(**ray_init_kwargs)`` is called if Ray is not running.
+    ``gpu_need_gib``: each worker waits for that much room in its GPU's memory ledger before its model goes there.
     """
     if not isinstance(max_failures, int) or max_failures < -1:
         raise ConfigError(f"max_failures must be an int >= -1 (-1: retry forever), got {max_failures!r}")
@@ -371,7 +378,8 @@ def run_training(tcfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
     if not ray.is_initialized():
         ray.init(**(ray_init_kwargs or {}))
     trainer = build_trainer(worker_cfg, run_dir, num_workers, use_gpu, max_failures, num_to_keep=num_to_keep,
-                            resources_per_worker=resources_per_worker, fault_injection=fault_injection)
+                            resources_per_worker=resources_per_worker, fault_injection=fault_injection,
+                            gpu_need_gib=gpu_need_gib)
     return training_result(fit(trainer, run_dir), run_dir)
 
 

@@ -510,6 +510,56 @@ def test_gate_holds_the_host_built_model_before_the_engine_and_is_timed(single_p
     trainer.close()
 
 
+def test_ray_worker_waits_in_the_ledger_with_its_model_built_then_trains(ray_local, ray_config, tmp_path,
+                                                                          monkeypatch):
+    """The start-ahead path through Ray Train (a CPU ledger stands in for the GPU's: ray_jobs/test_hooks.py): while
+    this process holds the whole budget, the run's worker registers and waits; released, it trains to the end,
+    and its first step's metrics carry the wait."""
+    import threading
+
+    from ray_jobs.gpu_ledger import GpuLedger
+    from ray_jobs.train import run_training
+
+    root = tmp_path / "ledger"
+    monkeypatch.setenv("EMBED_TEST_CPU_LEDGER", json.dumps({"key": "cpu-test", "budget_gib": 10.0, "root": str(root)}))
+    mine = GpuLedger("cpu-test", 10.0, root=root)
+    mine.acquire(10.0)
+    out = {}
+    run = threading.Thread(target=lambda: out.update(r=run_training(
+        ray_config.replace(max_steps=2), num_workers=1, storage_path=tmp_path / "runs", name="ahead",
+        gpu_need_gib=4.0)), daemon=True)
+    run.start()
+    try:
+        _wait_while_held(root, mine, run)
+    finally:
+        mine.release()
+    run.join(timeout=600)
+    result = out["r"]
+    assert result.metrics["step"] == 2
+    first = result.history[0]
+    assert first["build_gpu_wait_s"] >= 3.0 and first["build_model_s"] > 0
+
+
+def _wait_while_held(root, mine, run) -> None:
+    """The worker registers as waiting and stays so while `mine` holds the budget."""
+    import time
+
+    def states() -> list[str]:  # the other entries' states (an entry being rewritten reads empty: read again)
+        for _ in range(20):
+            texts = [p.read_text() for p in (root / "cpu-test").glob("*.json") if p != mine.path]
+            if all(t.strip() for t in texts):
+                return [json.loads(t)["state"] for t in texts]
+            time.sleep(0.05)
+        raise AssertionError("a ledger entry stayed empty")
+
+    deadline = time.time() + 600
+    while not states() and time.time() < deadline:
+        time.sleep(0.5)
+    assert states() == ["waiting"], "the worker never reached the ledger"
+    time.sleep(3.0)
+    assert states() == ["waiting"] and run.is_alive()
+
+
 def test_ray_time_based_checkpoint_limits_lost_work(ray_local, ray_config, tmp_path):
     """No step-based checkpoint, one every (tiny) wall-clock interval instead: rank 1 SIGKILLs itself after step 3
     and the restarted workers resume from the step-2 checkpoint, not from scratch. Reports reach the driver at
