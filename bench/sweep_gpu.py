@@ -8,8 +8,8 @@ What it measures (written to --out as the run goes, so a run cut short still lea
 
 1. ``isolated``: the sweep's first cell as a plain `Trainer` in its own process (1-rank NCCL group, no Ray), its
    step wall times and tokens/s after ``--warmup`` steps (compile);
-2. the sweep itself, ``--stages train`` then ``evaluate,report`` in subprocesses, with NVML sampled every 0.25 s
-   (GPU utilisation, memory of each process);
+2. the sweep itself, one `sweeps run` subprocess for all its stages as a user runs it (training ends when it writes
+   checkpoints.json), with NVML sampled every 0.25 s (GPU utilisation, memory of each process);
 3. from the trials' ``trainer_state.json`` histories (every step's wall time and tokens): each trial's time to its
    first optimizer step, its step times, and the aggregate throughput of the trials training at each second.
 
@@ -67,6 +67,31 @@ class Sampler(threading.Thread):
     def busy(self, t0: float, t1: float) -> float | None:
         us = [u for t, u, _ in self.samples if t0 <= t <= t1]
         return round(statistics.fmean(us) / 100, 4) if us else None
+
+
+class FileMark(threading.Thread):
+    """When `path` was (re)written after this object was made: polled every 0.25 s until `stop`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path, self.since, self.at = path, time.time(), None
+        self.halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.25) and self.at is None:
+            try:
+                if self.path.stat().st_mtime >= self.since:
+                    self.at = time.time()
+            except FileNotFoundError:
+                pass
+
+    def stop(self) -> float | None:
+        self.halt.set()
+        self.join()
+        if self.at is None and self.path.is_file() and self.path.stat().st_mtime >= self.since:
+            self.at = self.path.stat().st_mtime
+        return self.at
 
 
 # ====================================================================================== the Trainer alone
@@ -344,18 +369,25 @@ def main() -> int:
         rc, out["killed_after_s"], killed = run_stage(args, "train", min(deadline - 30, t_train + args.kill_after),
                                                       log, kill=True)
         out["killed_at"] = time.time() if killed else None
-    rc, out["train_stage_s"], cut = run_stage(args, "train", deadline - 30, log)
-    out["train_rc"], out["train_interrupted"], t_train_end = rc, cut, time.time()
+    # one `sweeps run` for every stage, as a user runs it (one Ray, one prepare); training ends when the sweep
+    # writes checkpoints.json (its train stage's last act)
+    stages = "train" if args.after_train == "none" else f"train,{args.after_train}"
+    mark = FileMark(sweep_dir / "checkpoints.json")
+    rc, _, cut = run_stage(args, stages, deadline - 30, log)
+    t_end, trained = time.time(), mark.stop()
+    t_train_end = trained or t_end
+    out["train_stage_s"] = round(t_train_end - t_train, 1)
+    out["train_rc"], out["train_interrupted"] = (0, False) if trained else (rc, cut)
     out["gpu_busy_fraction_training"] = sampler.busy(t_train, t_train_end)
     save()
     if out.get("killed_at"):
         out["kill_loss_s"] = kill_loss(sweep_dir, out["killed_at"])
         save()
-    if rc == 0 and not cut and args.after_train != "none":
-        rc, out["eval_stage_s"], out["eval_interrupted"] = run_stage(args, args.after_train, deadline, log)
+    if trained and args.after_train != "none":
+        out["eval_stage_s"], out["eval_interrupted"] = round(t_end - t_train_end, 1), cut
         out["after_train"] = args.after_train
         out["eval_rc"] = rc
-        out["eval_gpu_busy"] = sampler.busy(t_train_end, time.time())
+        out["eval_gpu_busy"] = sampler.busy(t_train_end, t_end)
         out["eval_profile"] = eval_profile(sweep_dir / "results", t_train_end)
         save()
     sampler.halt.set()
