@@ -14,8 +14,8 @@ entry file there, holding the GiB it reserves, and keeps an exclusive ``flock`` 
 2. under the folder's own lock, sum the reservations of the other live entries; an entry whose lock can be taken
    belongs to a process that died (a SIGKILL releases a ``flock`` too) and is deleted;
 3. if the others' sum plus this trial's reservation fits the GPU (or no other entry is live), become *holding*
-   with that reservation and return; otherwise release the folder lock, wait ``poll_s``, go to 2. A sweep
-   reserves 1/k of what its waiting contexts leave (`ray_jobs.sweep.gpu_plan`): k train at once, as planned.
+   with that reservation and return; otherwise release the folder lock, wait ``poll_s``, go to 2. A trial
+   reserves 1/k of what the waiting contexts leave (`GpuLedger.reservation`): k train at once, as planned.
 
 The entry stays until the process ends or calls `release`. Progress is guaranteed when the plan that admitted the
 trials fits: with nobody holding, the first waiter's need plus the other waiters' contexts fit
@@ -91,6 +91,11 @@ class GpuLedger:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
+    def reservation(self, training: int, ahead: int) -> float:
+        """What a training trial reserves where `training` train at once and `ahead` more wait: its 1/training of
+        what the waiting contexts leave, from this GPU's own size (the plan's, from NVML, may differ slightly)."""
+        return (self.budget - ahead * WAITING_GIB) / training
+
     # ------------------------------------------------------------------ protocol
     def acquire(self, need_gib: float, poll_s: float = 0.5) -> float:
         """Wait until the GPU has room for `need_gib` beside the other entries; returns the seconds waited."""
@@ -139,19 +144,21 @@ def device_key(device) -> str:
     return f"cuda-{visible[index] if index < len(visible) else index}"
 
 
-def device_gate(device, need_gib: float, say: Callable[[str], None] | None = None):
-    """The Trainer's ``gate`` for a CUDA device: acquires this worker's place in the device's ledger (kept until
-    the process ends) and returns the ledger entry."""
+def gate(ledger: GpuLedger, training: int, ahead: int) -> Callable[[], None]:
+    """The Trainer's ``gate``: this worker's place in `ledger` as one of `training` trials at once with `ahead`
+    waiting, kept until the process ends."""
+    def acquire() -> None:
+        ledger.acquire(ledger.reservation(training, ahead))
+
+    acquire.ledger = ledger  # type: ignore[attr-defined]
+    return acquire
+
+
+def device_ledger(device, say: Callable[[str], None] | None = None) -> GpuLedger:
+    """The ledger of a CUDA device, sized by the device itself."""
     import torch
 
-    budget = torch.cuda.get_device_properties(device).total_memory / 2**30
-    ledger = GpuLedger(device_key(device), budget, say=say)
-
-    def gate() -> None:
-        ledger.acquire(need_gib)
-
-    gate.ledger = ledger  # type: ignore[attr-defined]
-    return gate
+    return GpuLedger(device_key(device), torch.cuda.get_device_properties(device).total_memory / 2**30, say=say)
 
 
-__all__ = ["GpuLedger", "device_gate", "device_key", "ledger_root"]
+__all__ = ["GpuLedger", "device_key", "device_ledger", "gate", "ledger_root"]

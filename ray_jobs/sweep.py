@@ -178,13 +178,13 @@ def _resolve_use_gpu(sweep: SweepConfig) -> bool:
 
 
 def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
-    """base model -> {gpus_per_worker, need_gib, training, ahead[, reserve_gib]}: each trial's estimated GPU memory
+    """base model -> {gpus_per_worker, need_gib, training, ahead}: each trial's estimated GPU memory
     (`sweeps.resources`), how many of its trials train on one GPU at once (the configured ``gpus_per_worker``, raised
     to the largest 1/k of this machine's GPU that holds the estimate; a ConfigError when one GPU cannot hold it),
     how many more start up ahead of their turn (``resources.start_ahead``, one-worker trials:
     `embed_core.memory.admission`), and the GPU share each trial asks Ray for, so that Ray places both."""
     from embed_core.data import read_jsonl
-    from embed_core.memory import WAITING_GIB, admission, gpu_share, gpu_total_gib
+    from embed_core.memory import admission, gpu_share, gpu_total_gib
     from sweeps.resources import memory_plan
 
     if not use_gpu:
@@ -209,11 +209,8 @@ def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
         if gpu and share <= 1:
             adm = admission(est.total_gib, gpu, share, ahead=res.start_ahead and res.num_workers == 1)
             entry.update(training=adm.training, ahead=adm.ahead)
-            if adm.ahead:
-                # a training trial reserves its 1/k of what the waiting contexts leave (at least its estimate), so
-                # the ledger lets exactly `training` train at once however big the GPU, as the share promised
-                entry.update(gpus_per_worker=adm.share,
-                             reserve_gib=(gpu - adm.ahead * WAITING_GIB) / adm.training)
+            if adm.ahead:  # each waits in the GPU's ledger for one of `training` places (ray_jobs/gpu_ledger.py)
+                entry["gpus_per_worker"] = adm.share
         out[model] = entry
     return out
 

@@ -13,7 +13,7 @@
     that checkpoint's; default every checkpoint's).
 
 ``EMBED_TEST_CPU_LEDGER``: JSON ``{"key": ..., "budget_gib": ..., "root": ...}``: a training run's CPU workers given
-``gpu_need_gib`` wait in that ledger (`ray_jobs.gpu_ledger`) as GPU workers wait in their GPU's, so that the
+``gpu_admission`` wait in that ledger (`ray_jobs.gpu_ledger`) as GPU workers wait in their GPU's, so that the
 start-ahead path runs on a machine without a GPU (read where the run is built, passed in the workers' config).
 
 ``EMBED_EVAL_RAY_CPUS``: the CPUs of the local Ray that the evaluation fan-out starts when no Ray is running

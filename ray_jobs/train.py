@@ -165,15 +165,15 @@ def _report(trainer, metrics: dict, checkpoint: bool) -> None:
 def _gpu_gate(config: dict, device):
     """The Trainer's gate of a trial admitted ahead of its turn: wait in the GPU's memory ledger (None otherwise;
     on a CPU, the tests' ledger of ``test_ledger`` if given: ray_jobs/test_hooks.py)."""
-    need, test = config.get("gpu_need_gib"), config.get("test_ledger")
-    if not need or (device.type != "cuda" and not test):
+    admission, test = config.get("gpu_admission"), config.get("test_ledger")
+    if not admission or (device.type != "cuda" and not test):
         return None
-    from .gpu_ledger import GpuLedger, device_gate
+    from .gpu_ledger import GpuLedger, device_ledger, gate
 
-    if device.type == "cuda":
-        return device_gate(device, float(need), say=log.warning)
-    ledger = GpuLedger(test["key"], float(test["budget_gib"]), root=Path(test["root"]), say=log.warning)
-    return lambda: ledger.acquire(float(need))
+    ledger = (device_ledger(device, say=log.warning) if device.type == "cuda" else
+              GpuLedger(test["key"], float(test["budget_gib"]), root=Path(test["root"]), say=log.warning))
+    training, ahead = admission
+    return gate(ledger, int(training), int(ahead))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -182,8 +182,8 @@ def train_loop_per_worker(config: dict) -> None:
     config keys: ``train_config`` (TrainConfig.to_dict()), optional ``run_dir`` and ``run_token``
     (divergence marker), optional ``fault_injection`` ({step, rank, marker, delay_s}; tests only),
     optional ``env`` (variables set before the model is built: compile caches shared by a sweep's trials),
-    optional ``gpu_need_gib`` (a sweep trial admitted ahead of its turn: the model waits on the host until the GPU
-    memory ledger, `ray_jobs.gpu_ledger`, has room for this estimate).
+    optional ``gpu_admission`` ([training, ahead]: a sweep trial admitted ahead of its turn; the model waits on
+    the host until the GPU memory ledger, `ray_jobs.gpu_ledger`, has room for one of `training` trials).
     """
     started = time.time()
     import ray.train
@@ -300,11 +300,12 @@ def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, 
                   max_failures: int = 0, *, num_to_keep: int | None = 2,
                   resources_per_worker: dict[str, float] | None = None, fault_injection: dict | None = None,
                   callbacks: list | None = None, env: dict[str, str] | None = None,
-                  gpu_need_gib: float | None = None):
+                  gpu_admission: tuple[int, int] | None = None):
     """The `TorchTrainer` of one training run whose data is ready (`prepare_run`): ``num_workers`` Ray Train
     workers running `train_loop_per_worker`, Train run ``run_dir.name`` stored under ``run_dir.parent``;
     ``env``: variables every worker sets before it builds the model (a sweep's shared compile caches);
-    ``gpu_need_gib``: each worker waits for this much room in its GPU's memory ledger before its model goes there.
+    ``gpu_admission``: (training, ahead): each worker waits in its GPU's memory ledger until one of `training` trials
+    at once fits beside `ahead` waiting ones, before its model goes there.
 
     A TorchTrainer built again with the same ``run_dir`` (a restarted sweep trial, say) resumes from that
     run's latest checkpoint: Ray Train V2 restores its checkpoint manager from storage."""
@@ -318,7 +319,7 @@ def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, 
     resources = resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
     loop_config = {"train_config": worker_cfg.to_dict(), "run_dir": str(run_dir), "run_token": uuid.uuid4().hex,
                    "fault_injection": fault_injection, "env": dict(env or {}),
-                   "gpu_need_gib": gpu_need_gib, "test_ledger": test_hooks.cpu_ledger()}
+                   "gpu_admission": gpu_admission, "test_ledger": test_hooks.cpu_ledger()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -358,13 +359,13 @@ def run_training(tcfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
                  max_failures: int = 0, *, num_to_keep: int | None = 2,
                  resources_per_worker: dict[str, float] | None = None,
                  fault_injection: dict | None = None, ray_init_kwargs: dict | None = None,
-                 gpu_need_gib: float | None = None) -> TrainingResult:
+                 gpu_admission: tuple[int, int] | None = None) -> TrainingResult:
     """Validate, then run `train_loop_per_worker` on `num_workers` Ray Train workers; return the result.
 
     Config (ConfigError) and data (DataError) problems are raised here before Ray starts. A run
     whose loss turns NaN / inf raises FloatingPointError. Other failures beyond ``max_failures``
     raise Ray's TrainingFailedError. ``ray.init(**ray_init_kwargs)`` is called if Ray is not running.
-    ``gpu_need_gib``: each worker waits for that much room in its GPU's memory ledger before its model goes there.
+    ``gpu_admission``: see `build_trainer`.
     """
     if not isinstance(max_failures, int) or max_failures < -1:
         raise ConfigError(f"max_failures must be an int >= -1 (-1: retry forever), got {max_failures!r}")
@@ -379,7 +380,7 @@ def run_training(tcfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False,
         ray.init(**(ray_init_kwargs or {}))
     trainer = build_trainer(worker_cfg, run_dir, num_workers, use_gpu, max_failures, num_to_keep=num_to_keep,
                             resources_per_worker=resources_per_worker, fault_injection=fault_injection,
-                            gpu_need_gib=gpu_need_gib)
+                            gpu_admission=gpu_admission)
     return training_result(fit(trainer, run_dir), run_dir)
 
 

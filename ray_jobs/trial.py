@@ -70,7 +70,7 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
     with the trial's ScalingConfig, and report its final metrics + checkpoint path to Tune. A run that failed on a
     CUDA out-of-memory error while other trials share the GPU is started again (from its last checkpoint) once
     memory has freed, up to ``OOM_RETRIES`` times, instead of ending as ERROR. A trial admitted ahead of its turn
-    (``gpu_reserve_gib``) has its workers wait in the GPU's memory ledger before their models go to the device."""
+    (``gpu_admission``) has its workers wait in the GPU's memory ledger before their models go to the device."""
     import ray.tune
 
     from embed_core.trainer import read_trainer_state
@@ -92,7 +92,7 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
                                     fault_injection=test_hooks.train_fault(config.get("test_faults"), cell, run_dir),
                                     callbacks=[_report_callback_class()(metric)],
                                     env=compile_cache_env(Path(sweep_dir)),
-                                    gpu_need_gib=config.get("gpu_reserve_gib"))
+                                    gpu_admission=config.get("gpu_admission"))
             try:
                 result = fit(trainer, run_dir)
                 break
@@ -193,5 +193,6 @@ def _trial_entry(config: dict, sweep_dir: str, use_gpu: bool, plan: dict | None 
                  test_faults: list | None = None) -> None:
     mine = (plan or {}).get(config["base_model"], {})
     trial_driver(dict(config, use_gpu=use_gpu, gpus_per_worker=mine.get("gpus_per_worker"),
-                      gpu_mem_need_gib=mine.get("need_gib"), gpu_reserve_gib=mine.get("reserve_gib"),
+                      gpu_mem_need_gib=mine.get("need_gib"),
+                      gpu_admission=(mine["training"], mine["ahead"]) if mine.get("ahead") else None,
                       test_faults=test_faults or []), sweep_dir)

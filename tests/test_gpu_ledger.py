@@ -43,7 +43,7 @@ def _events(log: Path) -> list[dict]:
     return [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
 
 
-def test_admission_fits_training_trials_and_waiting_contexts():
+def test_admission_fits_training_trials_and_waiting_contexts(tmp_path):
     # SmolLM2's study estimate on an 80 GB H100: 5 train at once, the 1.6 GiB left over holds 2 waiting contexts
     a = admission(15.6, 79.6, 0.2)
     assert (a.training, a.ahead) == (5, 2) and a.share == pytest.approx(1 / 7)
@@ -55,6 +55,13 @@ def test_admission_fits_training_trials_and_waiting_contexts():
     assert admission(30.0, 79.6, 0.25).training == 2
     assert (admission(70.0, 79.6, 1.0).training, admission(70.0, 79.6, 1.0).ahead) == (1, 1)
     assert admission(79.5, 79.6, 1.0).ahead == 0
+    # in the ledger a training trial reserves 1/k of what the waiting contexts leave, from the GPU's own size: k
+    # train at once beside the waiting ones, however much larger than the estimates the GPU is, and not k + 1
+    from ray_jobs.gpu_ledger import GpuLedger
+
+    r = GpuLedger("GPU-x", 139.0, root=tmp_path).reservation(5, 5)
+    assert r == pytest.approx((139.0 - 5 * WAITING_GIB) / 5)
+    assert 5 * r + 4 * WAITING_GIB <= 139.0 < 6 * r + 4 * WAITING_GIB
 
 
 def test_ledger_never_overcommits_and_lets_waiters_in_as_memory_frees(tmp_path):

@@ -217,7 +217,6 @@ def test_gpu_plan_admits_trials_ahead_of_their_turn(tiny_dirs, tmp_path, monkeyp
     import yaml
 
     import embed_core.memory
-    from embed_core.memory import WAITING_GIB
     from ray_jobs.sweep import gpu_plan, prepare
     from sweeps.config_parse import load_sweep_config
 
@@ -234,8 +233,6 @@ def test_gpu_plan_admits_trials_ahead_of_their_turn(tiny_dirs, tmp_path, monkeyp
     (entry,) = gpu_plan(sweep, True).values()
     assert (entry["training"], entry["ahead"]) == (5, 5)  # a tiny model: 5 x ~4.3 GiB leaves room for 5 contexts
     assert entry["gpus_per_worker"] == pytest.approx(0.1)
-    # each training trial reserves a fifth of what the five waiting contexts leave: five train at once, not more
-    assert entry["reserve_gib"] == pytest.approx((80.0 - 5 * WAITING_GIB) / 5) and entry["reserve_gib"] > entry["need_gib"]
     for sets in (["resources.start_ahead=false"], ["resources.num_workers=2"]):
         (entry,) = gpu_plan(load_sweep_config(str(tmp_path / "ahead.yaml"), sets), True).values()
         assert entry["ahead"] == 0 and entry["gpus_per_worker"] == 0.2

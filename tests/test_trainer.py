@@ -527,7 +527,7 @@ def test_ray_worker_waits_in_the_ledger_with_its_model_built_then_trains(ray_loc
     out = {}
     run = threading.Thread(target=lambda: out.update(r=run_training(
         ray_config.replace(max_steps=2), num_workers=1, storage_path=tmp_path / "runs", name="ahead",
-        gpu_need_gib=4.0)), daemon=True)
+        gpu_admission=(1, 0))), daemon=True)
     run.start()
     try:
         _wait_while_held(root, mine, run)
