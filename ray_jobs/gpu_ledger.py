@@ -100,10 +100,10 @@ class GpuLedger:
     def acquire(self, need_gib: float, poll_s: float = 0.5) -> float:
         """Wait until the GPU has room for `need_gib` beside the other entries; returns the seconds waited."""
         t0, said = time.monotonic(), False
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        lock = self._locked()
+        lock = self._locked()  # created and locked under the folder's lock: no reader can take it for a dead one
         try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
             self._write("waiting", WAITING_GIB)
         finally:
             os.close(lock)
