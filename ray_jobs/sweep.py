@@ -207,7 +207,7 @@ def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
                  f"({round(1 / share)} trials at a time)")
         entry = {"gpus_per_worker": share, "need_gib": est.total_gib, "training": None, "ahead": 0}
         if gpu and share <= 1:
-            adm = admission(est.total_gib, gpu, share, ahead=res.start_ahead and res.num_workers == 1)
+            adm = admission(est.total_gib, gpu, share, ahead=res.admits_ahead)
             entry.update(training=adm.training, ahead=adm.ahead)
             if adm.ahead:  # each waits in the GPU's ledger for one of `training` places (ray_jobs/gpu_ledger.py)
                 entry["gpus_per_worker"] = adm.share

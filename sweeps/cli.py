@@ -219,7 +219,7 @@ def _memory_lines(sweep) -> str:
         line = f"  {model}: {est.describe()}; {fits}"
         g = gpu or 80.0
         if est.total_gib <= g and min(res.gpus_per_worker, 1.0) > 0:
-            adm = admission(est.total_gib, g, res.gpus_per_worker, ahead=res.start_ahead and res.num_workers == 1)
+            adm = admission(est.total_gib, g, res.gpus_per_worker, ahead=res.admits_ahead)
             where = "this machine's" if gpu else "an 80 GiB"
             line += (f"; with gpus_per_worker {res.gpus_per_worker:g} on {where} GPU: {adm.training} train at once"
                      + (f", {adm.ahead} more start up ahead" if adm.ahead else ""))

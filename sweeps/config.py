@@ -173,6 +173,12 @@ class ResourcesSection:
     # while earlier trials train and waits for memory in the GPU's ledger (ray_jobs/gpu_ledger.py)
     start_ahead: bool = True
 
+    @property
+    def admits_ahead(self) -> bool:
+        """Trials are admitted ahead of their turn: asked for, and one worker each (trials of several workers could
+        each hold one GPU while waiting for another's)."""
+        return self.start_ahead and self.num_workers == 1
+
 
 @dataclass
 class FailureSection:
