@@ -276,10 +276,12 @@ def kill_loss(sweep_dir: Path, killed_at: float) -> dict[str, float]:
     return out
 
 
-def run_stage(args, stages: str, deadline: float, log, kill: bool = False,
-              grace: float = 30.0) -> tuple[int, float, bool]:
+STOP_GRACE_S = 30.0  # after SIGINT, the sweep's time to record what it has before SIGKILL
+
+
+def run_stage(args, stages: str, deadline: float, log, kill: bool = False) -> tuple[int, float, bool]:
     """Run stages of the sweep in a subprocess; at the deadline, SIGINT it (the sweep records what it has and
-    `--resume` continues; SIGKILL after `grace` s more), or with `kill`, SIGKILL its whole process group (Ray
+    `--resume` continues; SIGKILL after STOP_GRACE_S more), or with `kill`, SIGKILL its whole process group (Ray
     included) as a lost machine would. Returns (exit status, seconds, interrupted)."""
     cmd = [sys.executable, "-m", "sweeps", "run", args.config, "--storage", args.storage, "--stages", stages,
            "--resume", *(["--part", args.part] if args.part else []), *[f"--set={x}" for x in args.sets]]
@@ -295,7 +297,7 @@ def run_stage(args, stages: str, deadline: float, log, kill: bool = False,
             return proc.wait(), round(time.time() - t0, 1), True
         os.killpg(proc.pid, signal.SIGINT)  # the sweep stops and records what it has; --resume continues
         try:
-            rc = proc.wait(timeout=grace)
+            rc = proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
@@ -327,6 +329,7 @@ def main() -> int:
     start = time.time()
     deadline = start + args.time_limit
     from ray_jobs.trial import compile_cache_env
+    from sweeps import layout
     from sweeps.config_parse import load_sweep_config
 
     sweep = load_sweep_config(args.config, args.sets, args.storage)
@@ -365,15 +368,15 @@ def main() -> int:
         convert.wait()
     t_train = time.time()
     sweep_dir = Path(args.storage) / sweep.name
-    if args.kill_after and not (sweep_dir / "trials.json").is_file():  # a part that has not finished training
-        rc, out["killed_after_s"], killed = run_stage(args, "train", min(deadline - 30, t_train + args.kill_after),
+    if args.kill_after and not (sweep_dir / layout.TRIALS_FILE).is_file():  # a part that has not finished training
+        rc, out["killed_after_s"], killed = run_stage(args, "train", min(deadline - STOP_GRACE_S, t_train + args.kill_after),
                                                       log, kill=True)
         out["killed_at"] = time.time() if killed else None
     # one `sweeps run` for every stage, as a user runs it (one Ray, one prepare); training ends when the sweep
     # writes checkpoints.json (its train stage's last act)
     stages = "train" if args.after_train == "none" else f"train,{args.after_train}"
-    mark = FileMark(sweep_dir / "checkpoints.json")
-    rc, _, cut = run_stage(args, stages, deadline - 30, log)
+    mark = FileMark(sweep_dir / layout.CHECKPOINTS_FILE)
+    rc, _, cut = run_stage(args, stages, deadline - STOP_GRACE_S, log)
     t_end, trained = time.time(), mark.stop()
     t_train_end = trained or t_end
     out["train_stage_s"] = round(t_train_end - t_train, 1)
@@ -388,7 +391,7 @@ def main() -> int:
         out["after_train"] = args.after_train
         out["eval_rc"] = rc
         out["eval_gpu_busy"] = sampler.busy(t_train_end, t_end)
-        out["eval_profile"] = eval_profile(sweep_dir / "results", t_train_end)
+        out["eval_profile"] = eval_profile(sweep_dir / layout.RESULTS_DIR, t_train_end)
         save()
     sampler.halt.set()
     out["total_s"] = round(time.time() - start, 1)
@@ -409,7 +412,7 @@ def main() -> int:
     if starts and t_train_end > min(starts):  # from the first trial's start: without prepare and Ray's start
         out["gpu_busy_fraction_trials"] = sampler.busy(max(t_train, min(starts)), t_train_end)
         out["trials_span_s"] = round(t_train_end - max(t_train, min(starts)), 1)
-    trials = sweep_dir / "trials.json"
+    trials = sweep_dir / layout.TRIALS_FILE
     if trials.is_file():
         recs = json.loads(trials.read_text())["trials"]
         out["trials_error"] = [f"{t['cell']}: {t.get('error', '')}" for t in recs if t["status"] == "ERROR"]
@@ -418,9 +421,9 @@ def main() -> int:
     out["memory_estimate_gib"] = memory_estimates(sweep)
     save()
     if args.archive and sweep_dir.is_dir():
-        from sweeps import layout
         with tarfile.open(args.archive, "w:gz") as tar:
-            for name in ("sweep.json", "trials.json", "checkpoints.json", "results", "report"):
+            for name in (layout.SWEEP_FILE, layout.TRIALS_FILE, layout.CHECKPOINTS_FILE, layout.RESULTS_DIR,
+                         layout.REPORT_DIR):
                 if (sweep_dir / name).exists():
                     tar.add(sweep_dir / name, arcname=f"{sweep.name}/{name}")
             for run, h in hist.items():  # the training curves, without weights

@@ -151,5 +151,26 @@ def admission(need_gib: float, gpu_gib: float, share: float, ahead: bool = True)
     return Admission(k, min(k, max(0, math.floor(spare / WAITING_GIB))) if ahead else 0)
 
 
-__all__ = ["Admission", "MemoryEstimate", "WAITING_GIB", "admission", "estimate", "forward_tokens", "gpu_share",
-           "gpu_total_gib"]
+@dataclass(frozen=True)
+class Placement:
+    """One trial's place on a GPU: the ``share`` its memory needs (the requested ``gpus_per_worker``, raised to fit:
+    `gpu_share`) and, for a worker of at most one GPU, its `Admission`."""
+
+    share: float
+    admission: Admission | None
+
+    @property
+    def ray_share(self) -> float:
+        """The GPU fraction to ask Ray for: with trials admitted ahead, Ray must place those too."""
+        return self.admission.share if self.admission and self.admission.ahead else self.share
+
+
+def placement(need_gib: float, gpu_gib: float, requested: float, ahead: bool = True) -> Placement:
+    """`gpu_share` then `admission`, the one way from an estimate and a GPU to how trials share it (ValueError when
+    not even a whole GPU holds `need_gib`)."""
+    share = gpu_share(need_gib, gpu_gib, requested)
+    return Placement(share, admission(need_gib, gpu_gib, share, ahead) if share <= 1 else None)
+
+
+__all__ = ["Admission", "MemoryEstimate", "Placement", "WAITING_GIB", "admission", "estimate", "forward_tokens", "gpu_share",
+           "gpu_total_gib", "placement"]

@@ -184,7 +184,7 @@ def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
     how many more start up ahead of their turn (``resources.start_ahead``, one-worker trials:
     `embed_core.memory.admission`), and the GPU share each trial asks Ray for, so that Ray places both."""
     from embed_core.data import read_jsonl
-    from embed_core.memory import admission, gpu_share, gpu_total_gib
+    from embed_core.memory import gpu_total_gib, placement
     from sweeps.resources import memory_plan
 
     if not use_gpu:
@@ -196,21 +196,21 @@ def gpu_plan(sweep: SweepConfig, use_gpu: bool) -> dict[str, dict[str, float]]:
     for model, est in memory_plan(sweep, examples).items():
         res = sweep.resources_for(next(c for c in sweep.cells() if c.base_model == model))
         want = res.gpus_per_worker
-        try:
-            share = gpu_share(est.total_gib, gpu, want) if gpu else want
-        except ValueError as e:
-            raise ConfigError(f"sweep config {sweep.source}: a trial of {model} {e}: lower training.batch_size, "
-                              "set training.chunk_size (GradCache) or use more workers") from None
-        if share != want:
-            _say(f"WARNING: resources.gpus_per_worker {want} gives a trial of {model} {want * gpu:.1f} GiB of this "
-                 f"{gpu:.0f} GiB GPU, but it needs {est.describe()}: raised to {share:.3g} "
-                 f"({round(1 / share)} trials at a time)")
-        entry = {"gpus_per_worker": share, "need_gib": est.total_gib, "training": None, "ahead": 0}
-        if gpu and share <= 1:
-            adm = admission(est.total_gib, gpu, share, ahead=res.admits_ahead)
-            entry.update(training=adm.training, ahead=adm.ahead)
-            if adm.ahead:  # each waits in the GPU's ledger for one of `training` places (ray_jobs/gpu_ledger.py)
-                entry["gpus_per_worker"] = adm.share
+        entry = {"gpus_per_worker": want, "need_gib": est.total_gib, "training": None, "ahead": 0}
+        if gpu:
+            try:
+                place = placement(est.total_gib, gpu, want, ahead=res.admits_ahead)
+            except ValueError as e:
+                raise ConfigError(f"sweep config {sweep.source}: a trial of {model} {e}: lower training.batch_size, "
+                                  "set training.chunk_size (GradCache) or use more workers") from None
+            if place.share != want:
+                _say(f"WARNING: resources.gpus_per_worker {want} gives a trial of {model} {want * gpu:.1f} GiB of "
+                     f"this {gpu:.0f} GiB GPU, but it needs {est.describe()}: raised to {place.share:.3g} "
+                     f"({round(1 / place.share)} trials at a time)")
+            # trials admitted ahead wait in the GPU's ledger for one of `training` places (ray_jobs/gpu_ledger.py)
+            entry["gpus_per_worker"] = place.ray_share
+            if place.admission:
+                entry.update(training=place.admission.training, ahead=place.admission.ahead)
         out[model] = entry
     return out
 

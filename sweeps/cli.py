@@ -205,7 +205,7 @@ def _sweep_dir_of(target: str, storage: str | None, sets: list[str]) -> Path:
 def _memory_lines(sweep) -> str:
     """Each base model's GPU memory per trial worker (estimate) and how many share one GPU."""
     # torch: only `check` of a GPU sweep measures the GPU and reads the data
-    from embed_core.memory import admission, gpu_total_gib
+    from embed_core.memory import gpu_total_gib, placement
     from embed_core.train_data import load_examples
     from sweeps.resources import memory_plan
 
@@ -217,12 +217,15 @@ def _memory_lines(sweep) -> str:
         sizes = [(gpu, "this machine's")] if gpu else []
         fits = ", ".join(f"{est.fits(g)} fit {how} {g:.0f} GiB GPU" for g, how in sizes + [(80.0, "an")])
         line = f"  {model}: {est.describe()}; {fits}"
-        g = gpu or 80.0
-        if est.total_gib <= g and min(res.gpus_per_worker, 1.0) > 0:
-            adm = admission(est.total_gib, g, res.gpus_per_worker, ahead=res.admits_ahead)
-            where = "this machine's" if gpu else "an 80 GiB"
-            line += (f"; with gpus_per_worker {res.gpus_per_worker:g} on {where} GPU: {adm.training} train at once"
-                     + (f", {adm.ahead} more start up ahead" if adm.ahead else ""))
+        try:  # as the run will place them (ray_jobs.sweep.gpu_plan), on this GPU or an assumed 80 GiB one
+            place = placement(est.total_gib, gpu or 80.0, res.gpus_per_worker, ahead=res.admits_ahead)
+        except ValueError:
+            place = None
+        if place and place.admission:
+            adm, where = place.admission, "this machine's" if gpu else "an 80 GiB"
+            raised = f" (raised to {place.share:.3g} to fit)" if place.share != res.gpus_per_worker else ""
+            line += (f"; with gpus_per_worker {res.gpus_per_worker:g}{raised} on {where} GPU: {adm.training} train "
+                     "at once" + (f", {adm.ahead} more start up ahead" if adm.ahead else ""))
         lines.append(line)
     return "\n".join(lines)
 

@@ -43,6 +43,19 @@ def _events(log: Path) -> list[dict]:
     return [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
 
 
+def test_placement_raises_the_share_to_fit_then_admits_and_asks_ray_for_all():
+    from embed_core.memory import placement
+
+    # 0.2 of 79.6 GiB (15.9) does not hold 17 GiB: raised to 1/4; 4 train, the 11.6 GiB left hold 4 waiting
+    p = placement(17.0, 79.6, 0.2)
+    assert p.share == pytest.approx(0.25) and (p.admission.training, p.admission.ahead) == (4, 4)
+    assert p.ray_share == pytest.approx(1 / 8)
+    assert placement(17.0, 79.6, 0.2, ahead=False).ray_share == pytest.approx(0.25)
+    assert placement(10.0, 79.6, 2.0) == type(p)(2.0, None)  # a worker of two GPUs: nothing shares them
+    with pytest.raises(ValueError, match="needs ~90.0 GiB"):
+        placement(90.0, 79.6, 0.5)
+
+
 def test_admission_fits_training_trials_and_waiting_contexts(tmp_path):
     # SmolLM2's study estimate on an 80 GB H100: 5 train at once, the 1.6 GiB left over holds 2 waiting contexts
     a = admission(15.6, 79.6, 0.2)
