@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from embed_core.memory import WAITING_GIB
+from sweeps.layout import atomic_write_json
 
 LEDGER_DIR = "embed_sweeps_gpu_ledger"
 _LOCK = ".lock"
@@ -144,11 +146,18 @@ def device_key(device) -> str:
     return f"cuda-{visible[index] if index < len(visible) else index}"
 
 
-def gate(ledger: GpuLedger, training: int, ahead: int) -> Callable[[], None]:
+def gate(ledger: GpuLedger, training: int, ahead: int, mark: Path | None = None) -> Callable[[], None]:
     """The Trainer's ``gate``: this worker's place in `ledger` as one of `training` trials at once with `ahead`
-    waiting, kept until the process ends."""
+    waiting, kept until the process ends. While it waits, `mark` (a trial's ``GPU_WAIT_FILE``) names this process,
+    so that `sweeps status` can tell a waiting trial from a training one (Tune sees both RUNNING)."""
     def acquire() -> None:
-        ledger.acquire(ledger.reservation(training, ahead))
+        if mark is not None:
+            atomic_write_json(mark, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        try:
+            ledger.acquire(ledger.reservation(training, ahead))
+        finally:
+            if mark is not None:
+                mark.unlink(missing_ok=True)
 
     acquire.ledger = ledger  # type: ignore[attr-defined]
     return acquire

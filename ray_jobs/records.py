@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,18 @@ def driver_state(sweep_dir: str | os.PathLike) -> tuple[bool, str]:
                    f"driver DEAD ({where}, last heartbeat {age:.0f} s ago): resume with --resume")
 
 
+def _waiting_for_gpu(run_dir: Path) -> bool:
+    """Whether a trial's worker is waiting in its GPU's memory ledger now: its mark names a live process (one
+    SIGKILLed while waiting leaves a stale mark)."""
+    import socket
+
+    try:
+        d = json.loads((run_dir / layout.GPU_WAIT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return d.get("host") != socket.gethostname() or _pid_alive(int(d.get("pid") or 0))
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -274,6 +287,8 @@ def status_text(sweep_dir: str | os.PathLike) -> str:
     lines.append(f"{'trial':10s} {'cell':52s} {'lora_r':>6s} {'lr':>9s} {'status':10s} {'step':>9s} "
                  f"{sweep.scheduler.metric:>10s}")
     for r in rows:
+        if r.status == "RUNNING" and _waiting_for_gpu(sweep_dir / TRAIN_DIR / f"{r.cell}-{r.trial_id}"):
+            r = dataclasses.replace(r, status="WAITING")  # started ahead of its turn (resources.start_ahead)
         lr = f"{r.lr:.2e}" if isinstance(r.lr, (int, float)) else str(r.lr)
         m = f"{r.metric:.4f}" if isinstance(r.metric, (int, float)) else "-"
         lines.append(f"{r.trial_id:10s} {r.cell:52s} {r.lora_r!s:>6s} {lr:>9s} {r.status:10s} "

@@ -54,6 +54,8 @@ from embed_core.train_config import TrainConfig
 from embed_core.train_data import TrainData, load_examples
 from embed_core.trainer import MODEL_DIR, read_trainer_state
 
+from sweeps.layout import GPU_WAIT_FILE
+
 from . import compat, test_hooks
 
 log = logging.getLogger(__name__)
@@ -173,7 +175,8 @@ def _gpu_gate(config: dict, device):
     ledger = (device_ledger(device, say=log.warning) if device.type == "cuda" else
               GpuLedger(test["key"], float(test["budget_gib"]), root=Path(test["root"]), say=log.warning))
     training, ahead = admission
-    return gate(ledger, int(training), int(ahead))
+    run_dir = config.get("run_dir")
+    return gate(ledger, int(training), int(ahead), mark=Path(run_dir) / GPU_WAIT_FILE if run_dir else None)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -108,6 +108,7 @@ WANDB_DIR = "wandb"
 TUNE_DIR = "tune"
 TRAIN_DIR = "train"
 WALL_FILE = "wall.json"  # in a trial's train/<cell>-<trial>/: {run of its driver: wall seconds}, summed over resumes
+GPU_WAIT_FILE = "gpu_wait.json"  # in a trial's train/<cell>-<trial>/ while its worker waits for GPU memory (pid, host)
 DATA_DIR = "data"
 COMPILE_CACHE_DIR = ".compile_cache"  # beside the sweeps of a storage path: torch.compile's Inductor / Triton caches
 SWEEP_FORMAT = "embed_sweeps.sweep/v1"

@@ -239,6 +239,17 @@ def _probe_wall_adds_up(tmp, tiny_dir):
     assert _wall_s(next((d / TUNE_DIR).glob("*-abc12")), 0.0) == pytest.approx(16.0)
 
 
+def _probe_waiting_for_gpu(tmp, tiny_dir):
+    from ray_jobs.records import status_text
+
+    d = _fake_sweep(tmp, tiny_dir, driver_pid=os.getpid())
+    mark = next((d / layout.TRAIN_DIR).glob("*-abc12")) / layout.GPU_WAIT_FILE
+    layout.atomic_write_json(mark, {"pid": os.getpid(), "host": os.uname().nodename})  # a live waiting worker
+    assert " WAITING " in status_text(d) and " RUNNING " not in status_text(d)
+    layout.atomic_write_json(mark, {"pid": _dead_pid(), "host": os.uname().nodename})  # SIGKILLed while waiting
+    assert " RUNNING " in status_text(d) and "WAITING" not in status_text(d)
+
+
 def _probe_status_counts_results_only(tmp, tiny_dir):
     from ray_jobs.records import status_text
 
@@ -255,6 +266,7 @@ def _probe_world_readable(tmp, tiny_dir):
 RECORD_FAULTS = [
     ("dead-driver-is-not-running", _probe_dead_driver),
     ("live-driver-is-running", _probe_live_driver),
+    ("waiting-for-gpu-memory-is-shown", _probe_waiting_for_gpu),
     ("step-from-checkpoint-after-sigkill", _probe_step_from_checkpoint),
     ("wall-time-adds-up-across-resumes", _probe_wall_adds_up),
     ("status-counts-task-results-only", _probe_status_counts_results_only),

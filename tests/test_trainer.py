@@ -519,6 +519,7 @@ def test_ray_worker_waits_in_the_ledger_with_its_model_built_then_trains(ray_loc
 
     from ray_jobs.gpu_ledger import GpuLedger
     from ray_jobs.train import run_training
+    from sweeps.layout import GPU_WAIT_FILE
 
     root = tmp_path / "ledger"
     monkeypatch.setenv("EMBED_TEST_CPU_LEDGER", json.dumps({"key": "cpu-test", "budget_gib": 10.0, "root": str(root)}))
@@ -529,13 +530,15 @@ def test_ray_worker_waits_in_the_ledger_with_its_model_built_then_trains(ray_loc
         ray_config.replace(max_steps=2), num_workers=1, storage_path=tmp_path / "runs", name="ahead",
         gpu_admission=(1, 0))), daemon=True)
     run.start()
+    mark = tmp_path / "runs" / "ahead" / GPU_WAIT_FILE  # what `sweeps status` reads
     try:
         _wait_while_held(root, mine, run)
+        assert mark.is_file() and json.loads(mark.read_text())["pid"] != os.getpid()
     finally:
         mine.release()
     run.join(timeout=600)
     result = out["r"]
-    assert result.metrics["step"] == 2
+    assert result.metrics["step"] == 2 and not mark.exists()
     first = result.history[0]
     assert first["build_gpu_wait_s"] >= 3.0 and first["build_model_s"] > 0
 
