@@ -172,5 +172,5 @@ def placement(need_gib: float, gpu_gib: float, requested: float, ahead: bool = T
     return Placement(share, admission(need_gib, gpu_gib, share, ahead) if share <= 1 else None)
 
 
-__all__ = ["Admission", "MemoryEstimate", "Placement", "WAITING_GIB", "admission", "estimate", "forward_tokens", "gpu_share",
-           "gpu_total_gib", "placement"]
+__all__ = ["Admission", "MemoryEstimate", "Placement", "WAITING_GIB", "admission", "estimate", "forward_tokens",
+           "gpu_share", "gpu_total_gib", "placement"]

@@ -4,11 +4,11 @@ heartbeat (driver.json) that tells a running driver from a dead one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

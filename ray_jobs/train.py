@@ -53,7 +53,6 @@ from embed_core.errors import ConfigError
 from embed_core.train_config import TrainConfig
 from embed_core.train_data import TrainData, load_examples
 from embed_core.trainer import MODEL_DIR, read_trainer_state
-
 from sweeps.layout import GPU_WAIT_FILE
 
 from . import compat, test_hooks
