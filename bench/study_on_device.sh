@@ -60,12 +60,7 @@ for part in $PARTS; do
     --out "$STATE/bench_p${i}_$n.json" --archive "$STATE/part_p$i.tar.gz" --time-limit $(( $(left) - 25 )) --after-train "$AFTER_TRAIN" "${iso[@]}" \
     | tail -12
   cp "$STATE/bench_p${i}_$n.json" "$STATE/bench_p${i}_$n.log" "$STATE/part_p$i.tar.gz" "$OUT/" 2>/dev/null
-  if python - "$STATE/bench_p${i}_$n.json" <<'EOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-sys.exit(0 if d.get("train_rc") == 0 and not d.get("train_interrupted") and d.get("eval_rc") == 0
-         and not d.get("eval_interrupted") else 1)
-EOF
+  if python -m bench.sweep_gpu --finished --out "$STATE/bench_p${i}_$n.json"
   then
     touch "$STATE/done_$i"
     echo "study: part $i done"
@@ -88,5 +83,4 @@ python -m bench.sweep_gpu --config lr_check "${SETS[@]}" --storage /tmp/sweeps/l
   --out "$STATE/bench_lr_$n.json" --archive "$STATE/lr_check.tar.gz" --time-limit $(( $(left) - 25 )) \
   --after-train none --skip-isolated --kill-after "$KILL_AFTER" | tail -12
 cp "$STATE/bench_lr_$n.json" "$STATE/bench_lr_$n.log" "$STATE/lr_check.tar.gz" "$OUT/" 2>/dev/null
-python -c "import json, sys; d = json.load(open(sys.argv[1])); sys.exit(d.get('train_rc') != 0 or d.get('train_interrupted'))" \
-  "$STATE/bench_lr_$n.json" && touch "$STATE/done_lr" && echo "study: lr check done"
+python -m bench.sweep_gpu --finished --out "$STATE/bench_lr_$n.json" && touch "$STATE/done_lr" && echo "study: lr check done"

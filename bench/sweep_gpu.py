@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from sweeps.layout import TRAIN_DIR, TUNE_DIR
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -131,7 +133,7 @@ def isolated(config: str, part: str | None, sets: list[str], steps: int, warmup:
 def trial_histories(sweep_dir: Path) -> dict[str, list[dict]]:
     """trial run folder name -> its latest checkpoint's per-step history."""
     out = {}
-    for run in sorted((sweep_dir / "train").glob("*")):
+    for run in sorted((sweep_dir / TRAIN_DIR).glob("*")):
         ckpts = sorted(run.glob("checkpoint_0*/trainer_state.json"))
         if ckpts:
             out[run.name] = json.loads(ckpts[-1].read_text()).get("history", [])
@@ -141,7 +143,7 @@ def trial_histories(sweep_dir: Path) -> dict[str, list[dict]]:
 def tune_finals(sweep_dir: Path) -> dict[str, dict]:
     """Tune trial id -> its final result (time_to_first_step_s, ...)."""
     out = {}
-    for rf in (sweep_dir / "tune").glob("*/result.json"):
+    for rf in (sweep_dir / TUNE_DIR).glob("*/result.json"):
         lines = [json.loads(x) for x in rf.read_text().splitlines() if x.strip()]
         finals = [r for r in lines if r.get("final")]
         if finals:
@@ -263,7 +265,7 @@ def kill_loss(sweep_dir: Path, killed_at: float) -> dict[str, float]:
     from sweeps.layout import read_wall
 
     out = {}
-    for run in sorted((sweep_dir / "train").glob("*")):
+    for run in sorted((sweep_dir / TRAIN_DIR).glob("*")):
         states = sorted(run.glob("checkpoint_0*/trainer_state.json"))
         state = json.loads(states[-1].read_text()) if states else {}
         at = {h["step"]: h["wall_time"] for h in state.get("history", []) if "wall_time" in h}
@@ -274,6 +276,14 @@ def kill_loss(sweep_dir: Path, killed_at: float) -> dict[str, float]:
         elif len(runs) > 1:
             out[run.name] = round(runs[0], 1)
     return out
+
+
+def finished(result: dict) -> bool:
+    """A bench JSON says its sweep ran every stage it was given to the end: training, and the stages after it
+    unless it was run with ``--after-train none``. The device scripts mark a step done on this (``--finished``)."""
+    trained = result.get("train_rc") == 0 and not result.get("train_interrupted")
+    return trained and (result.get("after_train") is None
+                        or (result.get("eval_rc") == 0 and not result.get("eval_interrupted")))
 
 
 STOP_GRACE_S = 30.0  # after SIGINT, the sweep's time to record what it has before SIGKILL
@@ -322,7 +332,11 @@ def main() -> int:
     p.add_argument("--kill-after", type=float, default=None,
                    help="SIGKILL the train stage this many seconds in, then --resume it: kill_loss_s per trial")
     p.add_argument("--isolated", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--finished", action="store_true",
+                   help="only check the JSON at --out: exit 0 when its sweep ran every stage it was given to the end")
     args = p.parse_args()
+    if args.finished:
+        return 0 if finished(json.loads(Path(args.out).read_text())) else 1
     if args.isolated:
         print(json.dumps(isolated(args.config, args.part, args.sets, args.isolated_steps, args.warmup)))
         return 0
@@ -367,7 +381,7 @@ def main() -> int:
     if convert is not None:
         convert.wait()
     t_train = time.time()
-    sweep_dir = Path(args.storage) / sweep.name
+    sweep_dir = sweep.sweep_dir
     if args.kill_after and not (sweep_dir / layout.TRIALS_FILE).is_file():  # a part that has not finished training
         rc, out["killed_after_s"], killed = run_stage(args, "train", min(deadline - STOP_GRACE_S, t_train + args.kill_after),
                                                       log, kill=True)

@@ -33,14 +33,7 @@ print(load_sweep_config(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]).
 STORAGE=/tmp/sweeps/targets
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$STATE/device.txt"
 
-finished() {  # the bench JSON $1 says its sweep ran every stage it was given to the end
-  python - "$1" <<'EOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-ok = d.get("train_rc") == 0 and not d.get("train_interrupted")
-sys.exit(0 if ok and (d.get("after_train") is None or (d.get("eval_rc") == 0 and not d.get("eval_interrupted"))) else 1)
-EOF
-}
+finished() { python -m bench.sweep_gpu --finished --out "$1"; }  # its sweep ran every stage it was given
 
 for step in $STEPS; do
   [ -f "$STATE/done_$step" ] && continue

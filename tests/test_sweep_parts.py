@@ -112,6 +112,25 @@ def test_bench_throughput_counts_concurrent_trials():
     assert out["concurrent_trials_median"] == 2 and out["in_sweep_vs_isolated"] == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("result, done", [
+    ({"train_rc": 0, "train_interrupted": False}, True),                            # --after-train none
+    ({"train_rc": 0, "train_interrupted": True}, False),                            # cut at the call's limit
+    ({"train_rc": 1}, False),
+    ({"train_rc": 0, "after_train": "evaluate,report"}, False),                     # evaluation never ran
+    ({"train_rc": 0, "after_train": "evaluate,report", "eval_rc": 0, "eval_interrupted": True}, False),
+    ({"train_rc": 0, "after_train": "evaluate,report", "eval_rc": 0, "eval_interrupted": False}, True),
+])
+def test_bench_finished_is_every_stage_it_was_given(tmp_path, result, done):
+    """The device scripts go on to their next step only on `bench.sweep_gpu --finished`: its exit status."""
+    import subprocess
+    import sys
+
+    (tmp_path / "b.json").write_text(json.dumps(result))
+    r = subprocess.run([sys.executable, "-m", "bench.sweep_gpu", "--finished", "--out", str(tmp_path / "b.json")],
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == (0 if done else 1)
+
+
 def test_bench_eval_profile_reads_mteb_phases_of_this_call(tmp_path):
     """The bench's evaluation profile: per task, mean whole / encoding / scoring seconds from mteb's phases,
     only from the task files this call wrote (a reference evaluated in an earlier call does not count)."""
