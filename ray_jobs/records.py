@@ -198,8 +198,6 @@ HEARTBEAT_S = 30.0
 def driver_state(sweep_dir: str | os.PathLike) -> tuple[bool, str]:
     """(alive, description) of the sweep driver from ``driver.json``: alive when its process exists on this
     host (or, seen from another host, when its heartbeat is fresh)."""
-    import socket
-
     f = Path(sweep_dir) / layout.DRIVER_FILE
     try:
         d = json.loads(f.read_text())
@@ -207,27 +205,29 @@ def driver_state(sweep_dir: str | os.PathLike) -> tuple[bool, str]:
     except (OSError, json.JSONDecodeError):
         return False, "no driver running"
     where = f"pid {d.get('pid')} on {d.get('host')}"
-    if d.get("host") == socket.gethostname():
-        alive = _pid_alive(int(d.get("pid") or 0))
-    else:
-        alive = age < 3 * HEARTBEAT_S
+    alive = _marked_process_alive(d, elsewhere=age < 3 * HEARTBEAT_S)
     return alive, (f"driver running ({where})" if alive else
                    f"driver DEAD ({where}, last heartbeat {age:.0f} s ago): resume with --resume")
 
 
 def _waiting_for_gpu(run_dir: Path) -> bool:
     """Whether a trial's worker is waiting in its GPU's memory ledger now: its mark names a live process (one
-    SIGKILLed while waiting leaves a stale mark)."""
-    import socket
-
+    SIGKILLed while waiting leaves a stale mark). A worker on another host is trusted: the mark has no heartbeat."""
     try:
         d = json.loads((run_dir / layout.GPU_WAIT_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return d.get("host") != socket.gethostname() or _pid_alive(int(d.get("pid") or 0))
+    return _marked_process_alive(d, elsewhere=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def _marked_process_alive(mark: dict, *, elsewhere: bool) -> bool:
+    """Whether the process a mark names ({pid, host}) still runs. Only this host's processes can be asked; for
+    another host's the caller's own evidence (`elsewhere`) decides."""
+    import socket
+
+    if mark.get("host") != socket.gethostname():
+        return elsewhere
+    pid = int(mark.get("pid") or 0)
     if pid <= 0:
         return False
     try:
