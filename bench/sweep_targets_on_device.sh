@@ -12,6 +12,8 @@
 #          converted model are warm), training only, a few steps: `time_to_first_step_s` on a second run;
 #   ab:    `resources.start_ahead` on and off over two waves (bench/start_ahead_ab.sh).
 # What comes back under $OUT each call: each step's bench JSON and log.
+# A call the device takes back returns nothing: with `LIMIT=300 SECONDS_FIVE=250` the five-design step spans two
+# calls (train stage, then evaluation and report, each call's numbers coming back), at the cost of a second Ray start.
 set -u
 STATE=${STATE:-/tmp/targets_state}
 LIMIT=${LIMIT:-570}                   # seconds this call may use (the device's per-call limit is 600)
