@@ -40,7 +40,7 @@ def run(sweep: SweepConfig, *, resume: bool, stages: str, address: str | None, v
         job.run_pipeline(sweep, resume=resume, stages=chosen, ray_address=address,
                          ray_init_kwargs=console.ray_init_kwargs(verbose))
     except (job.SweepInterrupted, KeyboardInterrupt) as err:  # Ctrl-C: stop, say how to go on
-        print(f"interrupted: {err or 'Ctrl-C'}; {job.resume_hint(sweep)}", file=sys.stderr, flush=True)
+        print(f"interrupted: {str(err) or 'Ctrl-C'}; {job.resume_hint(sweep)}", file=sys.stderr, flush=True)
         return 130
     return 0
 

@@ -393,8 +393,15 @@ def check_finished(sweep: SweepConfig, trials: list[layout.TrialRecord], sigint:
 
 
 def resume_hint(sweep: SweepConfig) -> str:
+    """The command that continues this sweep: its config with the same --set overrides and --part (a resume with
+    another config is refused by the fingerprint check)."""
+    import shlex
+
     src = sweep.source if sweep.source != "<dict>" else str(sweep.sweep_dir)
-    return f"resume with: python -m sweeps run {src} --storage {sweep.storage_path} --resume"
+    cmd = ["python", "-m", "sweeps", "run", src, "--storage", str(sweep.storage_path),
+           *[f"--set={s}" for s in sweep.sets],
+           *(["--part", ",".join(f"{k}={v}" for k, v in sweep.part.items())] if sweep.part else []), "--resume"]
+    return f"resume with: {shlex.join(cmd)}"
 
 
 def run_pipeline(sweep: SweepConfig, resume: bool = False, stages: tuple[str, ...] = ("train", "evaluate", "report"),

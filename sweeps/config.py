@@ -348,6 +348,7 @@ class SweepConfig:
     source: str = "<dict>"
     raw: dict = field(default_factory=dict)
     part: dict = field(default_factory=dict)  # run only the cells matching this (`with_part`); not in sweep.json
+    sets: tuple = ()  # the command line's --set overrides, already in `raw` (for the resume hint); not in sweep.json
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
     # ---------------------------------------------------------------- derived

@@ -414,4 +414,4 @@ def load_sweep_config(name_or_path: str | os.PathLike, sets: Sequence[str] = (),
     raw = apply_sets(_read_raw(path), sets)
     if storage_path is not None:
         raw["storage_path"] = storage_path
-    return parse_sweep_config(raw, source=str(path))
+    return dataclasses.replace(parse_sweep_config(raw, source=str(path)), sets=tuple(sets))

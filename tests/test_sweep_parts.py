@@ -281,3 +281,21 @@ def test_committed_studies_are_the_preset_with_the_readmes_sets(folder, preset, 
     """The README's commands reproduce the committed sweeps: the preset with those --set values is the same sweep."""
     assert read_sweep(REPO / "studies" / "h100" / folder).fingerprint() == load_sweep_config(preset, sets).fingerprint()
 
+
+
+def test_resume_hint_repeats_the_sets_and_the_part(tmp_path):
+    """The command printed on Ctrl-C continues the same sweep: its --set overrides and --part come back (without
+    them the resume would be another config, refused by the fingerprint check, or the whole sweep)."""
+    import shlex
+
+    from ray_jobs.sweep import resume_hint
+
+    sets = ["training.max_steps=2", "search.lora_r=4"]
+    sweep = load_sweep_config("demo", sets, str(tmp_path)).with_part("design=eos_last+causal|mean+causal")
+    hint = resume_hint(sweep)
+    assert hint.startswith("resume with: python -m sweeps run ")
+    args = shlex.split(hint.removeprefix("resume with: "))
+    assert args[-1] == "--resume" and args[args.index("--storage") + 1] == str(tmp_path)
+    again = load_sweep_config(args[4], [a.removeprefix("--set=") for a in args if a.startswith("--set=")],
+                              args[args.index("--storage") + 1]).with_part(args[args.index("--part") + 1])
+    assert again.raw == sweep.raw and again.cells() == sweep.cells()
