@@ -10,21 +10,23 @@
 #          `study` part seed=0 x smollm2-135m with the committed reference's results reused;
 #   warm:  the same five trials again as a new sweep in the same storage (its Inductor / Triton caches and the
 #          converted model are warm), training only, a few steps: `time_to_first_step_s` on a second run;
-#   ab:    `resources.start_ahead` on and off over two waves (bench/start_ahead_ab.sh).
+#   ab:    `resources.start_ahead` on and off over two waves (bench/start_ahead_ab.sh);
+#   ray:   Ray's own share of a trial's start-up: empty-loop TorchTrainers, alone and as five Tune trials at once
+#          (bench/worker_start.py), ~1 minute.
 # What comes back under $OUT each call: each step's bench JSON and log.
 # A call the device takes back returns nothing: with `LIMIT=300 SECONDS_FIVE=250` the five-design step spans two
 # calls (train stage, then evaluation and report, each call's numbers coming back), at the cost of a second Ray start.
 set -u
 STATE=${STATE:-/tmp/targets_state}
 LIMIT=${LIMIT:-570}                   # seconds this call may use (the device's per-call limit is 600)
-STEPS=${STEPS:-"five warm ab"}
+STEPS=${STEPS:-"five warm ab ray"}
 CONFIG=${CONFIG:-study}
 PART=${PART:-seed=0,base_model=smollm2-135m}
 AB_PART=${AB_PART:-base_model=smollm2-135m}
 WARM_SETS=${WARM_SETS:-"training.max_steps=30"}
 EXTRA=()                              # TARGET_SETS: more --set values, one a line (a CPU rehearsal's small models)
 while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${TARGET_SETS:-}"
-declare -A NEED=([five]=${SECONDS_FIVE:-500} [warm]=${SECONDS_WARM:-150} [ab]=${SECONDS_AB:-400})
+declare -A NEED=([five]=${SECONDS_FIVE:-500} [warm]=${SECONDS_WARM:-150} [ab]=${SECONDS_AB:-400} [ray]=90)
 START=$(date +%s)
 left() { echo $(( START + LIMIT - $(date +%s) )); }
 mkdir -p "$STATE" "${OUT:=/tmp/targets_out}"
@@ -67,10 +69,14 @@ bad = [k for k, d in runs.items() if d.get("train_rc") != 0 or d.get("train_inte
 Path(sys.argv[2]).write_text(json.dumps({"runs": runs, "train_rc": 1 if bad or len(runs) < 2 else 0}, indent=1))
 EOF
       ;;
+    ray)
+      gpu=(); nvidia-smi -L > /dev/null 2>&1 && gpu=(--gpu)   # a CPU rehearsal measures CPU workers
+      timeout $(( $(left) - 10 )) python -m bench.worker_start --trials "${RAY_TRIALS:-5}" "${gpu[@]}" --out "$json" \
+        > "${json%.json}.log" 2>&1 ;;
   esac
   tail -14 "${json%.json}.log"
   cp "$json" "${json%.json}.log" "$OUT/" 2>/dev/null
-  if finished "$json"; then touch "$STATE/done_$step"; echo "targets: $step done"; else
+  if { [ "$step" = ray ] && [ -s "$json" ]; } || finished "$json"; then touch "$STATE/done_$step"; echo "targets: $step done"; else
     echo "targets: $step not finished in this call"; exit 0; fi
 done
 echo "targets: all done"
