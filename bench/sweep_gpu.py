@@ -152,8 +152,8 @@ def tune_finals(sweep_dir: Path) -> dict[str, dict]:
 
 
 def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -> dict:
-    """Per trial, where the time to the first step went: Ray Train starting the worker group (trial start ->
-    worker function), the Trainer's construction (imports, data, model, DeepSpeed), the first step (compile).
+    """Per trial, where the time to the first step went: the worker group's start (trial start -> worker function;
+    split into the trial driver's own work before `fit` and Ray starting the workers), the Trainer's construction (imports, data, model, DeepSpeed), the first step (compile).
     A resumed trial's history holds each run's first step; the profile is the last run's, the one whose final
     result (and ``trial_started_at``) Tune kept. A last run that took no step (restored after its final step)
     has no start-up to profile: the trial is left out."""
@@ -163,6 +163,9 @@ def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -
         fin = next((f for name, f in finals.items() if run.rsplit("-", 1)[-1] in name), None)
         if first and fin and "trial_started_at" in fin and first["worker_started_at"] >= fin["trial_started_at"]:
             out[run] = {"worker_group_s": round(first["worker_started_at"] - fin["trial_started_at"], 1),
+                        **({"driver_s": round(fin["fit_started_at"] - fin["trial_started_at"], 1),
+                            "ray_workers_s": round(first["worker_started_at"] - fin["fit_started_at"], 1)}
+                           if "fit_started_at" in fin else {}),
                         "trainer_build_s": round(first["trainer_ready_at"] - first["worker_started_at"], 1),
                         "first_step_s": round(first["wall_time"] - first["trainer_ready_at"], 1),
                         # the Trainer's data / model / DeepSpeed phases (the rest of the build: imports, CUDA),

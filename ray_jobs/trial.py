@@ -93,6 +93,7 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
                                     callbacks=[_report_callback_class()(metric)],
                                     env=compile_cache_env(Path(sweep_dir)),
                                     gpu_admission=config.get("gpu_admission"))
+            fit_started = time.time()  # the trial's own work before Ray starts its workers ends here
             try:
                 result = fit(trainer, run_dir)
                 break
@@ -111,7 +112,7 @@ def trial_driver(config: dict, sweep_dir: str) -> None:
             break
     mine = [h["wall_time"] for h in history if h.get("wall_time", 0) >= started]
     final.update({CHECKPOINT_PATH_KEY: result.checkpoint.path, "step": state["step"], "final": True,
-                  "resumes": len(state.get("resumes", [])), "trial_started_at": started,
+                  "resumes": len(state.get("resumes", [])), "trial_started_at": started, "fit_started_at": fit_started,
                   "time_to_first_step_s": (mine[0] - started) if mine else float("nan")})
     if metric not in final:
         final[metric] = float("nan")

@@ -164,8 +164,9 @@ def test_bench_startup_profile_of_a_resumed_trial_is_its_last_run():
             {"step": 2, "wall_time": 251.0},
             {"step": 54, "worker_started_at": 1000.0, "trainer_ready_at": 1018.0, "wall_time": 1092.0,
              "compile_fxgraph_cache_hit": 4, "build_engine_s": 6.5}]
-    out = startup_profile({"t-137ef8dc": hist}, {"t_137ef8dc": {"trial_started_at": 990.0}})
-    assert out == {"t-137ef8dc": {"worker_group_s": 10.0, "trainer_build_s": 18.0, "first_step_s": 74.0,
+    out = startup_profile({"t-137ef8dc": hist}, {"t_137ef8dc": {"trial_started_at": 990.0, "fit_started_at": 993.5}})
+    assert out == {"t-137ef8dc": {"worker_group_s": 10.0, "driver_s": 3.5, "ray_workers_s": 6.5,
+                                  "trainer_build_s": 18.0, "first_step_s": 74.0,
                                   "compile_fxgraph_cache_hit": 4, "build_engine_s": 6.5}}
     # resumed after its last step: the run Tune kept started (t=2000) after the last first step in the history
     assert startup_profile({"t-137ef8dc": hist}, {"t_137ef8dc": {"trial_started_at": 2000.0}}) == {}
