@@ -153,7 +153,8 @@ def tune_finals(sweep_dir: Path) -> dict[str, dict]:
 
 def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -> dict:
     """Per trial, where the time to the first step went: the worker group's start (trial start -> worker function;
-    split into the trial driver's own work before `fit` and Ray starting the workers), the Trainer's construction (imports, data, model, DeepSpeed), the first step (compile).
+    split into the trial driver's own work before `fit` and Ray starting the workers), the Trainer's construction
+    (imports, data, model, DeepSpeed), the first step (compile).
     A resumed trial's history holds each run's first step; the profile is the last run's, the one whose final
     result (and ``trial_started_at``) Tune kept. A last run that took no step (restored after its final step)
     has no start-up to profile: the trial is left out."""

@@ -50,7 +50,8 @@ def in_tune(use_gpu: bool, storage: str, trials: int) -> list[float]:
     def trial(config: dict) -> None:
         tune.report({"enter_s": _enter_s(use_gpu, 1.0 / trials, storage, f"t{config['i']}")})
 
-    grid = tune.Tuner(tune.with_resources(trial, {"CPU": 0.01}), param_space={"i": tune.grid_search(list(range(trials)))},
+    grid = tune.Tuner(tune.with_resources(trial, {"CPU": 0.01}),
+                      param_space={"i": tune.grid_search(list(range(trials)))},
                       tune_config=tune.TuneConfig(max_concurrent_trials=trials),
                       run_config=tune.RunConfig(storage_path=storage, name="tune", verbose=0)).fit()
     return sorted(r.metrics["enter_s"] for r in grid)
