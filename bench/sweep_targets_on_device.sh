@@ -37,14 +37,13 @@ print(load_sweep_config(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]).
 STORAGE=/tmp/sweeps/targets
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$STATE/device.txt"
 
-finished() { python -m bench.sweep_gpu --finished --out "$1"; }  # its sweep ran every stage it was given
-
 for step in $STEPS; do
   [ -f "$STATE/done_$step" ] && continue
   if [ "$(left)" -lt "${NEED[$step]}" ]; then echo "targets: $(left) s left in this call; $step next call"; exit 0; fi
   n=$(ls "$STATE"/"$step"_*.json 2>/dev/null | wc -l)
   json="$STATE/${step}_$n.json"
   echo "targets: $step, call $((n + 1)) for it, $(left) s left"
+  ok=0                                # each step's own rule for "done" (a sweep: every stage it was given ran)
   case $step in
     five)
       mkdir -p "$STORAGE/$NAME/results"
@@ -52,31 +51,34 @@ for step in $STEPS; do
         [ "$CONFIG" = study ] && [ -d "$ref" ] && [ ! -e "$STORAGE/$NAME/results/$(basename "$ref")" ] && cp -r "$ref" "$STORAGE/$NAME/results/"
       done
       python -m bench.sweep_gpu --config "$CONFIG" --part "$PART" "${EXTRA[@]}" --storage "$STORAGE" --out "$json" \
-        --skip-isolated --time-limit $(( $(left) - 25 )) > "${json%.json}.log" 2>&1 ;;
+        --skip-isolated --time-limit $(( $(left) - 25 )) > "${json%.json}.log" 2>&1
+      python -m bench.sweep_gpu --finished --out "$json" && ok=1 ;;
     warm)
       sets=(--set "name=${NAME}_warm")
       for s in $WARM_SETS; do sets+=(--set "$s"); done
       python -m bench.sweep_gpu --config "$CONFIG" --part "$PART" "${EXTRA[@]}" "${sets[@]}" --storage "$STORAGE" \
-        --out "$json" --skip-isolated --after-train none --time-limit $(( $(left) - 25 )) > "${json%.json}.log" 2>&1 ;;
+        --out "$json" --skip-isolated --after-train none --time-limit $(( $(left) - 25 )) > "${json%.json}.log" 2>&1
+      python -m bench.sweep_gpu --finished --out "$json" && ok=1 ;;
     ab)
       (( ${#EXTRA[@]} )) && echo "targets: TARGET_SETS do not reach the A/B (bench/start_ahead_ab.sh takes AB_SETS)"
       PART="$AB_PART" LIMIT=$(( $(left) - 20 )) OUT="$STATE/ab_$n" bash bench/start_ahead_ab.sh > "${json%.json}.log" 2>&1
-      python - "$STATE/ab_$n" "$json" <<'EOF'
+      python - "$STATE/ab_$n" "$json" <<'EOF' && ok=1   # both variants' bench JSONs in one; done when both trained
 import json, sys
 from pathlib import Path
 runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("start_ahead_*.json"))}
-bad = [k for k, d in runs.items() if d.get("train_rc") != 0 or d.get("train_interrupted")]
-Path(sys.argv[2]).write_text(json.dumps({"runs": runs, "train_rc": 1 if bad or len(runs) < 2 else 0}, indent=1))
+Path(sys.argv[2]).write_text(json.dumps({"runs": runs}, indent=1))
+sys.exit(0 if len(runs) == 2 and all(d.get("train_rc") == 0 and not d.get("train_interrupted") for d in runs.values())
+         else 1)
 EOF
       ;;
     ray)
       gpu=(); nvidia-smi -L > /dev/null 2>&1 && gpu=(--gpu)   # a CPU rehearsal measures CPU workers
       timeout $(( $(left) - 10 )) python -m bench.worker_start --trials "${RAY_TRIALS:-5}" "${gpu[@]}" --out "$json" \
-        > "${json%.json}.log" 2>&1 ;;
+        > "${json%.json}.log" 2>&1 && ok=1 ;;
   esac
   tail -14 "${json%.json}.log"
   cp "$json" "${json%.json}.log" "$OUT/" 2>/dev/null
-  if { [ "$step" = ray ] && [ -s "$json" ]; } || finished "$json"; then touch "$STATE/done_$step"; echo "targets: $step done"; else
+  if [ "$ok" = 1 ]; then touch "$STATE/done_$step"; echo "targets: $step done"; else
     echo "targets: $step not finished in this call"; exit 0; fi
 done
 echo "targets: all done"

@@ -66,7 +66,6 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    import torch
 
     from bench.sweep_gpu import device_name, versions
 
@@ -75,7 +74,6 @@ def main() -> int:
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     out = {"device": device_name() if args.gpu else f"cpu x{os.cpu_count()}", "versions": versions(),
            "settings": {"trials": args.trials, "alone_runs": args.alone_runs, "use_gpu": args.gpu,
-                        "torch": torch.__version__,
                         "health_check_interval_s": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "default")},
            "ray_init_s": round(time.time() - t, 2)}
     out["alone_enter_s"] = alone(args.gpu, storage, args.alone_runs)
