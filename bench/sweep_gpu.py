@@ -154,8 +154,7 @@ def tune_finals(sweep_dir: Path) -> dict[str, dict]:
 def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -> dict:
     """Per trial, where the time to the first step went: the worker group's start (trial start -> worker function;
     split into the trial driver's own work before `fit` and Ray starting the workers), the Trainer's construction
-    (imports, data, model, DeepSpeed), the first step (compile); `warm_imports_lead_s`: how far the worker's imports
-    (`ray_jobs.worker_warmup`) had got ahead of the loop.
+    (imports, data, model, DeepSpeed), the first step (compile).
     A resumed trial's history holds each run's first step; the profile is the last run's, the one whose final
     result (and ``trial_started_at``) Tune kept. A last run that took no step (restored after its final step)
     has no start-up to profile: the trial is left out."""
@@ -171,9 +170,8 @@ def startup_profile(histories: dict[str, list[dict]], finals: dict[str, dict]) -
                         "trainer_build_s": round(first["trainer_ready_at"] - first["worker_started_at"], 1),
                         "first_step_s": round(first["wall_time"] - first["trainer_ready_at"], 1),
                         # the Trainer's data / model / DeepSpeed phases (the rest of the build: imports, CUDA),
-                        # Inductor cache hits, how long the worker's imports had run before the loop
-                        **{k: v for k, v in first.items()
-                           if k.startswith(("build_", "compile_", "warm_imports_"))}}
+                        # Inductor cache hits
+                        **{k: v for k, v in first.items() if k.startswith(("build_", "compile_"))}}
     return out
 
 

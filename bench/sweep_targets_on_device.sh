@@ -12,8 +12,7 @@
 #          converted model are warm), training only, a few steps: `time_to_first_step_s` on a second run;
 #   ab:    `resources.start_ahead` on and off over two waves (bench/start_ahead_ab.sh);
 #   ray:   Ray's own share of a trial's start-up: TorchTrainers whose loop only imports what the Trainer imports,
-#          alone and as five Tune trials at once, without and with the workers' warm-up hook
-#          (bench/worker_start.py), ~2 minutes.
+#          alone and as five Tune trials at once (bench/worker_start.py), ~2 minutes.
 # What comes back under $OUT each call: each step's bench JSON and log.
 # A call the device takes back returns nothing: with `LIMIT=300 SECONDS_FIVE=250` the five-design step spans two
 # calls (train stage, then evaluation and report, each call's numbers coming back), at the cost of a second Ray start.
@@ -27,7 +26,7 @@ AB_PART=${AB_PART:-base_model=smollm2-135m}
 WARM_SETS=${WARM_SETS:-"training.max_steps=30"}
 EXTRA=()                              # TARGET_SETS: more --set values, one a line (a CPU rehearsal's small models)
 while IFS= read -r s; do [ -n "$s" ] && EXTRA+=(--set "$s"); done <<< "${TARGET_SETS:-}"
-declare -A NEED=([five]=${SECONDS_FIVE:-500} [warm]=${SECONDS_WARM:-150} [ab]=${SECONDS_AB:-400} [ray]=180)
+declare -A NEED=([five]=${SECONDS_FIVE:-500} [warm]=${SECONDS_WARM:-150} [ab]=${SECONDS_AB:-400} [ray]=150)
 START=$(date +%s)
 left() { echo $(( START + LIMIT - $(date +%s) )); }
 mkdir -p "$STATE" "${OUT:=/tmp/targets_out}"
@@ -74,7 +73,7 @@ EOF
       ;;
     ray)
       gpu=(); nvidia-smi -L > /dev/null 2>&1 && gpu=(--gpu)   # a CPU rehearsal measures CPU workers
-      timeout $(( $(left) - 10 )) python -m bench.worker_start --trials "${RAY_TRIALS:-5}" "${gpu[@]}" --imports --warm both --out "$json" \
+      timeout $(( $(left) - 10 )) python -m bench.worker_start --trials "${RAY_TRIALS:-5}" "${gpu[@]}" --imports --out "$json" \
         > "${json%.json}.log" 2>&1 && ok=1 ;;
   esac
   tail -14 "${json%.json}.log"

@@ -17,20 +17,6 @@ def forward_to_tune(callback: Any, result: dict) -> None:
     callback._training_actor_item_queue.put(result)
 
 
-# Ray 2.60: a runtime env's `worker_process_setup_hook` is honoured only in the job's runtime env (ray.init, job
-# submission), which turns it into this variable of every worker process; default_worker.py runs the hook the
-# variable names, so an actor's own runtime env (Train's `worker_runtime_env`) reaches it through the variable.
-def setup_hook_env(hook: str) -> dict[str, str]:
-    """env_vars that make the worker processes of a runtime env run `hook` ("module.function") at their start;
-    {} when this process's job already has a hook of its own (a Train worker may run only one: the user's wins)."""
-    import os
-
-    from ray._private import ray_constants
-
-    var = ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
-    return {} if os.environ.get(var) else {var: hook}
-
-
 # Ray 2.60: Tune's experiment_state-*.json ({"trial_data": [[trial JSON, runtime JSON], ...]}), read while a
 # sweep runs or after its driver died, when no Tune API can load it without resuming the experiment.
 def tune_trials(exp_dir: Path) -> dict[str, dict]:

@@ -55,7 +55,7 @@ from embed_core.train_data import TrainData, load_examples
 from embed_core.trainer import MODEL_DIR, read_trainer_state
 from sweeps.layout import GPU_WAIT_FILE
 
-from . import compat, test_hooks, worker_warmup
+from . import compat, test_hooks
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +183,17 @@ def train_loop_per_worker(config: dict) -> None:
 
     config keys: ``train_config`` (TrainConfig.to_dict()), optional ``run_dir`` and ``run_token``
     (divergence marker), optional ``fault_injection`` ({step, rank, marker, delay_s}; tests only),
+    optional ``env`` (variables set before the model is built: compile caches shared by a sweep's trials),
     optional ``gpu_admission`` ([training, ahead]: a sweep trial admitted ahead of its turn; the model waits on
     the host until the GPU memory ledger, `ray_jobs.gpu_ledger`, has room for one of `training` trials).
     """
     started = time.time()
-    warm_wait_s = worker_warmup.wait()  # before any import of ours: see ray_jobs/worker_warmup.py
     import ray.train
     import ray.train.torch
 
     from embed_core.trainer import Trainer
 
+    os.environ.update(config.get("env") or {})
     tcfg = TrainConfig.from_dict(config["train_config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -214,8 +215,6 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = trainer.run_step()
             if first:  # where a trial's start-up time goes (bench/sweep_gpu.py reads it from the history)
                 metrics.update({"worker_started_at": started, "trainer_ready_at": ready,
-                                "warm_imports_lead_s": worker_warmup.lead_s(started),
-                                "warm_imports_wait_s": warm_wait_s,
                                 **{f"build_{k}_s": round(v, 2) for k, v in trainer.build_s.items()},
                                 **{f"compile_{k}": v for k, v in compat.compile_cache_counts().items()}})
             metrics["world_size"] = world
@@ -306,7 +305,7 @@ def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, 
                   gpu_admission: tuple[int, int] | None = None):
     """The `TorchTrainer` of one training run whose data is ready (`prepare_run`): ``num_workers`` Ray Train
     workers running `train_loop_per_worker`, Train run ``run_dir.name`` stored under ``run_dir.parent``;
-    ``env``: variables of every worker process from its start (a sweep's shared compile caches);
+    ``env``: variables every worker sets before it builds the model (a sweep's shared compile caches);
     ``gpu_admission``: (training, ahead): each worker waits in its GPU's memory ledger until one of `training` trials
     at once fits beside `ahead` waiting ones, before its model goes there.
 
@@ -321,7 +320,7 @@ def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, 
         raise ConfigError(f"num_to_keep must be an int >= 1 or None (keep all), got {num_to_keep!r}")
     resources = resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
     loop_config = {"train_config": worker_cfg.to_dict(), "run_dir": str(run_dir), "run_token": uuid.uuid4().hex,
-                   "fault_injection": fault_injection,
+                   "fault_injection": fault_injection, "env": dict(env or {}),
                    "gpu_admission": gpu_admission, "test_ledger": test_hooks.cpu_ledger()}
     return TorchTrainer(
         train_loop_per_worker,
@@ -330,7 +329,7 @@ def build_trainer(worker_cfg: TrainConfig, run_dir: Path, num_workers: int = 1, 
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
-                             callbacks=callbacks, worker_runtime_env=worker_warmup.runtime_env(env)),
+                             callbacks=callbacks),
     )
 
 

@@ -79,15 +79,3 @@ def test_compile_cache_counts_read_the_compilers_own_tallies(tmp_path, monkeypat
     after = compat.compile_cache_counts()
     assert after.get("fxgraph_cache_miss", 0) + after.get("fxgraph_cache_hit", 0) > \
         before.get("fxgraph_cache_miss", 0) + before.get("fxgraph_cache_hit", 0)
-
-
-def test_setup_hook_env_names_the_variable_ray_workers_run_unless_the_job_has_a_hook(monkeypatch):
-    from ray._private import ray_constants
-    from ray._private.runtime_env import setup_hook
-
-    var = ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
-    monkeypatch.delenv(var, raising=False)
-    assert compat.setup_hook_env("m.f") == {var: "m.f"}
-    assert callable(setup_hook.load_and_execute_setup_hook)  # what default_worker.py calls with the variable
-    monkeypatch.setenv(var, "users.own_hook")
-    assert compat.setup_hook_env("m.f") == {}

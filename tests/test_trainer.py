@@ -541,7 +541,6 @@ def test_ray_worker_waits_in_the_ledger_with_its_model_built_then_trains(ray_loc
     assert result.metrics["step"] == 2 and not mark.exists()
     first = result.history[0]
     assert first["build_gpu_wait_s"] >= 3.0 and first["build_model_s"] > 0
-    assert first["warm_imports_lead_s"] > 0  # the worker's set-up hook began its imports before the loop
 
 
 def _wait_while_held(root, mine, run) -> None:
