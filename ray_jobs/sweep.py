@@ -394,11 +394,13 @@ def check_finished(sweep: SweepConfig, trials: list[layout.TrialRecord], sigint:
 
 def resume_hint(sweep: SweepConfig) -> str:
     """The command that continues this sweep: its config with the same --set overrides and --part (a resume with
-    another config is refused by the fingerprint check)."""
+    another config is refused by the fingerprint check). A config built in Python has no file for `sweeps run`:
+    its hint is the call."""
     import shlex
 
-    src = sweep.source if sweep.source != "<dict>" else str(sweep.sweep_dir)
-    cmd = ["python", "-m", "sweeps", "run", src, "--storage", str(sweep.storage_path),
+    if sweep.source == "<dict>":
+        return "resume with: run_pipeline(<the same SweepConfig>, resume=True)"
+    cmd = ["python", "-m", "sweeps", "run", sweep.source, "--storage", str(sweep.storage_path),
            *[f"--set={s}" for s in sweep.sets],
            *(["--part", ",".join(f"{k}={v}" for k, v in sweep.part.items())] if sweep.part else []), "--resume"]
     return f"resume with: {shlex.join(cmd)}"

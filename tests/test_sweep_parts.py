@@ -13,7 +13,7 @@ from ray_jobs.records import status_text
 from sweeps.merge import merge_parts
 from sweeps.layout import SWEEP_FORMAT, read_sweep
 from sweeps.synthetic_results import write_synthetic_sweep
-from sweeps.config_parse import load_sweep_config
+from sweeps.config_parse import load_sweep_config, parse_sweep_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -300,3 +300,5 @@ def test_resume_hint_repeats_the_sets_and_the_part(tmp_path):
     again = load_sweep_config(args[4], [a.removeprefix("--set=") for a in args if a.startswith("--set=")],
                               args[args.index("--storage") + 1]).with_part(args[args.index("--part") + 1])
     assert again.raw == sweep.raw and again.cells() == sweep.cells()
+    built = parse_sweep_config(sweep.raw)  # in Python: no file to name
+    assert built.source == "<dict>" and "run_pipeline(" in resume_hint(built)
