@@ -293,12 +293,13 @@ def finished(result: dict) -> bool:
 STOP_GRACE_S = 30.0  # after SIGINT, the sweep's time to record what it has before SIGKILL
 
 
-def run_stage(args, stages: str, deadline: float, log, kill: bool = False) -> tuple[int, float, bool]:
+def run_stage(sweep, stages: str, deadline: float, log, kill: bool = False) -> tuple[int, float, bool]:
     """Run stages of the sweep in a subprocess; at the deadline, SIGINT it (the sweep records what it has and
     `--resume` continues; SIGKILL after STOP_GRACE_S more), or with `kill`, SIGKILL its whole process group (Ray
     included) as a lost machine would. Returns (exit status, seconds, interrupted)."""
-    cmd = [sys.executable, "-m", "sweeps", "run", args.config, "--storage", args.storage, "--stages", stages,
-           "--resume", *(["--part", args.part] if args.part else []), *[f"--set={x}" for x in args.sets]]
+    from ray_jobs.sweep import run_command
+
+    cmd = [*run_command(sweep, python=sys.executable), "--stages", stages]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     interrupted = False
@@ -387,14 +388,14 @@ def main() -> int:
     t_train = time.time()
     sweep_dir = sweep.sweep_dir
     if args.kill_after and not (sweep_dir / layout.TRIALS_FILE).is_file():  # a part that has not finished training
-        rc, out["killed_after_s"], killed = run_stage(args, "train", min(deadline - STOP_GRACE_S, t_train + args.kill_after),
+        rc, out["killed_after_s"], killed = run_stage(sweep, "train", min(deadline - STOP_GRACE_S, t_train + args.kill_after),
                                                       log, kill=True)
         out["killed_at"] = time.time() if killed else None
     # one `sweeps run` for every stage, as a user runs it (one Ray, one prepare); training ends when the sweep
     # writes checkpoints.json (its train stage's last act)
     stages = "train" if args.after_train == "none" else f"train,{args.after_train}"
     mark = FileMark(sweep_dir / layout.CHECKPOINTS_FILE)
-    rc, _, cut = run_stage(args, stages, deadline - STOP_GRACE_S, log)
+    rc, _, cut = run_stage(sweep, stages, deadline - STOP_GRACE_S, log)
     t_end, trained = time.time(), mark.stop()
     t_train_end = trained or t_end
     out["train_stage_s"] = round(t_train_end - t_train, 1)

@@ -73,8 +73,8 @@ EOF
       ;;
     ray)
       gpu=(); nvidia-smi -L > /dev/null 2>&1 && gpu=(--gpu)   # a CPU rehearsal measures CPU workers
-      timeout $(( $(left) - 10 )) python -m bench.worker_start --trials "${RAY_TRIALS:-5}" "${gpu[@]}" --imports --out "$json" \
-        > "${json%.json}.log" 2>&1 && ok=1 ;;
+      timeout $(( $(left) - 10 )) python -m bench.worker_start --trials "${RAY_TRIALS:-5}" "${gpu[@]}" --imports \
+        --out "$json" > "${json%.json}.log" 2>&1 && ok=1 ;;
   esac
   tail -14 "${json%.json}.log"
   cp "$json" "${json%.json}.log" "$OUT/" 2>/dev/null

@@ -50,11 +50,6 @@ def _run(use_gpu: bool, share: float, storage: str, name: str, imports: tuple[st
     return json.loads(record.read_text())
 
 
-def alone(use_gpu: bool, storage: str, tag: str, imports: tuple[str, ...]) -> dict:
-    """One TorchTrainer by itself."""
-    return _run(use_gpu, 1.0, storage, f"alone_{tag}", imports)
-
-
 def in_tune(use_gpu: bool, storage: str, trials: int, imports: tuple[str, ...]) -> list[dict]:
     """`trials` Tune function trials started at once, each starting a TorchTrainer (the sweep's trial driver)."""
     from ray import tune
@@ -104,7 +99,7 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(out, indent=1))
 
     for i in range(args.alone_runs):
-        out["alone"].append(alone(args.gpu, storage, str(i), imports))
+        out["alone"].append(_run(args.gpu, 1.0, storage, f"alone_{i}", imports))  # one TorchTrainer by itself
         save()
     out["tune"] = in_tune(args.gpu, storage, args.trials, imports)
     save()

@@ -392,18 +392,22 @@ def check_finished(sweep: SweepConfig, trials: list[layout.TrialRecord], sigint:
                                "evaluated or reported")
 
 
+def run_command(sweep: SweepConfig, python: str = "python") -> list[str]:
+    """`sweeps run ... --resume` of this sweep: its config file with the same --set overrides and --part (a resume
+    with another config is refused by the fingerprint check)."""
+    return [python, "-m", "sweeps", "run", sweep.source, "--storage", str(sweep.storage_path),
+            *[f"--set={s}" for s in sweep.sets],
+            *(["--part", ",".join(f"{k}={v}" for k, v in sweep.part.items())] if sweep.part else []), "--resume"]
+
+
 def resume_hint(sweep: SweepConfig) -> str:
-    """The command that continues this sweep: its config with the same --set overrides and --part (a resume with
-    another config is refused by the fingerprint check). A config built in Python has no file for `sweeps run`:
-    its hint is the call."""
+    """The command that continues this sweep (`run_command`). A config built in Python has no file for
+    `sweeps run`: its hint is the call."""
     import shlex
 
     if sweep.source == "<dict>":
         return "resume with: run_pipeline(<the same SweepConfig>, resume=True)"
-    cmd = ["python", "-m", "sweeps", "run", sweep.source, "--storage", str(sweep.storage_path),
-           *[f"--set={s}" for s in sweep.sets],
-           *(["--part", ",".join(f"{k}={v}" for k, v in sweep.part.items())] if sweep.part else []), "--resume"]
-    return f"resume with: {shlex.join(cmd)}"
+    return f"resume with: {shlex.join(run_command(sweep))}"
 
 
 def run_pipeline(sweep: SweepConfig, resume: bool = False, stages: tuple[str, ...] = ("train", "evaluate", "report"),
@@ -463,4 +467,4 @@ def _record_from_files(sweep: SweepConfig, err: BaseException) -> None:
 
 
 __all__ = ["SweepInterrupted", "evaluate_stage", "init_ray", "max_concurrent", "prepare", "report_stage",
-           "resume_hint", "run_pipeline", "train_stage"]
+           "resume_hint", "run_command", "run_pipeline", "train_stage"]

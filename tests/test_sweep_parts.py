@@ -283,7 +283,6 @@ def test_committed_studies_are_the_preset_with_the_readmes_sets(folder, preset, 
     assert read_sweep(REPO / "studies" / "h100" / folder).fingerprint() == load_sweep_config(preset, sets).fingerprint()
 
 
-
 def test_resume_hint_repeats_the_sets_and_the_part(tmp_path):
     """The command printed on Ctrl-C continues the same sweep: its --set overrides and --part come back (without
     them the resume would be another config, refused by the fingerprint check, or the whole sweep)."""
